@@ -1,0 +1,125 @@
+"""What every model family implements, and the per-request state it declares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from linrec.models.batch import ForwardBatch
+
+# One layer's state: name -> tensor [num_rows, *spec.shape]. Row r is the state of whichever request
+# holds slot r; models read and write rows batch.slot_ids in place.
+LayerState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """Shape (without the slot dimension) and dtype of one state tensor of one layer."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def num_bytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class CausalLM(nn.Module):
+    """Base of every family: parameter names equal the HF checkpoint's names.
+
+    Subclasses set `config` (their frozen config dataclass) and implement `state_spec`, `forward`
+    and `compute_logits`. Nothing here allocates state or schedules: the engine does.
+    """
+
+    # model_type strings (config.json "model_type") this class serves
+    model_types: ClassVar[tuple[str, ...]] = ()
+    config: Any
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any], **kwargs: Any) -> CausalLM:
+        """Build with random weights from a config.json dict (validated, clear error on bad fields)."""
+        raise NotImplementedError
+
+    @classmethod
+    def demo_hf_config(cls) -> dict[str, Any]:
+        """config.json contents of this family's tiny demo model (vocab_size is set by the caller)."""
+        raise NotImplementedError
+
+    def state_spec(self) -> list[dict[str, StateSpec]]:
+        """Per layer, the state tensors one request needs; their sizes never depend on context length."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, D]; updates rows batch.slot_ids of `state` in place."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, vocab] in fp32."""
+        raise NotImplementedError
+
+    # -- shared helpers --------------------------------------------------------------------------
+
+    def state_bytes_per_request(self) -> int:
+        return sum(spec.num_bytes for layer in self.state_spec() for spec in layer.values())
+
+    def allocate_state(self, num_rows: int, device: torch.device | str | None = None) -> list[LayerState]:
+        """Zeroed state for `num_rows` rows (row 0 is the null slot by convention)."""
+        if device is None:
+            device = next(self.parameters()).device
+        return [
+            {
+                name: torch.zeros((num_rows, *spec.shape), dtype=spec.dtype, device=device)
+                for name, spec in layer.items()
+            }
+            for layer in self.state_spec()
+        ]
+
+    def tied_weights(self) -> dict[str, str]:
+        """Parameter names that may be absent from a checkpoint because they share another's tensor."""
+        return {}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into parameters by name; every name and shape must match.
+
+        Raises ValueError naming the first unexpected, missing or misshapen tensor.
+        """
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        tied = self.tied_weights()
+        seen: set[str] = set()
+        for name, tensor in weights:
+            target = params.get(name)
+            if target is None:
+                target = buffers.get(name)
+            if target is None:
+                if name in tied or _is_ignorable(name):
+                    continue
+                raise ValueError(f"checkpoint has tensor {name!r} that {type(self).__name__} does not expect")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"shape mismatch for {name!r}: expected {tuple(target.shape)}, checkpoint has {tuple(tensor.shape)}"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)
+            seen.add(name)
+        missing = [n for n in params if n not in seen and n not in tied]
+        if missing:
+            raise ValueError(
+                f"checkpoint is missing {len(missing)} tensor(s) of {type(self).__name__}, first {missing[0]!r}"
+            )
+        for name, source in tied.items():
+            if name not in seen:
+                with torch.no_grad():
+                    params[name].copy_(params[source])
+
+
+def _is_ignorable(name: str) -> bool:
+    # Derived buffers some exporters write (rotary inv_freq) carry no weights.
+    return name.endswith("rotary_emb.inv_freq")

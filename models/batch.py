@@ -1,0 +1,81 @@
+"""The batch description a model forward takes: how the flat token axis splits into sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """Varlen layout of one forward call; built by the engine's runner (or by tests).
+
+    Tokens of all sequences lie back to back on one flat axis of length T. Sequence b owns tokens
+    cu_seqlens[b]:cu_seqlens[b+1] and reads and writes row slot_ids[b] of every state tensor.
+    A prefill chunk and a 1-token decode are the same thing here: a sequence of some length that
+    resumes from the state in its slot.
+    """
+
+    cu_seqlens: torch.Tensor  # [B+1] int64, token offsets of each sequence on the flat axis
+    positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence (RoPE, window ring)
+    slot_ids: torch.Tensor  # [B] int64, state row of each sequence; 0 is the null slot padding rows use
+    seq_lens: tuple[int, ...]  # host copy of the B lengths, so torch paths loop without a device sync
+    start_positions: tuple[int, ...]  # host copy of each sequence's first position (tokens already in its state)
+    slot_ids_host: tuple[int, ...]  # host copy of slot_ids
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence advances by exactly one token (the case the decode kernels serve)."""
+        return all(n == 1 for n in self.seq_lens)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seq_lens, default=0)
+
+    @classmethod
+    def build(
+        cls,
+        seq_lens: Sequence[int],
+        start_positions: Sequence[int] | None = None,
+        slot_ids: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> ForwardBatch:
+        """Lay out B sequences of the given lengths.
+
+        start_positions[b] is how many tokens sequence b already has in its state (0 for a fresh
+        prompt); slot_ids default to 1..B (row 0 is the null slot).
+        """
+        seq_lens = tuple(int(n) for n in seq_lens)
+        if any(n < 1 for n in seq_lens):
+            raise ValueError(f"expected every sequence length >= 1, got {list(seq_lens)}")
+        num_seqs = len(seq_lens)
+        starts = tuple(int(p) for p in start_positions) if start_positions is not None else (0,) * num_seqs
+        slots = tuple(int(s) for s in slot_ids) if slot_ids is not None else tuple(range(1, num_seqs + 1))
+        if len(starts) != num_seqs or len(slots) != num_seqs:
+            raise ValueError(f"expected {num_seqs} start positions and slot ids, got {len(starts)} and {len(slots)}")
+        offsets = [0]
+        for n in seq_lens:
+            offsets.append(offsets[-1] + n)
+        positions = [p for start, n in zip(starts, seq_lens) for p in range(start, start + n)]
+        return cls(
+            cu_seqlens=torch.tensor(offsets, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_ids=torch.tensor(slots, dtype=torch.int64, device=device),
+            seq_lens=seq_lens,
+            start_positions=starts,
+            slot_ids_host=slots,
+        )
+
+    def last_token_indices(self) -> torch.Tensor:
+        """[B] index on the flat axis of each sequence's last token (where its next token is sampled)."""
+        return self.cu_seqlens[1:] - 1
