@@ -1,0 +1,62 @@
+"""SamplingParams: what a request asks of the sampler and the stop checks (vLLM's field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # samples per prompt; they fork from one prefill by copying the slot
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass kept, (0, 1]
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 keeps all
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely)
+    presence_penalty: float = 0.0  # OpenAI: subtract once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # CTRL-style: divide positive / multiply negative logits of seen tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    seed: int | None = None  # per-request generator: same output whatever else is in the batch
+    max_tokens: int = 16  # generated tokens at most
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens exist
+    stop: tuple[str, ...] = ()  # stop strings, matched across token boundaries; not part of the output
+    stop_token_ids: tuple[int, ...] = ()  # extra tokens that end the request (kept in token_ids)
+    ignore_eos: bool = False  # keep generating past EOS
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
+    skip_special_tokens: bool = True  # drop special tokens from the text
+
+    def __post_init__(self) -> None:
+        # Normalise list inputs so that the dataclass stays hashable and immutable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        if self.n < 1:
+            raise ValueError(f"expected n >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"expected temperature >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"expected 0 < top_p <= 1, got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"expected top_k >= -1 (0 or -1 disable it), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"expected 0 <= min_p <= 1, got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"expected -2 <= presence_penalty <= 2, got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"expected -2 <= frequency_penalty <= 2, got {self.frequency_penalty}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"expected repetition_penalty > 0, got {self.repetition_penalty}")
+        if self.max_tokens < 1:
+            raise ValueError(f"expected max_tokens >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"expected 0 <= min_tokens <= max_tokens={self.max_tokens}, got {self.min_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"expected logprobs >= 0 or None, got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise ValueError("expected non-empty stop strings, got an empty one")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
