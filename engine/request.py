@@ -1,0 +1,96 @@
+"""A request's life in the engine, and what the engine hands back for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from linrec.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no slot
+    RUNNING = "running"  # holds a slot; prefilling or decoding
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens reached
+    FINISHED_ABORTED = "abort"  # cancelled by the caller
+
+    @property
+    def is_finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass
+class Request:
+    """One sequence the scheduler runs. An n > 1 prompt becomes one parent and n-1 children that
+    fork from the parent's slot once the prompt is prefilled."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    sample_index: int = 0  # which of the prompt's n samples this is
+    parent_id: str | None = None  # children: the request whose prefilled state they copy
+    children: list[Request] = field(default_factory=list)  # parent: the n-1 forks waiting on its prefill
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    slot_id: int = 0  # 0 = holds no slot (the null slot)
+    num_computed_tokens: int = 0  # tokens whose effect is folded into the state in slot_id
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    def token_ids_to_compute(self, num_tokens: int) -> list[int]:
+        """The next `num_tokens` tokens not yet folded into the state."""
+        start = self.num_computed_tokens
+        if start < self.num_prompt_tokens:
+            return self.prompt_token_ids[start : start + num_tokens]
+        out_start = start - self.num_prompt_tokens
+        return self.output_token_ids[out_start : out_start + num_tokens]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.is_finished else None
+
+
+@dataclass
+class Logprob:
+    """A token's log probability under the model's raw distribution, with the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class CompletionOutput:
+    """One of a prompt's n samples."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob] | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string, None for EOS/length
+
+
+@dataclass
+class RequestOutput:
+    """What LLM.generate returns per prompt; AsyncLLM streams these with only the new text and tokens."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool

@@ -1,0 +1,115 @@
+"""The state pool: one constant-size recurrent state per request, where a KV cache would be."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from linrec.models.base import CausalLM, LayerState
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the CUDA allocator's view on a GPU, MemAvailable on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def num_slots_for_budget(state_memory: int | float, bytes_per_request: int, device: torch.device) -> int:
+    """How many request states fit: `state_memory` is bytes (int) or a fraction of free memory (float).
+
+    The answer depends only on the per-request state size, never on context length.
+    """
+    if isinstance(state_memory, float):
+        if not 0.0 < state_memory <= 1.0:
+            raise ValueError(f"expected state_memory as a fraction in (0, 1] or a byte count, got {state_memory}")
+        budget = int(available_memory_bytes(device) * state_memory)
+    else:
+        budget = int(state_memory)
+    num_slots = budget // bytes_per_request
+    if num_slots < 1:
+        raise ValueError(
+            f"state_memory of {budget} bytes holds no request: one request's state takes {bytes_per_request} bytes"
+        )
+    return num_slots
+
+
+class StatePool:
+    """Owns every layer's state tensors, shaped [num_slots + 1, ...]; row 0 is the null slot.
+
+    The pool only stores and copies; which slot belongs to whom is the SlotAllocator's business.
+    """
+
+    def __init__(self, model: CausalLM, num_slots: int, device: torch.device):
+        if num_slots < 1:
+            raise ValueError(f"expected num_slots >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self.bytes_per_request = model.state_bytes_per_request()
+        # Per layer: name -> [num_slots + 1, *shape]; models read and write rows by slot id.
+        self.layers: list[LayerState] = model.allocate_state(num_slots + 1, device)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    def reset(self, slot_ids: list[int]) -> None:
+        """Zero every layer's state in these slots: a new owner never sees the last owner's state."""
+        if not slot_ids:
+            return
+        index = torch.tensor(slot_ids, dtype=torch.int64, device=self._device)
+        for layer in self.layers:
+            for tensor in layer.values():
+                tensor.index_fill_(0, index, 0)
+
+    def copy(self, src_slot: int, dst_slots: list[int]) -> None:
+        """Fork: copy every layer's state in src_slot into each of dst_slots."""
+        if not dst_slots:
+            return
+        index = torch.tensor(dst_slots, dtype=torch.int64, device=self._device)
+        for layer in self.layers:
+            for tensor in layer.values():
+                tensor.index_copy_(0, index, tensor[src_slot].unsqueeze(0).expand(len(dst_slots), *tensor.shape[1:]))
+
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.layers[0].values())).device
+
+
+class SlotAllocator:
+    """The free list of slots 1..num_slots. Held by the scheduler, the only code that allocates."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        # Lowest ids first, so a small batch touches a compact region of the pool.
+        self._free: list[int] = list(range(num_slots, 0, -1))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free state slot; the scheduler must check num_free before allocating")
+        slot = self._free.pop()
+        self._used.add(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot not in self._used:
+            raise RuntimeError(f"slot {slot} is not allocated")
+        self._used.remove(slot)
+        self._free.append(slot)
