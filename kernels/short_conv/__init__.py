@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from linrec.kernels.short_conv.naive import naive_short_conv
+from linrec.kernels.short_conv.prefill import short_conv_decode, short_conv_prefill
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
@@ -25,11 +25,9 @@ def short_conv_varlen(
 
     Returns y [T, D] in x's dtype.
     """
-    y = torch.empty_like(x)
-    offsets = batch.cu_seqlens.tolist()
-    for b, slot in enumerate(batch.slot_ids_host):
-        lo, hi = offsets[b], offsets[b + 1]
-        y_b, final = naive_short_conv(x[lo:hi], weight, bias, conv_state[slot], activation)
-        y[lo:hi] = y_b.to(x.dtype)
-        conv_state[slot] = final.to(conv_state.dtype)
-    return y
+    # No Triton kernel yet: both resolved backends run the torch implementation (it is one conv1d).
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
+    if batch.is_decode:
+        return short_conv_decode(x, weight, bias, conv_state, batch.slot_ids, activation)
+    return short_conv_prefill(x, weight, bias, conv_state, batch, activation)
