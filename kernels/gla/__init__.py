@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from linrec.kernels.gla.naive import naive_recurrent_gla
+from linrec.kernels.gla.prefill import chunk_gla
+from linrec.kernels.gla.step import gla_step
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
@@ -25,11 +26,19 @@ def gla_varlen(
     """q [T, H, K]; k, g [T, Hk, K]; v [T, Hk, V]; state [N, Hk, K, V] fp32, rows batch.slot_ids
     updated in place. Returns o [T, H, V] in v's dtype.
     """
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
+    # backend == "triton" runs the torch path until the kernels issue brings decode.py and fla-core's
+    # chunk kernels; the results are the same, only slower.
+    if batch.is_decode:
+        return gla_step(q, k, v, g, state, batch.slot_ids, scale).to(v.dtype)
     o = q.new_empty(q.shape[0], q.shape[1], v.shape[2], dtype=v.dtype)
-    offsets = batch.cu_seqlens.tolist()
-    for b, slot in enumerate(batch.slot_ids_host):
-        lo, hi = offsets[b], offsets[b + 1]
-        o_b, final = naive_recurrent_gla(q[lo:hi], k[lo:hi], v[lo:hi], g[lo:hi], state[slot], scale)
+    lo = 0
+    for n, slot in zip(batch.seq_lens, batch.slot_ids_host):
+        hi = lo + n
+        slot = max(slot, 0)  # a negative id is the null slot, as in the decode path
+        o_b, final = chunk_gla(q[lo:hi], k[lo:hi], v[lo:hi], g[lo:hi], state[slot], scale)
         o[lo:hi] = o_b.to(v.dtype)
-        state[slot] = final
+        state[slot] = final.to(state.dtype)
+        lo = hi
     return o

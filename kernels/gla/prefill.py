@@ -1,0 +1,61 @@
+"""Gated linear attention in the chunked parallel form: the torch prefill path.
+
+Within a chunk of C tokens, with b_t = sum_{r <= t} g_r the cumulative log decay from the chunk start:
+    o_t = scale * q_t ( diag(exp b_t) S_0 + sum_{s <= t} diag(exp(b_t - b_s)) k_s^T v_s )
+    S_C = diag(exp b_C) S_0 + sum_s diag(exp(b_C - b_s)) k_s^T v_s
+Every exponent above is a difference b_t - b_s with s <= t, so it is <= 0 and exp never overflows; the
+factorised form q_t exp(b_t) . k_s exp(-b_s) would overflow once a chunk's decays sum below about -88.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_SIZE = 64
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float = 1.0,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence, the contract of naive_recurrent_gla: q [T, H, K]; k, g [T, Hk, K]; v [T, Hk, V];
+    initial_state [Hk, K, V]; query head h reads state h // (H // Hk).
+
+    Returns o [T, H, V] fp32 and the final state [Hk, K, V] fp32.
+    """
+    T, H, K = q.shape
+    Hk, V = v.shape[1], v.shape[2]
+    if H % Hk:
+        raise ValueError(f"expected query heads divisible by key/value heads, got H={H}, Hk={Hk}")
+    if chunk_size < 1:
+        raise ValueError(f"expected chunk_size >= 1, got {chunk_size}")
+    group = H // Hk
+    # Query head h = hk * group + j, so viewing H as [Hk, group] puts each query group beside its state.
+    qf = q.float().reshape(T, Hk, group, K).permute(1, 2, 0, 3)  # [Hk, G, T, K]
+    kf = k.float().transpose(0, 1)  # [Hk, T, K]
+    vf = v.float().transpose(0, 1)  # [Hk, T, V]
+    gf = g.float().transpose(0, 1)  # [Hk, T, K]
+    if initial_state is not None:
+        S = initial_state.float().clone()
+    else:
+        S = q.new_zeros(Hk, K, V, dtype=torch.float32)
+    o = q.new_empty(Hk, group, T, V, dtype=torch.float32)
+    for lo in range(0, T, chunk_size):
+        hi = min(lo + chunk_size, T)
+        qc, kc, vc = qf[:, :, lo:hi], kf[:, lo:hi], vf[:, lo:hi]
+        b = gf[:, lo:hi].cumsum(dim=1)  # [Hk, C, K]
+        causal = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).tril()
+        # [Hk, t, s, K]; the mask goes in before exp, where b_t - b_s > 0 for s > t
+        log_decay = (b[:, :, None, :] - b[:, None, :, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
+        scores = torch.einsum("hgtk,hsk,htsk->hgts", qc, kc, log_decay.exp())  # [Hk, G, t, s]
+        o_intra = scores @ vc[:, None]  # [Hk, G, C, V]
+        o_inter = (qc * b.exp()[:, None]) @ S[:, None]  # [Hk, G, C, V]
+        o[:, :, lo:hi] = scale * (o_inter + o_intra)
+        b_last = b[:, -1]  # [Hk, K]
+        S = S * b_last.exp()[..., None] + (kc * (b_last[:, None] - b).exp()).transpose(1, 2) @ vc
+    return o.permute(2, 0, 1, 3).reshape(T, H, V), S
