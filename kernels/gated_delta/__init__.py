@@ -1,0 +1,50 @@
+"""The gated delta rule over the flat varlen batch, states read and written in the slot pool."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from linrec.kernels.gated_delta.naive import check_gva
+from linrec.kernels.gated_delta.prefill import (
+    chunk_gated_delta_varlen,
+    fla_chunk_gated_delta_varlen,
+    gated_delta_decode,
+)
+
+if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
+    from linrec.models.batch import ForwardBatch
+
+
+def gated_delta_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float = 1.0,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """q, k [T, H, K]; v [T, HV, V]; g (log decay) and beta [T, HV]; state [N, HV, K, V] fp32, rows
+    batch.slot_ids updated in place. HV == H except for grouped value heads (HV a multiple of H).
+    Returns o [T, HV, V] in v's dtype.
+    """
+    T, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    check_gva(H, HV)
+    if k.shape != q.shape or g.shape != (T, HV) or beta.shape != (T, HV) or state.shape[1:] != (HV, K, V):
+        raise ValueError(
+            f"expected k {tuple(q.shape)}, g and beta {(T, HV)}, state [N, {HV}, {K}, {V}]; got k {tuple(k.shape)}, "
+            f"g {tuple(g.shape)}, beta {tuple(beta.shape)}, state {tuple(state.shape)}"
+        )
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
+    if batch.is_decode:
+        # decode.py (a slot-indexed Triton kernel) will serve backend="triton" here
+        return gated_delta_decode(q, k, v, g, beta, state, batch.slot_ids, scale)
+    if backend == "triton" and q.is_cuda:
+        return fla_chunk_gated_delta_varlen(q, k, v, g, beta, state, batch, scale)
+    return chunk_gated_delta_varlen(q, k, v, g, beta, state, batch, scale)
