@@ -50,7 +50,9 @@ class SamplingRow(NamedTuple):
     """What the sampler needs of one row; the runner builds one per scheduled request."""
 
     params: SamplingParams
-    prompt_token_ids: Sequence[int] | torch.Tensor  # for the repetition penalty (it covers the prompt)
+    # For the repetition penalty (it covers the prompt). Read only for rows with one; a cached CPU int64
+    # tensor saves the list conversion (~50 ms per 512k tokens) every step.
+    prompt_token_ids: Sequence[int] | torch.Tensor
     output_token_ids: Sequence[int] | torch.Tensor  # generated so far: penalties and the min_tokens count
     generator: torch.Generator | None  # the request's own generator when it has a seed
 
@@ -67,7 +69,9 @@ class SamplingMetadata:
     temperature: torch.Tensor  # [B] fp32; 1.0 on greedy rows so that dividing by it is harmless
     is_greedy: torch.Tensor  # [B] bool; temperature < 1e-5 (0 in practice)
     all_greedy: bool  # every row is greedy: argmax only, no softmax, no draw
-    top_k: torch.Tensor | None  # [B] int64 in [1, V]; V where a row keeps all tokens
+    top_k: torch.Tensor | None  # [B] int64 in [1, V]; V where a sampled row keeps all tokens, 1 on greedy rows
+    max_top_k: int  # largest top_k below V of a sampled row (0: none), so top-k needs no device sync
+    is_top_k_everywhere: bool  # every sampled row has a top_k: the filters work on a [B, max_top_k] window
     top_p: torch.Tensor | None  # [B] fp32 in (0, 1]; 1.0 where a row keeps all tokens
     min_p: torch.Tensor | None  # [B] fp32; 0.0 where a row keeps all tokens
     penalty_rows: torch.Tensor | None  # [P] int64, the rows with any penalty; the next five fields follow it
@@ -81,7 +85,8 @@ class SamplingMetadata:
     logit_bias_values: torch.Tensor | None  # [N] fp32, added to logits[row, token]
     min_tokens_rows: torch.Tensor | None  # [M] int64, rows with fewer than min_tokens generated tokens
     min_tokens_token_ids: torch.Tensor | None  # [M] int64, their stop tokens (EOS unless ignore_eos), set to -inf
-    generators: tuple[torch.Generator | None, ...]  # [B] a seeded sampled row's own generator, else None (shared)
+    generators: tuple[torch.Generator | None, ...]  # [B] a seeded sampled row's own generator, else None
+    unseeded_rows: torch.Tensor | None  # [U] int64, sampled rows without a seed: they share the sampler's generator
     max_num_logprobs: int | None  # largest `logprobs` asked by any row; None: no row wants logprobs
 
     @property
@@ -114,7 +119,13 @@ class SamplingMetadata:
 
         # Greedy rows carry neutral filters so that a step whose sampled rows use none skips them.
         is_greedy = [p.temperature < _GREEDY_EPS for p in params]
-        top_k = [vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size) for p, g in zip(params, is_greedy)]
+        # A greedy row's draw is discarded, so top_k = 1 costs it nothing and lets the window path serve it.
+        top_k = [
+            1 if g else (vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size)) for p, g in zip(params, is_greedy)
+        ]
+        sampled_top_k = [k for k, g in zip(top_k, is_greedy) if not g]
+        restricted_top_k = [k for k in sampled_top_k if k < vocab_size]
+        unseeded = [i for i, (row, g) in enumerate(zip(rows, is_greedy)) if not g and row.generator is None]
         top_p = [1.0 if g else p.top_p for p, g in zip(params, is_greedy)]
         min_p = [0.0 if g else p.min_p for p, g in zip(params, is_greedy)]
         temperature = [1.0 if g else p.temperature for p, g in zip(params, is_greedy)]
@@ -133,7 +144,9 @@ class SamplingMetadata:
             temperature=floats[0],
             is_greedy=ints[1].bool(),
             all_greedy=all(is_greedy),
-            top_k=ints[0] if any(k < vocab_size for k in top_k) else None,
+            top_k=ints[0] if restricted_top_k else None,
+            max_top_k=max(restricted_top_k, default=0),
+            is_top_k_everywhere=bool(sampled_top_k) and len(restricted_top_k) == len(sampled_top_k),
             top_p=floats[1] if any(p < 1.0 for p in top_p) else None,
             min_p=floats[2] if any(p > 0.0 for p in min_p) else None,
             **_build_penalties(rows, vocab_size, device),
@@ -141,6 +154,7 @@ class SamplingMetadata:
             **_build_min_tokens(rows, vocab_size, eos_token_ids, device),
             # A greedy row's draw would be discarded; keeping its generator out leaves it untouched.
             generators=tuple(None if g else row.generator for row, g in zip(rows, is_greedy)),
+            unseeded_rows=torch.tensor(unseeded, dtype=torch.int64).to(device) if unseeded else None,
             max_num_logprobs=max(logprobs_asked) if logprobs_asked else None,
         )
 
@@ -303,7 +317,9 @@ class Sampler:
 
     @staticmethod
     def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """logit_bias, the min_tokens mask, then penalties; returns a new tensor, never edits `logits`."""
+        """logit_bias, the min_tokens mask, then penalties; never edits `logits` (returned as is if none apply)."""
+        if md.logit_bias_rows is None and md.min_tokens_rows is None and md.penalty_rows is None:
+            return logits
         processed = logits.clone()
         if md.logit_bias_rows is not None:
             processed.index_put_((md.logit_bias_rows, md.logit_bias_token_ids), md.logit_bias_values, accumulate=True)
@@ -324,47 +340,64 @@ class Sampler:
         """[B, V] probabilities after temperature, top_k, top_p and min_p (greedy rows: temperature 1)."""
         logits = logits / md.temperature.unsqueeze(1)
         if md.top_k is not None or md.top_p is not None:
-            logits = _apply_top_k_top_p(logits, md.top_k, md.top_p)
+            logits = _apply_top_k_top_p(logits, md)
         probs = logits.softmax(dim=-1)
         if md.min_p is not None:
+            # Masking logits and taking the softmax again (not renormalising probs) leaves the rows with
+            # min_p = 0 bit-identical, so a seeded row's draw does not depend on its neighbours' min_p.
             threshold = md.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-            # Dropping tokens and renormalising equals a softmax over the logits that survive.
-            probs = probs.masked_fill(probs < threshold, 0.0)
-            probs = probs / probs.sum(dim=-1, keepdim=True)
+            probs = logits.masked_fill(probs < threshold, float("-inf")).softmax(dim=-1)
         return probs
 
     def draw(self, probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """[B] argmax(probs / q), q ~ Exp(1): seeded rows take q from their own generator."""
+        # Greedy rows' q stays uninitialised: their result is discarded.
         q = torch.empty_like(probs)
-        seeded = [i for i, g in enumerate(md.generators) if g is not None]
-        if len(seeded) < md.num_rows:
-            q.exponential_(generator=self.generator)
-        for i in seeded:
-            q[i].exponential_(generator=md.generators[i])
-        # Exp(1) can round to 0; 0/0 would be NaN and argmax would return it.
+        if md.unseeded_rows is not None:
+            if md.unseeded_rows.shape[0] == md.num_rows:
+                q.exponential_(generator=self.generator)
+            else:
+                shared = torch.empty((md.unseeded_rows.shape[0], q.shape[1]), dtype=q.dtype, device=q.device)
+                q[md.unseeded_rows] = shared.exponential_(generator=self.generator)
+        for i, generator in enumerate(md.generators):
+            if generator is not None:
+                q[i].exponential_(generator=generator)
+        # Exp(1) can round to 0; 0/0 would be NaN, which argmax would return.
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return (probs / q).argmax(dim=-1)
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def _apply_top_k_top_p(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Set to -inf the logits outside each row's top_k, then outside its top_p nucleus.
 
-    Ascending sort as HF's warpers: a token goes when the mass of the tokens no more likely than it is
-    <= 1 - top_p, so top_p = 1 drops nothing whatever the rounding. Ties at the k-th value are all kept.
+    top_p follows HF's warper: a token goes when the mass of the tokens no more likely than it is
+    <= 1 - top_p, so top_p = 1 drops nothing whatever the rounding. Ties at the k-th value are kept.
+    When every sampled row has a top_k, both filters run on the top-max_top_k window (a partial top-k
+    instead of a full sort of [B, V]); top_p over the window equals top_p after the top_k mask.
     """
-    vocab_size = logits.shape[-1]
-    if top_p is None:
-        # top_k alone: a partial top-k instead of a full sort.
-        max_k = int(top_k.max())
-        kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1).unsqueeze(1))
-        kth = torch.where((top_k < vocab_size).unsqueeze(1), kth, float("-inf"))
-        return logits.masked_fill(logits < kth, float("-inf"))
+    neg_inf = float("-inf")
+    if md.top_k is not None and (md.is_top_k_everywhere or md.top_p is None):
+        values, index = logits.topk(md.max_top_k, dim=-1)  # [B, W] descending
+        kth = values.gather(1, (md.top_k.clamp(max=md.max_top_k) - 1).unsqueeze(1))
+        if not md.is_top_k_everywhere:
+            # Rows keeping all tokens (top_k = V) cut nothing; only top_k alone comes here, so no window.
+            kth = torch.where((md.top_k < md.vocab_size).unsqueeze(1), kth, neg_inf)
+            return logits.masked_fill(logits < kth, neg_inf)
+        values = values.masked_fill(values < kth, neg_inf)
+        if md.top_p is not None:
+            values = _apply_top_p_ascending(values.flip(-1), md.top_p).flip(-1)
+        return torch.full_like(logits, neg_inf).scatter_(1, index, values)
     sorted_logits, sorted_index = logits.sort(dim=-1)
-    if top_k is not None:
-        kth = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if md.top_k is not None:
+        kth = sorted_logits.gather(1, (md.vocab_size - md.top_k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
+    sorted_logits = _apply_top_p_ascending(sorted_logits, md.top_p)
+    return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
+
+
+def _apply_top_p_ascending(sorted_logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_p on logits sorted ascending along the last dimension."""
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop = cumulative <= (1.0 - top_p).unsqueeze(1)
     drop[:, -1] = False  # the most likely token always stays
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
+    return sorted_logits.masked_fill(drop, float("-inf"))

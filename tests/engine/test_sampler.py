@@ -92,20 +92,40 @@ def test_temperature_to_zero_tends_to_greedy():
     assert md.all_greedy and torch.equal(sampler(logits, md).token_ids, logits.argmax(-1))
 
 
-def test_filtered_distribution_matches_hf_warpers():
+FULL_SORT = [  # a row without top_k next to top_p: the filters sort all of [B, V]
+    SamplingParams(temperature=0.7, top_k=10),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.05),
+    SamplingParams(temperature=0.5, top_k=20, top_p=0.9, min_p=0.1),
+    SamplingParams(temperature=2.0),
+    SamplingParams(temperature=0.9, top_k=V + 5, top_p=0.95),
+]
+WINDOW = [  # every sampled row has a top_k: the filters work on the top-max_top_k window
+    SamplingParams(temperature=0.7, top_k=10),
+    SamplingParams(temperature=1.3, top_k=30, top_p=0.8),
+    SamplingParams(temperature=0.0, top_p=0.5),  # greedy: its filters are not used
+    SamplingParams(temperature=0.5, top_k=20, top_p=0.9, min_p=0.1),
+    SamplingParams(temperature=1.0, top_k=1),
+    SamplingParams(temperature=0.9, top_k=5, top_p=0.3),
+]
+TOP_K_ONLY = [  # top_k without top_p next to a row that keeps every token: a partial top-k, no window
+    SamplingParams(temperature=0.7, top_k=10),
+    SamplingParams(temperature=1.3),
+    SamplingParams(temperature=1.1, top_k=3, min_p=0.2),
+]
+
+
+@pytest.mark.parametrize("params", [FULL_SORT, WINDOW, TOP_K_ONLY], ids=["full_sort", "window", "top_k_only"])
+def test_filtered_distribution_matches_hf_warpers(params):
     """temperature -> top_k -> top_p -> min_p, each row against transformers' own warpers."""
-    logits = _logits(6, seed=4)
-    params = [
-        SamplingParams(temperature=0.7, top_k=10),
-        SamplingParams(temperature=1.3, top_p=0.8),
-        SamplingParams(temperature=1.0, min_p=0.05),
-        SamplingParams(temperature=0.5, top_k=20, top_p=0.9, min_p=0.1),
-        SamplingParams(temperature=2.0),
-        SamplingParams(temperature=0.9, top_k=V + 5, top_p=0.95),
-    ]
-    probs = Sampler.compute_probs(logits, _metadata(params))
+    logits = _logits(len(params), seed=4)
+    md = _metadata(params)
+    assert md.is_top_k_everywhere == (params is WINDOW)
+    probs = Sampler.compute_probs(logits, md)
     max_diff = 0.0
     for i, p in enumerate(params):
+        if p.temperature == 0.0:
+            continue
         scores = logits[i : i + 1].clone()
         warpers = [TemperatureLogitsWarper(p.temperature)]
         if p.top_k > 0:
