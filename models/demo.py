@@ -1,0 +1,95 @@
+"""Tiny seeded random checkpoints of each family, with a byte-level tokenizer and a chat template.
+
+They let every command and test run end to end with no download: `linrec ... ` without --model
+uses `default_model_path()`, a Liger-GLA demo created on first use in linrec's cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from linrec.models.tokenizer import DEMO_VOCAB_SIZE, demo_special_token_ids, write_byte_tokenizer
+
+DEMO_SEED = 0
+# Bump when what write_demo_model produces changes, so caches made by older versions are not reused.
+DEMO_FORMAT_VERSION = 1
+DEFAULT_DEMO_FAMILY = "liger_gla"
+# torch's global generator is shared by all threads: two demo writes seeding and drawing at once
+# would interleave their draws and write different weights.
+_SEEDED_INIT_LOCK = threading.Lock()
+
+
+def write_demo_model(dst: str | Path, family: str = DEFAULT_DEMO_FAMILY) -> Path:
+    """Write a tiny `family` checkpoint (config.json, model.safetensors, generation_config.json,
+    tokenizer.json, tokenizer_config.json) to `dst`, which must not exist or be empty. Returns `dst`.
+
+    The weights are the family's own random init under a fixed seed, so two calls write the same model.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from linrec.models.registry import DEMO_FAMILIES, get_model_class
+
+    if family not in DEMO_FAMILIES:
+        raise ValueError(f"unknown demo family {family!r}; expected one of {', '.join(DEMO_FAMILIES)}")
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"destination {str(dst)!r} exists and is not an empty directory; refusing to overwrite")
+
+    model_cls = get_model_class(family)
+    special_ids = demo_special_token_ids()
+    config = {
+        **model_cls.demo_hf_config(),
+        "vocab_size": DEMO_VOCAB_SIZE,
+        **special_ids,
+        "torch_dtype": "float32",
+    }
+    config.setdefault("model_type", family)
+    # fork_rng: the fixed seed must not reset the caller's global generator.
+    with _SEEDED_INIT_LOCK, torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(DEMO_SEED)
+        model = model_cls.from_hf_config(config).float()
+    tied = model.tied_weights()
+    # clone: safetensors refuses tensors that share storage, and tied copies are not saved at all.
+    tensors = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items() if name not in tied}
+
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dst / "generation_config.json").write_text(json.dumps(special_ids, indent=2) + "\n")
+    write_byte_tokenizer(dst)
+    return dst
+
+
+def default_model_path() -> Path:
+    """Directory of the default demo model (Liger-GLA), written on first use under linrec's cache dir.
+
+    It is built in a temporary sibling and renamed into place, so a reader never sees a half-written
+    model; when several processes race on first use, one rename wins and the others discard theirs.
+    """
+    from linrec.envs import cache_dir
+
+    root = cache_dir() / "models"
+    final = root / f"demo-{DEFAULT_DEMO_FAMILY}-v{DEMO_FORMAT_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        staging.chmod(0o755)
+        write_demo_model(staging, DEFAULT_DEMO_FAMILY)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another process renamed its copy first (rename onto a non-empty directory fails).
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final

@@ -1,0 +1,173 @@
+"""The `linrec` command line.
+
+Subcommands register in `build_parser`; those that run a model take the shared model flags of
+`add_model_args`, whose destinations are the field names of EngineConfig (model, dtype, device,
+kernel_backend, linearize, merge_lora). Heavy imports (torch, transformers) happen inside the
+handlers so that `linrec --help` stays fast. Bad input ends in one line on stderr and exit code 2
+(argparse usage errors) or 1 (everything else), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import linrec
+
+# Literal copies so that parsing imports no torch; tests check them against their sources
+# (models.loader.DTYPE_CHOICES, kernels.backend.BACKENDS, models.registry.DEMO_FAMILIES).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+DEMO_FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
+LINEARIZE_CHOICES = ("liger-gla",)
+MODEL_ARG_FIELDS = ("model", "dtype", "device", "kernel_backend", "linearize", "merge_lora")
+
+# Exceptions that mean "the input is wrong", reported as one line; anything else is a bug and
+# keeps its traceback.
+_USER_ERRORS = (ValueError, OSError)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every model-running subcommand shares; dest names equal EngineConfig's fields."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="local HF-format model directory (default: a tiny demo Liger-GLA model, created on first use "
+        "under $LINREC_CACHE_DIR or ~/.cache/linrec)",
+    )
+    group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = config.json's torch_dtype")
+    group.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    group.add_argument(
+        "--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS, help="op implementation"
+    )
+    group.add_argument(
+        "--linearize",
+        default=None,
+        choices=LINEARIZE_CHOICES,
+        help="load a Llama/Qwen2/Mistral checkpoint as Liger-GLA (same weights, new config)",
+    )
+    group.add_argument(
+        "--merge-lora", dest="merge_lora", default=None, metavar="DIR", help="merge a PEFT LoRA adapter at load"
+    )
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags of parsed `args` as EngineConfig keyword arguments."""
+    return {name: getattr(args, name) for name in MODEL_ARG_FIELDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linrec",
+        description="Serve linearized and recurrent LLMs: one constant-size state per request instead of a KV cache.",
+    )
+    parser.add_argument("--version", action="version", version=f"linrec {linrec.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="write a Liger-GLA checkpoint from a Llama/Qwen2/Mistral one",
+        description="Copy SRC's weights, tokenizer and generation config to DST with a linearized config.json.",
+    )
+    convert.add_argument("--to", required=True, choices=LINEARIZE_CHOICES, help="target family")
+    convert.add_argument("src", metavar="SRC", help="local HF-format checkpoint directory")
+    convert.add_argument("dst", metavar="DST", help="output directory (must not exist or be empty)")
+    convert.set_defaults(handler=_run_convert)
+
+    demo = commands.add_parser(
+        "demo-model",
+        help="write a tiny random checkpoint with a byte-level tokenizer",
+        description="Write a tiny seeded random model of one family, loadable with --model DIR.",
+    )
+    demo.add_argument("dir", metavar="DIR", help="output directory (must not exist or be empty)")
+    demo.add_argument("--family", default="liger_gla", choices=DEMO_FAMILIES, help="model family (default liger_gla)")
+    demo.set_defaults(handler=_run_demo_model)
+
+    info = commands.add_parser(
+        "info",
+        help="load a model and print its size and per-request state",
+        description="Load a model with the given flags and report what serving it costs per request.",
+    )
+    add_model_args(info)
+    info.set_defaults(handler=_run_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except _USER_ERRORS as exc:
+        print(f"linrec: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from linrec.models.convert import convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, to=args.to)
+    print(f"wrote {args.to} checkpoint to {dst}")
+    return 0
+
+
+def _run_demo_model(args: argparse.Namespace) -> int:
+    from linrec.models.demo import write_demo_model
+
+    dst = write_demo_model(args.dir, args.family)
+    print(f"wrote {args.family} demo model to {dst}")
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from linrec.models.demo import default_model_path
+    from linrec.models.loader import load_model, load_tokenizer
+
+    path = args.model if args.model is not None else str(default_model_path())
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(
+        path,
+        dtype=args.dtype,
+        device=device,
+        kernel_backend=args.kernel_backend,
+        linearize=args.linearize,
+        merge_lora=args.merge_lora,
+    )
+    tokenizer = load_tokenizer(path)
+    num_params = sum(p.numel() for p in model.parameters())
+    param = next(model.parameters())
+    rows = {
+        "model": path,
+        "class": type(model).__name__,
+        "parameters": f"{num_params:,}",
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
+        "state per request": f"{model.state_bytes_per_request():,} bytes (constant in context length)",
+        "tokenizer": f"{len(tokenizer)} tokens, chat template {'yes' if tokenizer.chat_template else 'no'}",
+    }
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

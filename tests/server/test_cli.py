@@ -1,0 +1,151 @@
+"""The `linrec` command line: subcommands end to end, lazy imports, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import linrec
+from linrec.server import cli
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    """The subprocess environment, with a private cache so nothing touches the user's."""
+    return {**os.environ, "LINREC_CACHE_DIR": str(tmp_path / "cache")}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LINREC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _linrec(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run the installed console script when it sits beside this interpreter, else `python -m`."""
+    script = Path(sys.executable).parent / "linrec"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "linrec.server.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_version_and_help_import_no_torch(env: dict[str, str]) -> None:
+    result = _linrec("--version", env=env)
+    assert result.returncode == 0 and result.stdout.strip() == f"linrec {linrec.__version__}"
+    probe = "import sys; from linrec.server import cli; cli.build_parser(); print('torch' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert imported.stdout.strip() == "False", "parsing must not import torch (slow `linrec --help`)"
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path, env: dict[str, str]) -> None:
+    missing = _linrec("convert", "--to", "liger-gla", str(tmp_path / "no_such_model"), str(tmp_path / "out"), env=env)
+    assert missing.returncode == 1
+    assert "Traceback" not in missing.stderr
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("linrec: error:") and "no_such_model" in lines[0]
+
+    usage = _linrec("demo-model", str(tmp_path / "d"), "--family", "gpt2", env=env)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr and "invalid choice: 'gpt2'" in usage.stderr
+
+
+def test_demo_model_then_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "gla-demo"
+    assert cli.main(["demo-model", str(dst), "--family", "gla"]) == 0
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "gla"
+    assert cli.main(["info", "--model", str(dst), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "GLAForCausalLM" in out and "bfloat16" in out and "bytes (constant in context length)" in out
+
+    # the same directory again: refused, the model already there untouched
+    before = (dst / "model.safetensors").read_bytes()
+    assert cli.main(["demo-model", str(dst)]) == 1
+    assert "not an empty directory" in capsys.readouterr().err
+    assert (dst / "model.safetensors").read_bytes() == before
+
+
+def test_info_defaults_to_the_cached_demo_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "LigerGLAForCausalLM" in out and str(tmp_path / "cache") in out
+
+
+def test_convert_end_to_end(tmp_path: Path, env: dict[str, str]) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linrec.models.loader import load_model
+    from linrec.models.tokenizer import DEMO_VOCAB_SIZE, write_byte_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=DEMO_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    src, dst = tmp_path / "llama", tmp_path / "liger"
+    LlamaForCausalLM(config).save_pretrained(str(src), safe_serialization=True)
+    write_byte_tokenizer(src)
+
+    result = _linrec("convert", "--to", "liger-gla", str(src), str(dst), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "liger_gla"
+    assert load_model(dst).config.hidden_size == 32
+    again = _linrec("convert", "--to", "liger-gla", str(src), str(dst), env=env)
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_model_args(parser)
+    args = parser.parse_args(
+        [
+            "--model",
+            "m",
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+            "--kernel-backend",
+            "torch",
+            "--linearize",
+            "liger-gla",
+            "--merge-lora",
+            "adapter",
+        ]
+    )
+    kwargs = cli.model_kwargs(args)
+    assert kwargs == {
+        "model": "m",
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "kernel_backend": "torch",
+        "linearize": "liger-gla",
+        "merge_lora": "adapter",
+    }
+    defaults = cli.model_kwargs(parser.parse_args([]))
+    assert defaults["model"] is None and defaults["dtype"] == "auto" and defaults["device"] == "auto"
+    engine_config = pytest.importorskip("linrec.engine.config")
+    assert engine_config.EngineConfig(**kwargs).merge_lora == "adapter"
+
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--dtype", "float64"])
+    assert e.value.code == 2
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+def test_literal_choices_match_their_sources() -> None:
+    from linrec.kernels.backend import BACKENDS
+    from linrec.models.loader import DTYPE_CHOICES, LINEARIZE_CHOICES
+    from linrec.models.registry import DEMO_FAMILIES
+
+    assert cli.DTYPE_CHOICES == DTYPE_CHOICES
+    assert cli.KERNEL_BACKENDS == BACKENDS
+    assert cli.DEMO_FAMILIES == DEMO_FAMILIES
+    assert cli.LINEARIZE_CHOICES == LINEARIZE_CHOICES
