@@ -240,3 +240,15 @@ def test_skip_special_tokens(tokenizers_by_name, name):
 def test_rejects_empty_stop_strings(tokenizers_by_name):
     with pytest.raises(ValueError, match="non-empty stop strings"):
         IncrementalDetokenizer(tokenizers_by_name["bytes"], [], stop=["ok", ""])
+
+
+def test_stop_strings_ending_together_cut_at_the_longer(tokenizers_by_name):
+    tokenizer = tokenizers_by_name["bpe"]
+    for stops in (["OP", "STOP"], ["STOP", "OP"]):
+        detokenizer = IncrementalDetokenizer(tokenizer, [], stop=stops)
+        _stream(detokenizer, _encode(tokenizer, "a STOP b"))
+        assert detokenizer.text == "a " and detokenizer.stop_reason == "STOP"
+    # The stop that completes first wins even when another started earlier.
+    detokenizer = IncrementalDetokenizer(tokenizer, [], stop=["a STOP", "ST"])
+    _stream(detokenizer, _encode(tokenizer, "a STOP b"))
+    assert detokenizer.text == "a " and detokenizer.stop_reason == "ST"
