@@ -1,10 +1,12 @@
 """Sampler: turns one step's logits [B, V] into next tokens, row by row under each request's SamplingParams.
 
-Order per row (vLLM's, and HF's for the warpers): logit_bias, the min_tokens mask, penalties, then
+Order per row (vLLM V1's; the warpers as HF's): logit_bias, the min_tokens mask, penalties, then
 temperature (0 = greedy), top_k, top_p, min_p, then one draw. The draw is the exponential race
 argmax(p / q), q ~ Exp(1) i.i.d.: it picks token i with probability p_i, needs no cumulative sum, and
 lets a seeded row draw its q from its own generator, so its token depends only on its own logits and
-seed, never on the other rows of the batch.
+seed, never on the other rows of the batch. (One float caveat: top_p runs on a top-k window or on a full
+sort depending on the batch, and the two cumulative sums can round differently for a token lying
+exactly on the nucleus boundary.)
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ class SamplingMetadata:
                 )
 
         logprobs_asked = [p.logprobs for p in params if p.logprobs is not None]
+        if logprobs_asked and max(logprobs_asked) > vocab_size:
+            raise ValueError(f"expected logprobs <= vocab size {vocab_size}, got {max(logprobs_asked)}")
         return cls(
             vocab_size=vocab_size,
             temperature=floats[0],

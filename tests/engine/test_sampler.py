@@ -266,6 +266,15 @@ def test_seeded_row_is_independent_of_the_batch():
     assert run(0, 1) == alone  # reproducible from the seed
 
 
+def test_seeded_rows_advance_only_their_own_generator():
+    greedy_gen, sampled_gen = make_generator(3), make_generator(4)
+    greedy_state, sampled_state = greedy_gen.get_state(), sampled_gen.get_state()
+    params = [SamplingParams(temperature=0.0, seed=3), SamplingParams(seed=4), SamplingParams()]
+    Sampler()(_logits(3), _metadata(params, generators=[greedy_gen, sampled_gen, None]))
+    assert torch.equal(greedy_gen.get_state(), greedy_state)  # a greedy row draws nothing
+    assert not torch.equal(sampled_gen.get_state(), sampled_state)
+
+
 def test_seeded_draws_follow_the_distribution():
     """Chi-square of 4000 seeded draws against the filtered probabilities (df <= 15, loose bound)."""
     logits = _logits(1, v=16, seed=9, scale=1.0)
@@ -338,6 +347,8 @@ def test_build_and_call_reject_bad_inputs():
         _metadata([SamplingParams()], eos=V + 1)
     with pytest.raises(ValueError, match="expected logits"):
         Sampler()(torch.zeros(2, V), _metadata([SamplingParams()]))
+    with pytest.raises(ValueError, match="expected logprobs <= vocab size 64, got 65"):
+        _metadata([SamplingParams(logprobs=V + 1)])
     with pytest.raises(ValueError, match="empty batch"):
         SamplingMetadata.build([], V, EOS)
 
