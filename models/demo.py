@@ -72,10 +72,12 @@ def default_model_path() -> Path:
     It is built in a temporary sibling and renamed into place, so a reader never sees a half-written
     model; when several processes race on first use, one rename wins and the others discard theirs.
     """
+    from linrec import __version__
     from linrec.envs import cache_dir
 
+    # Keyed by the package version too: a release may rename parameters or change the init.
     root = cache_dir() / "models"
-    final = root / f"demo-{DEFAULT_DEMO_FAMILY}-v{DEMO_FORMAT_VERSION}"
+    final = root / f"demo-{DEFAULT_DEMO_FAMILY}-{__version__}-v{DEMO_FORMAT_VERSION}"
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)

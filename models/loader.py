@@ -194,7 +194,10 @@ def load_model(
         raise ValueError(
             f"config.json in {str(path)!r} has no model_type; expected one of {', '.join(supported_model_types())}"
         )
-    model_cls = get_model_class(model_type)
+    try:
+        model_cls = get_model_class(model_type)
+    except ValueError as exc:
+        raise ValueError(f"config.json in {str(path)!r}: {exc}") from None
     files = checkpoint_files(path)
 
     adapter = None

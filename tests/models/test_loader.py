@@ -91,7 +91,7 @@ def test_sharded_equals_single_file(family: str, demo_dirs: dict[str, Path], tmp
     assert not (sharded / "model.safetensors").exists()
 
     single = load_model(src)
-    model = load_model(sharded)
+    model = load_model(sharded, progress=True)
     params = dict(model.named_parameters())
     for name, tensor in tensors.items():
         assert torch.equal(params[name], tensor), name
@@ -181,7 +181,8 @@ def test_config_errors(demo_dirs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError) as e:
         load_model(unsupported)
     message = _one_line_error(e)
-    assert "'gpt2'" in message and all(family in message for family in DEMO_FAMILIES)
+    assert "'gpt2'" in message and "unsupported" in message and str(unsupported) in message
+    assert all(family in message for family in DEMO_FAMILIES)
 
     no_type = _copy_demo(src, tmp_path / "no_type")
     _set_config(no_type, model_type=None)
