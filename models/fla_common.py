@@ -1,0 +1,99 @@
+"""What fla's GLA and Gated DeltaNet checkpoints share: config reading, the gated RMSNorm, the conv holder."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def typed_fields(cls: type, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of dataclass `cls` present in hf_config, checked against their annotations (bool, int,
+    float, str, each possibly optional; Any passes through). Unknown keys are ignored."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in hf_config:
+            continue
+        value, hint = hf_config[field.name], hints[field.name]
+        if hint is Any:
+            kwargs[field.name] = value
+            continue
+        allowed = set(typing.get_args(hint)) or {hint}
+        if value is None:
+            if type(None) not in allowed:
+                raise ValueError(f"expected config field {field.name!r} to be set, got null")
+        elif bool in allowed:
+            if not isinstance(value, bool):
+                raise ValueError(f"expected config field {field.name!r} to be true or false, got {value!r}")
+        elif int in allowed:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"expected config field {field.name!r} to be an integer, got {value!r}")
+        elif float in allowed:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"expected config field {field.name!r} to be a number, got {value!r}")
+            value = float(value)
+        elif str in allowed and not isinstance(value, str):
+            raise ValueError(f"expected config field {field.name!r} to be a string, got {value!r}")
+        kwargs[field.name] = value
+    return kwargs
+
+
+def check_no_hybrid_attention(attn: Any, attnres_block_size: int | None) -> None:
+    """fla's `attn` (None, or a spec or list of specs naming softmax-attention layers) and attention
+    residuals are not served: raise unless neither is in use."""
+    if attn is not None:
+        specs = [attn] if isinstance(attn, dict) else attn
+        if (
+            not isinstance(specs, list)
+            or not all(isinstance(s, dict) for s in specs)
+            or any(s.get("layers") for s in specs)
+        ):
+            raise ValueError(f"config field 'attn' (hybrid softmax-attention layers) is not supported, got {attn!r}")
+    if attnres_block_size is not None:
+        raise ValueError(f"config field 'attnres_block_size' is not supported, got {attnres_block_size!r}")
+
+
+def gated_mlp_size(hidden_size: int, hidden_ratio: float | None, intermediate_size: int | None) -> int:
+    """fla's GatedMLP width: intermediate_size, else 2/3 * hidden_ratio * hidden_size rounded up to 256."""
+    if intermediate_size is not None:
+        return intermediate_size
+    ratio = hidden_ratio if hidden_ratio is not None else 4
+    return 256 * ((int(hidden_size * ratio * 2 / 3) + 255) // 256)
+
+
+def depthwise_conv(channels: int, kernel_size: int) -> nn.Conv1d:
+    """Holds a depthwise weight [channels, 1, W] under fla's ShortConvolution name; short_conv_varlen applies it."""
+    return nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+
+class GatedRMSNorm(nn.Module):
+    """weight * rmsnorm(x) * act(gate) over the last dim, in fp32: fla's FusedRMSNormGated (normalize, then
+    gate). gate=None gives fla's RMSNorm; elementwise_affine=False drops the weight. The product is formed
+    in fp32 and cast once, as fla's fused kernels do.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True, activation: str = "swish"):
+        super().__init__()
+        if activation not in ("swish", "silu", "sigmoid"):
+            raise ValueError(f"expected gate activation 'swish', 'silu' or 'sigmoid', got {activation!r}")
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(hidden_size))
+        else:
+            self.register_parameter("weight", None)
+        self.eps = eps
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        if gate is not None:
+            gate = gate.float()
+            y = y * (torch.sigmoid(gate) if self.activation == "sigmoid" else F.silu(gate))
+        return y.to(x.dtype)
