@@ -157,3 +157,25 @@ def test_default_model_path_concurrent_first_use(_private_cache: Path) -> None:
     assert [p.name for p in root.iterdir()] == [results[0].name], "no staging directory may be left behind"
     reference = write_demo_model(_private_cache / "reference", DEFAULT_DEMO_FAMILY)
     assert (results[0] / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_default_model_path_concurrent_first_use_across_processes(_private_cache: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    probe = "from linrec.models.demo import default_model_path; print(default_model_path())"
+    env = {**os.environ, "LINREC_CACHE_DIR": str(_private_cache)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    paths = {out.strip() for out, _ in outputs}
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert load_model(path).config.model_type == DEFAULT_DEMO_FAMILY
