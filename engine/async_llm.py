@@ -1,0 +1,147 @@
+"""AsyncLLM: the engine loop on its own thread, streaming per-request deltas to asyncio callers.
+
+The HTTP event loop never runs model code. It talks to the engine thread through a command queue
+(add, abort) and receives deltas on one asyncio.Queue per request; the typed messages keep the
+boundary narrow enough to move the engine into its own process later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from linrec.engine.config import EngineConfig
+from linrec.engine.core import EngineCore
+from linrec.engine.output import SampleDelta
+from linrec.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    accepted: concurrent.futures.Future  # set once the engine validated and queued it (or refused it)
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an unexpected error; every open request gets this."""
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, progress: bool = False):
+        self.engine = EngineCore(config, progress=progress)
+        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        # request id -> (its event loop, its queue of SampleDelta | Exception)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopped = threading.Event()
+        self.errored: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="linrec-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[SampleDelta]:
+        """Queue a prompt and yield its deltas until all n samples finish.
+
+        Raises ValueError / QueueFullError before the first delta if the engine refuses the request.
+        Cancelling the consumer (client gone) aborts the request and frees its slot within one step.
+        """
+        if self.errored is not None:
+            raise EngineDeadError(f"the engine stopped: {self.errored}")
+        request_id = request_id or self.new_request_id()
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, accepted))
+        finished = False
+        try:
+            await asyncio.wrap_future(accepted)
+            num_open = params.n
+            while num_open:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    num_open -= 1
+                yield item
+            finished = True
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort([request_id]))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    for delta in self.engine.step():
+                        self._emit(delta.request_id, delta)
+        except BaseException as exc:  # noqa: BLE001 -- every waiting caller must hear of it
+            logger.exception("linrec engine thread stopped")
+            self.errored = exc
+            for request_id in list(self._streams):
+                self._emit(request_id, EngineDeadError(f"the engine stopped: {exc}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            if isinstance(command, _Add):
+                try:
+                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+                except Exception as exc:  # refused: the caller raises it, the engine goes on
+                    command.accepted.set_exception(exc)
+                else:
+                    command.accepted.set_result(None)
+            else:
+                self.engine.abort(command.request_ids)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _emit(self, request_id: str, item: SampleDelta | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass

@@ -1,0 +1,54 @@
+"""EngineConfig: every engine knob in one frozen, validated dataclass (CLI flags map onto its fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from linrec.kernels.backend import BACKENDS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # local HF-format directory; None = the tiny demo model (created on first use)
+    dtype: str = "auto"  # auto = the checkpoint's torch_dtype
+    device: str = "auto"  # auto = cuda when available, else cpu
+    kernel_backend: str = "auto"  # auto | triton | torch
+    max_num_seqs: int = 64  # requests holding a state slot at once
+    max_num_batched_tokens: int = 2048  # tokens per step: decode tokens first, prefill chunks fill the rest
+    # Memory for request states: bytes (int) or a fraction of free device memory (float). It buys
+    # min(budget // state_bytes_per_request, max_num_seqs) slots, whatever the context length.
+    state_memory: int | float = 0.5
+    max_waiting_requests: int = 4096  # beyond this add_request raises QueueFullError (HTTP 429)
+    max_model_len: int | None = None  # longest prompt + output accepted; None = no limit (states do not grow)
+    enable_prefix_caching: bool = False  # prefix-state cache (lands with the prefix issue)
+    seed: int = 0  # the engine's generator for requests without their own seed
+    linearize: str | None = None  # "liger-gla": load a Llama/Qwen2/Mistral checkpoint as Liger-GLA
+    merge_lora: str | None = None  # a PEFT LoRA directory merged into the weights at load
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"expected dtype in {DTYPES}, got {self.dtype!r}")
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(f"expected kernel_backend in {BACKENDS}, got {self.kernel_backend!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"expected device auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                "expected max_num_batched_tokens >= max_num_seqs (each running request decodes every step), "
+                f"got {self.max_num_batched_tokens} < {self.max_num_seqs}"
+            )
+        if isinstance(self.state_memory, bool) or not isinstance(self.state_memory, int | float):
+            raise ValueError(f"expected state_memory as bytes (int) or a fraction (float), got {self.state_memory!r}")
+        if isinstance(self.state_memory, float) and not 0.0 < self.state_memory <= 1.0:
+            raise ValueError(f"expected a state_memory fraction in (0, 1], got {self.state_memory}")
+        if isinstance(self.state_memory, int) and self.state_memory < 1:
+            raise ValueError(f"expected state_memory >= 1 byte, got {self.state_memory}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"expected max_model_len >= 2 or None, got {self.max_model_len}")
+        if self.enable_prefix_caching:
+            raise ValueError("enable_prefix_caching is not available yet: the prefix-state cache lands with its issue")

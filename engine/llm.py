@@ -1,0 +1,145 @@
+"""LLM: the offline API (vLLM-like): generate over many prompts, chat with the tokenizer's template."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from linrec.engine.config import EngineConfig
+from linrec.engine.core import EngineCore
+from linrec.engine.request import CompletionOutput, RequestOutput
+from linrec.engine.sampling_params import SamplingParams
+from linrec.engine.scheduler import QueueFullError
+
+PromptType = str | Sequence[int]
+
+
+def normalize_prompts(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text or token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    for p in prompts:
+        if not isinstance(p, str) and not (isinstance(p, Sequence) and all(isinstance(t, int) for t in p)):
+            raise TypeError(f"expected a prompt as a string or a list of token ids, got {type(p).__name__}")
+    return prompts
+
+
+class LLM:
+    """Offline generation over a linrec engine.
+
+    >>> llm = LLM()  # the tiny demo model
+    >>> llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        kernel_backend: str = "auto",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        state_memory: int | float = 0.5,
+        enable_prefix_caching: bool = False,
+        progress: bool = False,
+        **kwargs: Any,
+    ):
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            kernel_backend=kernel_backend,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            state_memory=state_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            **kwargs,
+        )
+        self.engine = EngineCore(config, progress=progress)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        prompt_list = normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompt_list)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"expected one SamplingParams per prompt, got {len(params_list)} for {len(prompt_list)}")
+        pending: list[tuple[str, str | None, list[int], SamplingParams]] = []
+        for prompt, params in zip(prompt_list, params_list):
+            if isinstance(prompt, str):
+                token_ids = self.tokenizer.encode(prompt)
+                pending.append((str(next(self._ids)), prompt, token_ids, params))
+            else:
+                pending.append((str(next(self._ids)), None, [int(t) for t in prompt], params))
+        results: dict[str, RequestOutput] = {
+            rid: RequestOutput(
+                rid,
+                text,
+                ids,
+                [CompletionOutput(i, "", [], [] if p.logprobs is not None else None, None) for i in range(p.n)],
+                False,
+            )
+            for rid, text, ids, p in pending
+        }
+        queue = list(reversed(pending))
+        while queue or self.engine.has_unfinished():
+            while queue:  # submit as many as the waiting queue takes; the rest wait for room
+                rid, _text, ids, params = queue[-1]
+                try:
+                    self.engine.add_request(rid, ids, params)
+                except QueueFullError:
+                    break
+                queue.pop()
+            for delta in self.engine.step():
+                out = results[delta.request_id]
+                sample = out.outputs[delta.index]
+                sample.text += delta.text
+                sample.token_ids.extend(delta.token_ids)
+                if sample.logprobs is not None:
+                    sample.logprobs.extend(delta.logprobs)
+                if delta.finish_reason is not None:
+                    sample.finish_reason = delta.finish_reason
+                    sample.stop_reason = delta.stop_reason
+        for out in results.values():
+            out.finished = True
+        return [results[rid] for rid, *_ in pending]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, rendered by the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(conv, add_generation_prompt) for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise ValueError("expected at least one chat message, got none")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.engine.model_path} has no chat template")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)

@@ -1,0 +1,87 @@
+"""Turns per-step token updates into text: incremental detokenization and stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from linrec.engine.detokenizer import IncrementalDetokenizer
+from linrec.engine.request import Logprob, Request
+from linrec.engine.scheduler import RequestUpdate
+
+
+@dataclass
+class SampleDelta:
+    """What one sample of one prompt gained in one step."""
+
+    request_id: str  # the prompt's id (the parent's), shared by its n samples
+    index: int  # which sample
+    text: str  # new text safe to show (held back while it may still become a stop string)
+    token_ids: list[int]
+    logprobs: list[Logprob]
+    finish_reason: str | None  # set on the sample's last delta
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _SampleState:
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._samples: dict[str, _SampleState] = {}  # engine request id (parent or child) -> state
+
+    def add(self, request: Request) -> None:
+        for sample in (request, *request.children):
+            params = sample.sampling_params
+            self._samples[sample.request_id] = _SampleState(
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    sample.prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                )
+            )
+
+    def process(self, updates: list[RequestUpdate]) -> tuple[list[SampleDelta], list[tuple[Request, str]]]:
+        """Returns the deltas, and the requests a stop string ended (the caller tells the scheduler)."""
+        deltas: list[SampleDelta] = []
+        stopped: list[tuple[Request, str]] = []
+        for update in updates:
+            request = update.request
+            state = self._samples.get(request.request_id)
+            if state is None:
+                continue
+            text = ""
+            for token_id in update.new_token_ids:
+                text += state.detokenizer.append(token_id)
+                if state.detokenizer.stop_reason is not None:
+                    break
+            finish_reason, stop_reason = request.finish_reason, request.stop_reason
+            if state.detokenizer.stop_reason is not None and not update.finished:
+                stopped.append((request, state.detokenizer.stop_reason))
+                finish_reason, stop_reason = "stop", state.detokenizer.stop_reason
+            elif state.detokenizer.stop_reason is not None:
+                finish_reason, stop_reason = "stop", state.detokenizer.stop_reason
+            elif finish_reason is not None:
+                text += state.detokenizer.flush()
+            deltas.append(
+                SampleDelta(
+                    request.parent_id or request.request_id,
+                    request.sample_index,
+                    text,
+                    list(update.new_token_ids),
+                    list(update.new_logprobs),
+                    finish_reason,
+                    stop_reason,
+                )
+            )
+            if finish_reason is not None:
+                del self._samples[request.request_id]
+        return deltas, stopped
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._samples.pop(request_id, None)

@@ -1,0 +1,87 @@
+"""The runner turns a SchedulerOutput into tensors, runs the model and the sampler. It only computes."""
+
+from __future__ import annotations
+
+import torch
+
+from linrec.engine.request import Logprob, Request
+from linrec.engine.sampler import Sampler, SamplingMetadata, make_generator
+from linrec.engine.scheduler import SchedulerOutput, StepResult
+from linrec.engine.state_pool import StatePool
+from linrec.models.base import CausalLM
+from linrec.models.batch import ForwardBatch
+
+
+class Runner:
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: StatePool,
+        device: torch.device,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        seed: int = 0,
+    ):
+        self.model = model
+        self.pool = pool
+        self.device = device
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        # request id -> its own generator (seeded requests only); dropped when the request finishes
+        self._generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        for request_id in out.finished_request_ids:
+            self._generators.pop(request_id, None)
+        self.pool.reset(out.slots_to_reset)
+        if out.is_empty:
+            return StepResult({})
+        seqs = out.sequences
+        batch = ForwardBatch.build(
+            [len(s.token_ids) for s in seqs],
+            [s.start_position for s in seqs],
+            [s.slot_id for s in seqs],
+            device=self.device,
+        )
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, batch, self.pool.layers)
+        for src, dsts in out.forks:
+            self.pool.copy(src, dsts)
+        if not out.samples:
+            return StepResult({})
+        last = batch.last_token_indices()
+        rows = last[torch.tensor([index for _, index in out.samples], dtype=torch.int64, device=self.device)]
+        logits = self.model.compute_logits(hidden[rows])[:, : self.vocab_size]
+        requests = [request for request, _ in out.samples]
+        metadata = SamplingMetadata.build(
+            [(r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)) for r in requests],
+            vocab_size=logits.shape[-1],
+            eos_token_ids=self.eos_token_ids,
+            device=self.device,
+        )
+        sampled = self.sampler(logits, metadata)
+        token_ids = sampled.token_ids.tolist()
+        result = StepResult({r.request_id: t for r, t in zip(requests, token_ids)})
+        if sampled.logprobs is not None:
+            lps = sampled.logprobs.tolist()
+            top_ids = sampled.top_token_ids.tolist()
+            top_lps = sampled.top_logprobs.tolist()
+            for i, r in enumerate(requests):
+                k = r.sampling_params.logprobs
+                if k is None:
+                    continue
+                top = list(zip(top_ids[i][:k], top_lps[i][:k]))
+                result.logprobs[r.request_id] = Logprob(token_ids[i], lps[i], top)
+        return result
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = make_generator(seed, self.device, child_index=request.sample_index)
+            self._generators[request.request_id] = gen
+        return gen
