@@ -77,7 +77,9 @@ class StatePool:
         index = torch.tensor(dst_slots, dtype=torch.int64, device=self._device)
         for layer in self.layers:
             for tensor in layer.values():
-                tensor.index_copy_(0, index, tensor[src_slot].unsqueeze(0).expand(len(dst_slots), *tensor.shape[1:]))
+                # The source row is cloned: index_copy_ refuses a source that aliases its destination.
+                source = tensor[src_slot].clone().unsqueeze(0).expand(len(dst_slots), *tensor.shape[1:])
+                tensor.index_copy_(0, index, source)
 
     @property
     def _device(self) -> torch.device:
