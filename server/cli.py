@@ -55,6 +55,69 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_state_memory(text: str) -> int | float:
+    """'0.5' -> a fraction of free memory; '2GiB', '512MiB', '1e9' or '123456' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    try:
+        value = float(lowered)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] or a byte count such as 2GiB, got {text!r}"
+        ) from None
+    return value if value <= 1.0 else int(value)
+
+
+ENGINE_ARG_FIELDS = (
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "state_memory",
+    "max_waiting_requests",
+    "max_model_len",
+    "enable_prefix_caching",
+    "seed",
+)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Scheduling and memory flags; dest names equal EngineConfig's fields (defaults are its defaults)."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64, help="requests running at once")
+    group.add_argument(
+        "--max-num-batched-tokens",
+        dest="max_num_batched_tokens",
+        type=int,
+        default=2048,
+        help="token budget per step (decode tokens first, then prefill chunks)",
+    )
+    group.add_argument(
+        "--state-memory",
+        dest="state_memory",
+        type=parse_state_memory,
+        default=0.5,
+        help="memory for request states: a fraction of free memory (0.5) or bytes (2GiB)",
+    )
+    group.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int, default=4096)
+    group.add_argument("--max-model-len", dest="max_model_len", type=int, default=None, help="prompt + output limit")
+    group.add_argument(
+        "--enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="prefix-state cache",
+    )
+    group.add_argument("--seed", type=int, default=0, help="the engine generator's seed (requests may carry their own)")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from linrec.engine.config import EngineConfig
+
+    return EngineConfig(**model_kwargs(args), **{name: getattr(args, name) for name in ENGINE_ARG_FIELDS})
+
+
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The model flags of parsed `args` as EngineConfig keyword arguments."""
     return {name: getattr(args, name) for name in MODEL_ARG_FIELDS}
@@ -94,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(info)
     info.set_defaults(handler=_run_info)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate completions offline for one or more prompts",
+        description="Run prompts through the engine (continuous batching over the state pool) and print the text.",
+    )
+    add_model_args(generate)
+    add_engine_args(generate)
+    sampling = generate.add_argument_group("sampling")
+    sampling.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    sampling.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    sampling.add_argument("--max-tokens", dest="max_tokens", type=int, default=64)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    sampling.add_argument("--top-k", dest="top_k", type=int, default=0)
+    sampling.add_argument("--min-p", dest="min_p", type=float, default=0.0)
+    sampling.add_argument("--n", type=int, default=1, help="samples per prompt (forked from one prefill)")
+    sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
+    sampling.add_argument("--ignore-eos", dest="ignore_eos", action="store_true")
+    sampling.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="per-request seed")
+    generate.set_defaults(handler=_run_generate)
     return parser
 
 
@@ -130,6 +214,35 @@ def _run_demo_model(args: argparse.Namespace) -> int:
 
     dst = write_demo_model(args.dir, args.family)
     print(f"wrote {args.family} demo model to {dst}")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from linrec.engine.llm import LLM
+    from linrec.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        seed=args.sample_seed,
+    )
+    config = engine_config_from_args(args)
+    llm = LLM(progress=True, **{k: v for k, v in vars(config).items()})
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
+    for prompt, output in zip(args.prompt, outputs):
+        for sample in output.outputs:
+            header = f"--- prompt {prompt!r}" + (f" sample {sample.index}" if len(output.outputs) > 1 else "")
+            print(f"{header} (finish_reason={sample.finish_reason}, {len(sample.token_ids)} tokens)")
+            print(sample.text)
     return 0
 
 

@@ -149,3 +149,27 @@ def test_literal_choices_match_their_sources() -> None:
     assert cli.KERNEL_BACKENDS == BACKENDS
     assert cli.DEMO_FAMILIES == DEMO_FAMILIES
     assert cli.LINEARIZE_CHOICES == LINEARIZE_CHOICES
+
+
+def test_generate_prints_each_sample(tmp_path: Path, env: dict[str, str]) -> None:
+    demo = tmp_path / "demo"
+    assert _linrec("demo-model", str(demo), env=env).returncode == 0
+    proc = _linrec(
+        "generate", "--model", str(demo), "--prompt", "Hi", "--prompt", "Yo", "--n", "2", "--max-tokens", "5",
+        "--ignore-eos", "--temperature", "1", "--sample-seed", "1", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    headers = [line for line in proc.stdout.splitlines() if line.startswith("--- prompt")]
+    assert len(headers) == 4 and all("finish_reason=length, 5 tokens" in h for h in headers)
+
+
+def test_engine_flags_map_onto_engine_config() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_model_args(parser)
+    cli.add_engine_args(parser)
+    args = parser.parse_args(["--max-num-seqs", "8", "--state-memory", "2GiB", "--no-enable-prefix-caching"])
+    config = cli.engine_config_from_args(args)
+    assert (config.max_num_seqs, config.state_memory, config.enable_prefix_caching) == (8, 2 * 2**30, False)
+    assert cli.parse_state_memory("0.25") == 0.25 and cli.parse_state_memory("1000") == 1000
+    with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
+        cli.parse_state_memory("lots")
