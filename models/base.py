@@ -40,12 +40,20 @@ class CausalLM(nn.Module):
 
     # model_type strings (config.json "model_type") this class serves
     model_types: ClassVar[tuple[str, ...]] = ()
+    # The family's frozen config dataclass; its classmethod from_hf(dict) validates config.json.
+    config_class: ClassVar[Any]
+    # Checkpoint name of the token embedding, whose tensor a tied lm_head shares.
+    embedding_weight_name: ClassVar[str]
     config: Any
+    lm_head: nn.Linear
 
     @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], **kwargs: Any) -> CausalLM:
+    def from_hf_config(cls, hf_config: dict[str, Any], kernel_backend: str = "torch") -> CausalLM:
         """Build with random weights from a config.json dict (validated, clear error on bad fields)."""
-        raise NotImplementedError
+        model_type = hf_config.get("model_type", cls.model_types[0])
+        if model_type not in cls.model_types:
+            raise ValueError(f"expected model_type in {cls.model_types}, got {model_type!r}")
+        return cls(cls.config_class.from_hf(hf_config), kernel_backend=kernel_backend)
 
     @classmethod
     def demo_hf_config(cls) -> dict[str, Any]:
@@ -62,7 +70,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> logits [N, vocab] in fp32."""
-        raise NotImplementedError
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
     # -- shared helpers --------------------------------------------------------------------------
 
@@ -81,9 +89,14 @@ class CausalLM(nn.Module):
             for layer in self.state_spec()
         ]
 
+    def tie_lm_head(self) -> None:
+        """With tie_word_embeddings, make lm_head use the embedding's tensor itself (no second copy)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.get_parameter(self.embedding_weight_name)
+
     def tied_weights(self) -> dict[str, str]:
         """Parameter names that may be absent from a checkpoint because they share another's tensor."""
-        return {}
+        return {"lm_head.weight": self.embedding_weight_name} if self.config.tie_word_embeddings else {}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into parameters by name; every name and shape must match.
@@ -109,15 +122,12 @@ class CausalLM(nn.Module):
             with torch.no_grad():
                 target.copy_(tensor)
             seen.add(name)
+        # A tied lm_head shares the embedding's parameter (tie_lm_head), so named_parameters() lists it once.
         missing = [n for n in params if n not in seen and n not in tied]
         if missing:
             raise ValueError(
                 f"checkpoint is missing {len(missing)} tensor(s) of {type(self).__name__}, first {missing[0]!r}"
             )
-        for name, source in tied.items():
-            if name not in seen:
-                with torch.no_grad():
-                    params[name].copy_(params[source])
 
 
 def _is_ignorable(name: str) -> bool:

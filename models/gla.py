@@ -209,6 +209,8 @@ class GLAForCausalLM(CausalLM):
     """fla's GLAForCausalLM: model.{embeddings, layers.N.{attn_norm, attn.*, mlp_norm, mlp.*}, norm} and lm_head."""
 
     model_types: ClassVar[tuple[str, ...]] = ("gla",)
+    config_class = GLAConfig
+    embedding_weight_name = "model.embeddings.weight"
 
     def __init__(self, config: GLAConfig, kernel_backend: str = "torch"):
         super().__init__()
@@ -218,15 +220,7 @@ class GLAForCausalLM(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         with torch.no_grad():
             nn.init.normal_(self.model.embeddings.weight, std=config.initializer_range)
-            if config.tie_word_embeddings:
-                self.lm_head.weight.copy_(self.model.embeddings.weight)
-
-    @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], kernel_backend: str = "torch") -> GLAForCausalLM:
-        model_type = hf_config.get("model_type", "gla")
-        if model_type not in cls.model_types:
-            raise ValueError(f"expected model_type in {cls.model_types}, got {model_type!r}")
-        return cls(GLAConfig.from_hf(hf_config), kernel_backend=kernel_backend)
+        self.tie_lm_head()
 
     @classmethod
     def demo_hf_config(cls) -> dict[str, Any]:
@@ -274,9 +268,3 @@ class GLAForCausalLM(CausalLM):
         for layer, layer_state in zip(layers, state):
             hidden = layer(hidden, batch, layer_state, backend)
         return self.model.norm(hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
-
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embeddings.weight"} if self.config.tie_word_embeddings else {}

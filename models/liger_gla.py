@@ -245,6 +245,8 @@ class LigerGLAForCausalLM(CausalLM):
     mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm} and lm_head."""
 
     model_types: ClassVar[tuple[str, ...]] = ("liger_gla", "liger_qwen2_gla", "liger_mistral_gla")
+    config_class = LigerGLAConfig
+    embedding_weight_name = "model.embed_tokens.weight"
 
     def __init__(self, config: LigerGLAConfig, kernel_backend: str = "torch"):
         super().__init__()
@@ -254,6 +256,7 @@ class LigerGLAForCausalLM(CausalLM):
         self.rotary_emb = RotaryEmbedding(config.rope)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights()
+        self.tie_lm_head()
 
     def _init_weights(self) -> None:
         # Deterministic under torch.manual_seed: modules are visited in registration order.
@@ -266,12 +269,6 @@ class LigerGLAForCausalLM(CausalLM):
                         nn.init.zeros_(module.bias)
                 elif isinstance(module, RMSNorm):
                     nn.init.ones_(module.weight)
-            if self.config.tie_word_embeddings:
-                self.lm_head.weight.copy_(self.model.embed_tokens.weight)
-
-    @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], kernel_backend: str = "torch") -> LigerGLAForCausalLM:
-        return cls(LigerGLAConfig.from_hf(hf_config), kernel_backend=kernel_backend)
 
     @classmethod
     def demo_hf_config(cls) -> dict[str, Any]:
@@ -315,9 +312,3 @@ class LigerGLAForCausalLM(CausalLM):
         for layer, layer_state in zip(layers, state):
             hidden = layer(hidden, batch, layer_state, cos, sin, backend)
         return self.model.norm(hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
-
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}

@@ -218,6 +218,8 @@ class Mamba2ForCausalLM(CausalLM):
     """transformers' Mamba2ForCausalLM: backbone.{embeddings, layers.N.{norm, mixer.*}, norm_f} and lm_head."""
 
     model_types: ClassVar[tuple[str, ...]] = ("mamba2",)
+    config_class = Mamba2Config
+    embedding_weight_name = "backbone.embeddings.weight"
 
     def __init__(self, config: Mamba2Config, kernel_backend: str = "torch"):
         super().__init__()
@@ -227,15 +229,7 @@ class Mamba2ForCausalLM(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         with torch.no_grad():
             nn.init.normal_(self.backbone.embeddings.weight, std=config.initializer_range)
-            if config.tie_word_embeddings:
-                self.lm_head.weight.copy_(self.backbone.embeddings.weight)
-
-    @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], kernel_backend: str = "torch") -> Mamba2ForCausalLM:
-        model_type = hf_config.get("model_type", "mamba2")
-        if model_type not in cls.model_types:
-            raise ValueError(f"expected model_type in {cls.model_types}, got {model_type!r}")
-        return cls(Mamba2Config.from_hf(hf_config), kernel_backend=kernel_backend)
+        self.tie_lm_head()
 
     @classmethod
     def demo_hf_config(cls) -> dict[str, Any]:
@@ -281,9 +275,3 @@ class Mamba2ForCausalLM(CausalLM):
         for layer, layer_state in zip(layers, state):
             hidden = layer(hidden, batch, layer_state, backend)
         return self.backbone.norm_f(hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
-
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "backbone.embeddings.weight"} if self.config.tie_word_embeddings else {}
