@@ -94,13 +94,18 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in model directory {str(path)!r}")
+    return read_json_object(config_file)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file holding one object, with a one-line error naming the file when it is not."""
     try:
-        config = json.loads(config_file.read_text())
+        value = json.loads(file.read_text())
     except ValueError as exc:
-        raise ValueError(f"invalid JSON in {str(config_file)!r}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"expected a JSON object in {str(config_file)!r}, got {type(config).__name__}")
-    return config
+        raise ValueError(f"invalid JSON in {str(file)!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object in {str(file)!r}, got {type(value).__name__}")
+    return value
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

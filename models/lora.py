@@ -7,7 +7,6 @@ checkpoint is never held twice in memory.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from linrec.models.loader import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -169,12 +170,7 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"LoRA adapter directory {str(path)!r} has no {ADAPTER_CONFIG}")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise ValueError(f"invalid JSON in {str(config_file)!r}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"expected a JSON object in {str(config_file)!r}, got {type(config).__name__}")
+    config = read_json_object(config_file)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise ValueError(
