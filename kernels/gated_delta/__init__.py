@@ -12,6 +12,7 @@ from linrec.kernels.gated_delta.prefill import (
     fla_chunk_gated_delta_varlen,
     gated_delta_decode,
 )
+from linrec.kernels.varlen import split_single_tokens
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
@@ -45,6 +46,12 @@ def gated_delta_varlen(
     if batch.is_decode:
         # decode.py (a slot-indexed Triton kernel) will serve backend="triton" here
         return gated_delta_decode(q, k, v, g, beta, state, batch.slot_ids, scale)
+    split = split_single_tokens(batch)
+    if split is not None:  # the 1-token sequences as one step; only the longer ones padded into chunks
+        o = v.new_empty(T, HV, V)
+        for sub, rows in split:
+            o[rows] = gated_delta_varlen(q[rows], k[rows], v[rows], g[rows], beta[rows], state, sub, scale, backend)
+        return o
     if backend == "triton" and q.is_cuda:
         return fla_chunk_gated_delta_varlen(q, k, v, g, beta, state, batch, scale)
     return chunk_gated_delta_varlen(q, k, v, g, beta, state, batch, scale)

@@ -8,6 +8,7 @@ import torch
 
 from linrec.kernels.gla.prefill import chunk_gla
 from linrec.kernels.gla.step import gla_step
+from linrec.kernels.varlen import split_single_tokens
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
@@ -33,6 +34,11 @@ def gla_varlen(
     if batch.is_decode:
         return gla_step(q, k, v, g, state, batch.slot_ids, scale).to(v.dtype)
     o = q.new_empty(q.shape[0], q.shape[1], v.shape[2], dtype=v.dtype)
+    split = split_single_tokens(batch)
+    if split is not None:  # the 1-token sequences as one step, the longer ones chunked
+        for sub, rows in split:
+            o[rows] = gla_varlen(q[rows], k[rows], v[rows], g[rows], state, sub, scale, backend)
+        return o
     lo = 0
     for n, slot in zip(batch.seq_lens, batch.slot_ids_host):
         hi = lo + n

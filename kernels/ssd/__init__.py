@@ -8,6 +8,7 @@ import torch
 
 from linrec.kernels.ssd.naive import check_ssd_shapes
 from linrec.kernels.ssd.prefill import chunk_ssd, ssd_step
+from linrec.kernels.varlen import split_single_tokens
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
@@ -45,7 +46,14 @@ def ssd_varlen(
         return y.to(x.dtype)
 
     y = torch.empty_like(x)
-    offsets = batch.cu_seqlens.tolist()
+    split = None if batch.is_decode else split_single_tokens(batch)
+    if split is not None:  # the 1-token sequences as one step, the longer ones chunked
+        for sub, rows in split:
+            y[rows] = ssd_varlen(x[rows], dt[rows], A, B[rows], C[rows], D, state, sub, backend)
+        return y
+    offsets = [0]
+    for n in batch.seq_lens:  # host copy: no device sync
+        offsets.append(offsets[-1] + n)
     for b, slot in enumerate(batch.slot_ids_host):
         lo, hi = offsets[b], offsets[b + 1]
         initial = state[slot] if slot >= 0 else None

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.varlen import split_single_tokens
+
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
 
@@ -43,6 +45,11 @@ def window_attn_varlen(
     if batch.is_decode:
         return _decode(q, k, v, ring_k, ring_v, batch.slot_ids, batch.positions, scale).to(q.dtype)
     o = torch.empty_like(q)
+    split = split_single_tokens(batch)
+    if split is not None:  # the 1-token sequences as one step, the longer ones per sequence
+        for sub, rows in split:
+            o[rows] = window_attn_varlen(q[rows], k[rows], v[rows], ring_k, ring_v, sub, scale, backend)
+        return o
     lo = 0
     for n, slot, start in zip(batch.seq_lens, batch.slot_ids_host, batch.start_positions):
         hi = lo + n
