@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--ignore-eos", dest="ignore_eos", action="store_true")
     sampling.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="per-request seed")
     generate.set_defaults(handler=_run_generate)
+    add_bench_commands(commands)
     return parser
 
 
@@ -279,6 +280,66 @@ def _run_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in rows)
     for key, value in rows.items():
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of engine.benchmark.BENCH_FAMILIES
+
+
+def add_bench_commands(commands) -> None:
+    """`linrec bench throughput` (room for `kernels`, `decode`, `prefix`): linrec beside a peer, in one run."""
+    bench = commands.add_parser(
+        "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
+    )
+    kinds = bench.add_subparsers(dest="bench", metavar="BENCH")
+    throughput = kinds.add_parser(
+        "throughput",
+        help="offline throughput: linrec LLM.generate vs HF transformers generate on one mixed workload",
+        description="Many prompts with seeded mixed prompt and output lengths (greedy, EOS ignored) through "
+        "linrec and through HF generate (batched, left-padded, same weights and dtype). HF batches generate "
+        "their longest request; only requested tokens count as useful output.",
+    )
+    throughput.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="Llama/Qwen2/Mistral (served as Liger-GLA; peer: the original under HF generate), Liger or mamba2 "
+        "checkpoint (default: a seeded random bench model of --family, written once under the cache dir)",
+    )
+    throughput.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    throughput.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="both sides load in this dtype")
+    throughput.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (both sides)")
+    throughput.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    throughput.add_argument("--num-prompts", dest="num_prompts", type=int, default=128)
+    throughput.add_argument("--prompt-len", dest="prompt_len", default="16:256", metavar="MIN:MAX")
+    throughput.add_argument("--output-len", dest="output_len", default="16:256", metavar="MIN:MAX")
+    throughput.add_argument("--hf-batch-size", dest="hf_batch_size", type=int, default=32, help="rows per HF batch")
+    throughput.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64, help="linrec")
+    throughput.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
+    throughput.add_argument("--seed", type=int, default=0, help="workload RNG")
+    throughput.add_argument("--json", action="store_true", help="print the result as JSON")
+    throughput.set_defaults(handler=_run_bench_throughput)
+    bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
+
+
+def _run_bench_throughput(args: argparse.Namespace) -> int:
+    from linrec.engine.benchmark import parse_range, run_throughput
+
+    result = run_throughput(
+        args.model,
+        family=args.family,
+        dtype=args.dtype,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        num_prompts=args.num_prompts,
+        prompt_len=parse_range(args.prompt_len),
+        output_len=parse_range(args.output_len),
+        hf_batch_size=args.hf_batch_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+    print(result.to_json() if args.json else result.format())
     return 0
 
 

@@ -1,0 +1,400 @@
+"""`linrec bench throughput`: one mixed workload through linrec's LLM and through HF transformers `generate`.
+
+Both sides run in this process on the same weights and dtype, one after the other, each warmed up first.
+The workload is many prompts with prompt and output lengths drawn from a seeded RNG, greedy, EOS ignored.
+
+Peers: a Llama/Qwen2/Mistral checkpoint (linrec serves it linearized as Liger-GLA) or a Liger checkpoint
+is compared with the ORIGINAL transformer under HF generate with its KV cache, which is what a user would
+run instead of linearizing. A mamba2 checkpoint is compared with transformers' Mamba2ForCausalLM.
+
+HF generate cannot stop rows of one batch at different lengths: each HF batch generates
+max_new_tokens = min_new_tokens = the longest output requested in it, and only the requested tokens count
+as useful output. linrec generates exactly the requested tokens per request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Bench-sized seeded random checkpoints (`--family` without `--model`): a few layers, hidden 512, GQA.
+BENCH_FAMILIES = ("liger_gla", "mamba2")
+BENCH_FORMAT_VERSION = 1
+BENCH_SEED = 0
+BENCH_VOCAB_SIZE = 32000
+_BENCH_CONFIGS: dict[str, dict[str, Any]] = {
+    # Written as a plain Llama: linrec loads it with linearize="liger-gla", HF as LlamaForCausalLM.
+    "liger_gla": {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "mamba2": {
+        "model_type": "mamba2",
+        "architectures": ["Mamba2ForCausalLM"],
+        "hidden_size": 512,
+        "num_hidden_layers": 4,
+        "num_heads": 16,
+        "head_dim": 64,
+        "expand": 2,
+        "state_size": 64,
+        "n_groups": 1,
+        "conv_kernel": 4,
+        "chunk_size": 64,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "hidden_act": "silu",
+        "layer_norm_epsilon": 1e-5,
+        "residual_in_fp32": True,
+        "tie_word_embeddings": True,
+    },
+}
+_LINEARIZABLE = ("llama", "qwen2", "mistral")
+# Liger model_type -> the base transformer whose weights it keeps (the HF peer)
+_LIGER_BASE = {"liger_gla": "llama", "liger_qwen2_gla": "qwen2", "liger_mistral_gla": "mistral"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]  # token ids per request
+    output_lens: list[int]  # tokens requested per request (greedy, EOS ignored)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(
+    num_prompts: int,
+    prompt_len: tuple[int, int],
+    output_len: tuple[int, int],
+    vocab_size: int,
+    seed: int = 0,
+) -> Workload:
+    """num_prompts requests, lengths uniform in the inclusive ranges, token ids uniform in [0, vocab_size)."""
+    for name, (lo, hi) in (("prompt_len", prompt_len), ("output_len", output_len)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"expected 1 <= min <= max for {name}, got {lo}..{hi}")
+    if num_prompts < 1:
+        raise ValueError(f"expected num_prompts >= 1, got {num_prompts}")
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab_size) for _ in range(rng.randint(*prompt_len))] for _ in range(num_prompts)]
+    output_lens = [rng.randint(*output_len) for _ in range(num_prompts)]
+    return Workload(prompts, output_lens)
+
+
+@dataclass
+class SideResult:
+    """One side of the comparison over the whole workload."""
+
+    name: str  # what ran, e.g. "linrec liger_gla" or "HF LlamaForCausalLM.generate"
+    seconds: float  # wall time of the timed run
+    num_prompt_tokens: int
+    num_output_tokens: int  # useful output: the tokens requested
+    num_generated_tokens: int  # what was computed: for HF, each batch's longest request times its rows
+    output_tokens_per_s: float
+    total_tokens_per_s: float  # (prompt + useful output tokens) / seconds
+    token_ids: list[list[int]] | None = field(default=None, repr=False)  # per request, when asked to keep them
+
+    @classmethod
+    def of(
+        cls, name: str, seconds: float, workload: Workload, num_generated: int, token_ids: list[list[int]] | None
+    ) -> SideResult:
+        seconds = max(seconds, 1e-9)
+        return cls(
+            name,
+            seconds,
+            workload.num_prompt_tokens,
+            workload.num_output_tokens,
+            num_generated,
+            workload.num_output_tokens / seconds,
+            (workload.num_prompt_tokens + workload.num_output_tokens) / seconds,
+            token_ids,
+        )
+
+
+@dataclass
+class ThroughputResult:
+    model: str
+    dtype: str
+    num_prompts: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+    hf_batch_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_threads: int  # torch.get_num_threads() during the run
+    linrec: SideResult
+    hf: SideResult
+    output_ratio: float  # linrec output tok/s / HF output tok/s
+    total_ratio: float  # the same with prompt tokens counted
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for side in ("linrec", "hf"):
+            data[side].pop("token_ids", None)
+        return json.dumps(data, indent=2)
+
+    def format(self) -> str:
+        rows = [
+            f"model: {self.model} ({self.dtype}), torch threads: {self.num_threads}",
+            f"workload: {self.num_prompts} prompts, prompt len {self.prompt_len[0]}..{self.prompt_len[1]}, "
+            f"output len {self.output_len[0]}..{self.output_len[1]}, greedy, ignore_eos; "
+            f"{self.linrec.num_prompt_tokens} prompt + {self.linrec.num_output_tokens} output tokens",
+            f"linrec: max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.max_num_batched_tokens}; "
+            f"HF: batches of {self.hf_batch_size}, left-padded, each generating its longest request "
+            f"({self.hf.num_generated_tokens} tokens computed, {self.hf.num_output_tokens} counted as useful)",
+            "",
+            f"{'':<36} {'seconds':>9} {'output tok/s':>13} {'total tok/s':>12}",
+        ]
+        for side in (self.linrec, self.hf):
+            rates = f"{side.output_tokens_per_s:>13.1f} {side.total_tokens_per_s:>12.1f}"
+            rows.append(f"{side.name:<36} {side.seconds:>9.2f} {rates}")
+        rows.append(f"{'ratio linrec / HF':<36} {'':>9} {self.output_ratio:>12.2f}x {self.total_ratio:>11.2f}x")
+        return "\n".join(rows)
+
+
+def bench_model_path(family: str = "liger_gla") -> Path:
+    """The bench-sized seeded random checkpoint of `family`, written on first use under linrec's cache dir."""
+    from linrec import __version__
+    from linrec.envs import cache_dir
+
+    if family not in BENCH_FAMILIES:
+        raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
+    root = cache_dir() / "models"
+    final = root / f"bench-{family}-{__version__}-v{BENCH_FORMAT_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".bench-{family}-", dir=root))
+    try:
+        write_bench_model(staging / "model", family)
+        try:
+            os.replace(staging / "model", final)
+        except OSError:
+            if not (final / "config.json").is_file():  # another process won the race only if it finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def write_bench_model(dst: str | Path, family: str = "liger_gla", overrides: dict[str, Any] | None = None) -> Path:
+    """Write a seeded random transformers checkpoint (Llama for liger_gla, Mamba2 for mamba2) with the
+    byte-level tokenizer; `overrides` changes config fields (tests use it for a tiny model)."""
+    import torch
+    import transformers
+
+    from linrec.models.tokenizer import demo_special_token_ids, write_byte_tokenizer
+
+    if family not in BENCH_FAMILIES:
+        raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
+    fields = {**_BENCH_CONFIGS[family], "vocab_size": BENCH_VOCAB_SIZE, **demo_special_token_ids()}
+    fields.update(overrides or {})
+    model_type = fields.pop("model_type")
+    fields.pop("architectures")
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(BENCH_SEED)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dst = Path(dst)
+    model.save_pretrained(dst)
+    write_byte_tokenizer(dst)
+    return dst
+
+
+def _hf_peer(path: Path, hf_config: dict[str, Any], dtype, device):
+    """The transformers model a user would run instead: the base transformer of a Liger or linearized
+    checkpoint, or Mamba2ForCausalLM for mamba2."""
+    import transformers
+
+    model_type = hf_config.get("model_type")
+    if model_type in _LIGER_BASE:
+        fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures", "window_size")}
+        config = transformers.AutoConfig.for_model(_LIGER_BASE[model_type], **fields)
+    elif model_type in (*_LINEARIZABLE, "mamba2"):
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    else:
+        raise ValueError(
+            f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger or "
+            "mamba2 checkpoint"
+        )
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def run_linrec(llm, workload: Workload) -> tuple[float, list[list[int]]]:
+    """Seconds to generate the workload through LLM.generate, and the tokens of each request."""
+    from linrec.engine.sampling_params import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params)
+    seconds = time.perf_counter() - start
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+    for i, (ids, n) in enumerate(zip(token_ids, workload.output_lens)):
+        if len(ids) != n:
+            raise RuntimeError(f"linrec generated {len(ids)} tokens for request {i}, expected {n}")
+    return seconds, token_ids
+
+
+def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int) -> tuple[float, int, list[list[int]]]:
+    """Seconds for HF generate over the workload in batches of `batch_size` (in workload order, left-padded),
+    the tokens computed, and each request's first output_lens[i] generated tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    token_ids: list[list[int]] = []
+    num_generated = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(workload.prompts), batch_size):
+            prompts = workload.prompts[lo : lo + batch_size]
+            longest = max(workload.output_lens[lo : lo + batch_size])
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.int64)
+            attention_mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+            for row, p in enumerate(prompts):
+                input_ids[row, width - len(p) :] = torch.tensor(p)
+                attention_mask[row, width - len(p) :] = 1
+            # eos_token_id=None: no stopping and no EOS masking, so greedy equals linrec's ignore_eos greedy
+            config = GenerationConfig(
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=pad_token_id,
+                eos_token_id=None,
+                bos_token_id=None,
+            )
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+            generated = out[:, width:].tolist()
+            num_generated += sum(len(g) for g in generated)
+            token_ids.extend(g[:n] for g, n in zip(generated, workload.output_lens[lo : lo + batch_size]))
+    seconds = time.perf_counter() - start
+    return seconds, num_generated, token_ids
+
+
+def run_throughput(
+    model: str | None = None,
+    *,
+    family: str = "liger_gla",
+    dtype: str = "auto",
+    device: str = "auto",
+    kernel_backend: str = "auto",
+    num_prompts: int = 128,
+    prompt_len: tuple[int, int] = (16, 256),
+    output_len: tuple[int, int] = (16, 256),
+    hf_batch_size: int = 32,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    seed: int = 0,
+    warmup: bool = True,
+    keep_token_ids: bool = False,
+) -> ThroughputResult:
+    """Run the workload through linrec, then through the HF peer, and compare (see the module docstring).
+
+    model: a local checkpoint directory; None builds (once) the bench-sized model of `family`.
+    """
+    import torch
+
+    from linrec.engine.core import resolve_device
+    from linrec.engine.llm import LLM
+    from linrec.models.loader import read_hf_config, resolve_dtype
+
+    if hf_batch_size < 1:
+        raise ValueError(f"expected hf_batch_size >= 1, got {hf_batch_size}")
+    path = Path(model) if model is not None else bench_model_path(family)
+    hf_config = read_hf_config(path)
+    model_type = hf_config.get("model_type")
+    linearize = "liger-gla" if model_type in _LINEARIZABLE else None
+    torch_dtype = resolve_dtype(dtype, hf_config)
+    torch_device = resolve_device(device)
+    workload = make_workload(num_prompts, prompt_len, output_len, int(hf_config["vocab_size"]), seed)
+    warm = Workload(workload.prompts[:4], [4] * min(4, num_prompts))
+
+    llm = LLM(
+        str(path),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=device,
+        kernel_backend=kernel_backend,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        linearize=linearize,
+        seed=seed,
+    )
+    linrec_family = llm.engine.model.config.model_type
+    if warmup:
+        run_linrec(llm, warm)
+    seconds, linrec_ids = run_linrec(llm, workload)
+    linrec_side = SideResult.of(
+        f"linrec {linrec_family}", seconds, workload, workload.num_output_tokens, linrec_ids if keep_token_ids else None
+    )
+    pad_token_id = hf_config.get("pad_token_id")
+    if not isinstance(pad_token_id, int):
+        pad_token_id = 0
+    del llm
+
+    hf_model = _hf_peer(path, hf_config, torch_dtype, torch_device)
+    if warmup:
+        run_hf(hf_model, warm, hf_batch_size, pad_token_id)
+    seconds, num_generated, hf_ids = run_hf(hf_model, workload, hf_batch_size, pad_token_id)
+    hf_side = SideResult.of(
+        f"HF {type(hf_model).__name__}.generate", seconds, workload, num_generated, hf_ids if keep_token_ids else None
+    )
+    return ThroughputResult(
+        model=str(path),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        num_prompts=num_prompts,
+        prompt_len=tuple(prompt_len),
+        output_len=tuple(output_len),
+        hf_batch_size=hf_batch_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        num_threads=torch.get_num_threads(),
+        linrec=linrec_side,
+        hf=hf_side,
+        output_ratio=linrec_side.output_tokens_per_s / hf_side.output_tokens_per_s,
+        total_ratio=linrec_side.total_tokens_per_s / hf_side.total_tokens_per_s,
+    )
+
+
+def parse_range(text: str | Sequence[int]) -> tuple[int, int]:
+    """'16:256' or '32' -> (16, 256) or (32, 32)."""
+    if not isinstance(text, str):
+        lo, hi = text
+        return int(lo), int(hi)
+    parts = text.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"expected a length N or a range MIN:MAX, got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise ValueError(f"expected a length N or a range MIN:MAX, got {text!r}")
+    return values[0], values[1]
