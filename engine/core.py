@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +39,17 @@ def eos_token_ids_of(tokenizer, model) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; read from another thread, so each count may be one step stale."""
+
+    num_running: int  # requests holding a slot
+    num_waiting: int  # requests queued for a slot
+    num_slots_used: int
+    num_slots_total: int
+    state_bytes_per_request: int  # constant in context length
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, progress: bool = False):
         from linrec.models.demo import default_model_path
@@ -58,7 +70,7 @@ class EngineCore:
         )
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = self.model.config.vocab_size
-        bytes_per_request = self.model.state_bytes_per_request()
+        bytes_per_request = self.bytes_per_request = self.model.state_bytes_per_request()
         num_slots = min(config.max_num_seqs, num_slots_for_budget(config.state_memory, bytes_per_request, self.device))
         self.pool = StatePool(self.model, num_slots, self.device)
         self.eos_token_ids = eos_token_ids_of(self.tokenizer, self.model)
@@ -114,6 +126,16 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        allocator = self.scheduler.allocator
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_slots_used=allocator.num_used,
+            num_slots_total=allocator.num_slots,
+            state_bytes_per_request=self.bytes_per_request,
+        )
 
     def step(self) -> list[SampleDelta]:
         out = self.scheduler.schedule()

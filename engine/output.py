@@ -20,6 +20,7 @@ class SampleDelta:
     logprobs: list[Logprob]
     finish_reason: str | None  # set on the sample's last delta
     stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None  # time.monotonic() when the prompt got its slot (for metrics)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class OutputProcessor:
                     list(update.new_logprobs),
                     finish_reason,
                     stop_reason,
+                    request.first_scheduled_time if request.parent_id is None else None,
                 )
             )
             if finish_reason is not None:

@@ -38,6 +38,7 @@ class Request:
     slot_id: int = 0  # 0 = holds no slot (the null slot)
     num_computed_tokens: int = 0  # tokens whose effect is folded into the state in slot_id
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    first_scheduled_time: float | None = None  # time.monotonic() when it got a slot (queue time ends)
 
     @property
     def num_prompt_tokens(self) -> int:

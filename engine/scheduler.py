@@ -7,6 +7,7 @@ A recurrent request never grows, so there is no preemption: admission is "is the
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -181,6 +182,7 @@ class Scheduler:
             for child in request.children:
                 child.slot_id = self.allocator.allocate()  # reserved; filled by the fork, not zeroed
             request.status = RequestStatus.RUNNING
+            request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             num_tokens = min(request.num_prompt_tokens, budget)
             sequences.append(self._sequence(request, num_tokens))

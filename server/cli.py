@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="per-request seed")
     generate.set_defaults(handler=_run_generate)
     add_bench_commands(commands)
+    add_serve_command(commands)
     return parser
 
 
@@ -341,6 +342,47 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
     )
     print(result.to_json() if args.json else result.format())
     return 0
+
+
+def add_serve_command(commands) -> None:
+    """`linrec serve [MODEL]`: the OpenAI-compatible HTTP server; server flags map onto ServerConfig."""
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Start the OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/tokenize, /detokenize, /health, /version, /metrics). SIGTERM drains in-flight requests first.",
+    )
+    serve.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    add_model_args(serve)
+    add_engine_args(serve)
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument(
+        "--api-key", dest="api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or LINREC_API_KEY)"
+    )
+    group.add_argument(
+        "--served-model-name", dest="served_model_name", default=None, help="the model name clients send"
+    )
+    group.add_argument(
+        "--drain-timeout", dest="drain_timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM"
+    )
+    group.add_argument("--log-level", dest="log_level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(handler=_run_serve)
+
+
+SERVER_ARG_FIELDS = ("host", "port", "api_key", "served_model_name", "drain_timeout", "log_level")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from linrec.server.app import ServerConfig, run_server
+
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise ValueError(f"expected one model, got MODEL={args.model_path!r} and --model={args.model!r}")
+        args.model = args.model_path
+    server_config = ServerConfig(**{name: getattr(args, name) for name in SERVER_ARG_FIELDS})
+    return run_server(engine_config_from_args(args), server_config)
 
 
 if __name__ == "__main__":
