@@ -281,7 +281,10 @@ class OpenAIServing:
             token = self._token_text(lp.token_id)
             out.tokens.append(token)
             out.token_logprobs.append(max(lp.logprob, LOGPROB_FLOOR))
-            out.top_logprobs.append({self._token_text(t): max(v, LOGPROB_FLOOR) for t, v in lp.top})
+            top: dict[str, float] = {}
+            for t, v in lp.top:  # most likely first; tokens that decode alike keep the likelier logprob
+                top.setdefault(self._token_text(t), max(v, LOGPROB_FLOOR))
+            out.top_logprobs.append(top)
             out.text_offset.append(offset)
             offset += len(token)
         return out
