@@ -1,0 +1,104 @@
+"""`linrec bench throughput` on a tiny workload: result structure, useful-token accounting, the CLI, and
+token equality with transformers' Mamba2ForCausalLM (the mamba2 peer computes the same function)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from linrec.engine.benchmark import make_workload, parse_range, run_throughput, write_bench_model
+from linrec.server.cli import main
+
+TINY = {
+    "liger_gla": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 300,
+    },
+    "mamba2": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_heads": 8,
+        "head_dim": 16,
+        "state_size": 16,
+        "n_groups": 2,
+        "chunk_size": 16,
+        "vocab_size": 300,
+    },
+}
+SMALL = dict(num_prompts=5, prompt_len=(3, 9), output_len=(2, 7), max_num_seqs=4, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    made: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in made:
+            made[family] = str(write_bench_model(tmp_path_factory.mktemp(f"bench-{family}"), family, TINY[family]))
+        return made[family]
+
+    return get
+
+
+def test_workload_is_seeded_and_in_range():
+    a = make_workload(20, (3, 9), (2, 7), vocab_size=50, seed=1)
+    assert a == make_workload(20, (3, 9), (2, 7), vocab_size=50, seed=1)
+    assert a != make_workload(20, (3, 9), (2, 7), vocab_size=50, seed=2)
+    assert all(3 <= len(p) <= 9 and all(0 <= t < 50 for t in p) for p in a.prompts)
+    assert all(2 <= n <= 7 for n in a.output_lens)
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        make_workload(4, (9, 3), (2, 7), vocab_size=50)
+    assert parse_range("16:256") == (16, 256) and parse_range("8") == (8, 8)
+    with pytest.raises(ValueError, match="MIN:MAX"):
+        parse_range("1:2:3")
+
+
+def test_liger_vs_original_llama(tiny_model):
+    result = run_throughput(tiny_model("liger_gla"), hf_batch_size=2, warmup=False, keep_token_ids=True, **SMALL)
+    workload = make_workload(5, (3, 9), (2, 7), vocab_size=300)
+    assert result.linrec.name == "linrec liger_gla"
+    assert result.hf.name == "HF LlamaForCausalLM.generate"
+    for side in (result.linrec, result.hf):
+        assert side.num_output_tokens == sum(workload.output_lens)
+        assert side.num_prompt_tokens == sum(len(p) for p in workload.prompts)
+        assert [len(ids) for ids in side.token_ids] == workload.output_lens
+        assert side.seconds > 0
+    # HF batches generate their longest request: what it computes is at least what is useful
+    longest = [max(workload.output_lens[i : i + 2]) * len(workload.output_lens[i : i + 2]) for i in range(0, 5, 2)]
+    assert result.hf.num_generated_tokens == sum(longest)
+    assert result.linrec.num_generated_tokens == result.linrec.num_output_tokens
+    assert result.output_ratio == pytest.approx(result.linrec.output_tokens_per_s / result.hf.output_tokens_per_s)
+    data = json.loads(result.to_json())
+    assert data["linrec"]["num_output_tokens"] == data["hf"]["num_output_tokens"]
+    assert "token_ids" not in data["linrec"]
+    assert "ratio linrec / HF" in result.format()
+
+
+def test_mamba2_peer_generates_the_same_greedy_tokens(tiny_model):
+    # hf_batch_size=1: no padding, so HF's greedy tokens are the reference for linrec's
+    result = run_throughput(tiny_model("mamba2"), hf_batch_size=1, warmup=False, keep_token_ids=True, **SMALL)
+    assert result.hf.name == "HF Mamba2ForCausalLM.generate"
+    assert result.linrec.token_ids == result.hf.token_ids
+    print("mamba2 greedy tokens equal to HF on", len(result.hf.token_ids), "requests")
+
+
+def test_cli_json(tiny_model, capsys):
+    argv = ["bench", "throughput", "--model", tiny_model("liger_gla"), "--num-prompts", "3"]
+    argv += ["--prompt-len", "4:6", "--output-len", "3", "--hf-batch-size", "3", "--max-num-seqs", "2"]
+    argv += ["--max-num-batched-tokens", "8", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["linrec"]["num_output_tokens"] == data["hf"]["num_output_tokens"] == 9
+    assert data["hf"]["num_generated_tokens"] == 9
+    assert data["output_ratio"] > 0
+
+
+def test_model_without_hf_peer_is_refused(demo_model_dir):
+    with pytest.raises(ValueError, match="no HF transformers peer"):
+        run_throughput(demo_model_dir("gla"), warmup=False, **SMALL)
