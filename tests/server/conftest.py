@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -106,3 +107,9 @@ def fresh_app(live_server: LiveServer) -> Iterator[LiveServer]:
     app = app_over(live_server.llm)
     with run_app(app) as base_url:
         yield LiveServer(base_url, app, live_server.llm, None)
+
+
+@pytest.fixture(scope="session")
+def tools() -> SimpleNamespace:
+    """conftest helpers for test modules (importlib import mode keeps conftest off sys.path)."""
+    return SimpleNamespace(run_app=run_app, app_over=app_over, free_port=free_port)
