@@ -114,6 +114,7 @@ class SideResult:
 
     name: str  # what ran, e.g. "linrec liger_gla" or "HF LlamaForCausalLM.generate"
     seconds: float  # wall time of the timed run
+    cpu_seconds: float  # this process's CPU time (all threads) in the timed run; robust to other load at 1 thread
     num_prompt_tokens: int
     num_output_tokens: int  # useful output: the tokens requested
     num_generated_tokens: int  # what was computed: for HF, each batch's longest request times its rows
@@ -123,12 +124,19 @@ class SideResult:
 
     @classmethod
     def of(
-        cls, name: str, seconds: float, workload: Workload, num_generated: int, token_ids: list[list[int]] | None
+        cls,
+        name: str,
+        seconds: float,
+        cpu_seconds: float,
+        workload: Workload,
+        num_generated: int,
+        token_ids: list[list[int]] | None,
     ) -> SideResult:
         seconds = max(seconds, 1e-9)
         return cls(
             name,
             seconds,
+            cpu_seconds,
             workload.num_prompt_tokens,
             workload.num_output_tokens,
             num_generated,
@@ -153,6 +161,7 @@ class ThroughputResult:
     hf: SideResult
     output_ratio: float  # linrec output tok/s / HF output tok/s
     total_ratio: float  # the same with prompt tokens counted
+    cpu_ratio: float  # HF CPU seconds / linrec CPU seconds: the output ratio measured in CPU time instead of wall
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -170,12 +179,14 @@ class ThroughputResult:
             f"HF: batches of {self.hf_batch_size}, left-padded, each generating its longest request "
             f"({self.hf.num_generated_tokens} tokens computed, {self.hf.num_output_tokens} counted as useful)",
             "",
-            f"{'':<36} {'seconds':>9} {'output tok/s':>13} {'total tok/s':>12}",
+            f"{'':<36} {'seconds':>9} {'CPU s':>9} {'output tok/s':>13} {'total tok/s':>12}",
         ]
         for side in (self.linrec, self.hf):
             rates = f"{side.output_tokens_per_s:>13.1f} {side.total_tokens_per_s:>12.1f}"
-            rows.append(f"{side.name:<36} {side.seconds:>9.2f} {rates}")
-        rows.append(f"{'ratio linrec / HF':<36} {'':>9} {self.output_ratio:>12.2f}x {self.total_ratio:>11.2f}x")
+            rows.append(f"{side.name:<36} {side.seconds:>9.2f} {side.cpu_seconds:>9.2f} {rates}")
+        ratios = f"{self.output_ratio:>12.2f}x {self.total_ratio:>11.2f}x"
+        rows.append(f"{'ratio linrec / HF (wall time)':<36} {'':>9} {'':>9} {ratios}")
+        rows.append(f"{'ratio linrec / HF (CPU time)':<36} {'':>9} {'':>9} {self.cpu_ratio:>12.2f}x")
         return "\n".join(rows)
 
 
@@ -248,31 +259,31 @@ def _hf_peer(path: Path, hf_config: dict[str, Any], dtype, device):
     return model.to(device).eval()
 
 
-def run_linrec(llm, workload: Workload) -> tuple[float, list[list[int]]]:
-    """Seconds to generate the workload through LLM.generate, and the tokens of each request."""
+def run_linrec(llm, workload: Workload) -> tuple[float, float, list[list[int]]]:
+    """Wall and CPU seconds to generate the workload through LLM.generate, and the tokens of each request."""
     from linrec.engine.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = llm.generate(workload.prompts, params)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     for i, (ids, n) in enumerate(zip(token_ids, workload.output_lens)):
         if len(ids) != n:
             raise RuntimeError(f"linrec generated {len(ids)} tokens for request {i}, expected {n}")
-    return seconds, token_ids
+    return seconds, cpu_seconds, token_ids
 
 
-def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int) -> tuple[float, int, list[list[int]]]:
-    """Seconds for HF generate over the workload in batches of `batch_size` (in workload order, left-padded),
-    the tokens computed, and each request's first output_lens[i] generated tokens."""
+def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int) -> tuple[float, float, int, list[list[int]]]:
+    """Wall and CPU seconds for HF generate over the workload in batches of `batch_size` (in workload order,
+    left-padded), the tokens computed, and each request's first output_lens[i] generated tokens."""
     import torch
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     token_ids: list[list[int]] = []
     num_generated = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for lo in range(0, len(workload.prompts), batch_size):
             prompts = workload.prompts[lo : lo + batch_size]
@@ -298,8 +309,8 @@ def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int) -> tup
             generated = out[:, width:].tolist()
             num_generated += sum(len(g) for g in generated)
             token_ids.extend(g[:n] for g, n in zip(generated, workload.output_lens[lo : lo + batch_size]))
-    seconds = time.perf_counter() - start
-    return seconds, num_generated, token_ids
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, cpu_seconds, num_generated, token_ids
 
 
 def run_throughput(
@@ -316,12 +327,15 @@ def run_throughput(
     max_num_seqs: int = 64,
     max_num_batched_tokens: int = 2048,
     seed: int = 0,
+    threads: int | None = None,
     warmup: bool = True,
     keep_token_ids: bool = False,
 ) -> ThroughputResult:
     """Run the workload through linrec, then through the HF peer, and compare (see the module docstring).
 
     model: a local checkpoint directory; None builds (once) the bench-sized model of `family`.
+    threads: torch CPU threads for both sides (None keeps torch's default). On a shared machine, 1 thread
+    and the CPU-time ratio measure the work done rather than the neighbours' load.
     """
     import torch
 
@@ -331,6 +345,10 @@ def run_throughput(
 
     if hf_batch_size < 1:
         raise ValueError(f"expected hf_batch_size >= 1, got {hf_batch_size}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"expected threads >= 1, got {threads}")
+        torch.set_num_threads(threads)
     path = Path(model) if model is not None else bench_model_path(family)
     hf_config = read_hf_config(path)
     model_type = hf_config.get("model_type")
@@ -358,9 +376,14 @@ def run_throughput(
     linrec_family = getattr(llm.engine.model.config, "model_type", model_type)
     if warmup:
         run_linrec(llm, warm)
-    seconds, linrec_ids = run_linrec(llm, workload)
+    seconds, cpu_seconds, linrec_ids = run_linrec(llm, workload)
     linrec_side = SideResult.of(
-        f"linrec {linrec_family}", seconds, workload, workload.num_output_tokens, linrec_ids if keep_token_ids else None
+        f"linrec {linrec_family}",
+        seconds,
+        cpu_seconds,
+        workload,
+        workload.num_output_tokens,
+        linrec_ids if keep_token_ids else None,
     )
     pad_token_id = hf_config.get("pad_token_id")
     if not isinstance(pad_token_id, int):
@@ -370,9 +393,14 @@ def run_throughput(
     hf_model = _hf_peer(path, hf_config, torch_dtype, torch_device)
     if warmup:
         run_hf(hf_model, warm, hf_batch_size, pad_token_id)
-    seconds, num_generated, hf_ids = run_hf(hf_model, workload, hf_batch_size, pad_token_id)
+    seconds, cpu_seconds, num_generated, hf_ids = run_hf(hf_model, workload, hf_batch_size, pad_token_id)
     hf_side = SideResult.of(
-        f"HF {type(hf_model).__name__}.generate", seconds, workload, num_generated, hf_ids if keep_token_ids else None
+        f"HF {type(hf_model).__name__}.generate",
+        seconds,
+        cpu_seconds,
+        workload,
+        num_generated,
+        hf_ids if keep_token_ids else None,
     )
     return ThroughputResult(
         model=str(path),
@@ -388,6 +416,7 @@ def run_throughput(
         hf=hf_side,
         output_ratio=linrec_side.output_tokens_per_s / hf_side.output_tokens_per_s,
         total_ratio=linrec_side.total_tokens_per_s / hf_side.total_tokens_per_s,
+        cpu_ratio=hf_side.cpu_seconds / max(linrec_side.cpu_seconds, 1e-9),
     )
 
 

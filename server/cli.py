@@ -318,6 +318,9 @@ def add_bench_commands(commands) -> None:
     throughput.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64, help="linrec")
     throughput.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
     throughput.add_argument("--seed", type=int, default=0, help="workload RNG")
+    throughput.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for both sides (default: torch's choice)"
+    )
     throughput.add_argument("--json", action="store_true", help="print the result as JSON")
     throughput.set_defaults(handler=_run_bench_throughput)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
@@ -339,6 +342,7 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
+        threads=args.threads,
     )
     print(result.to_json() if args.json else result.format())
     return 0
