@@ -3,8 +3,12 @@
 Within a chunk of C tokens, with b_t = sum_{r <= t} g_r the cumulative log decay from the chunk start:
     o_t = scale * q_t ( diag(exp b_t) S_0 + sum_{s <= t} diag(exp(b_t - b_s)) k_s^T v_s )
     S_C = diag(exp b_C) S_0 + sum_s diag(exp(b_C - b_s)) k_s^T v_s
-Every exponent above is a difference b_t - b_s with s <= t, so it is <= 0 and exp never overflows; the
-factorised form q_t exp(b_t) . k_s exp(-b_s) would overflow once a chunk's decays sum below about -88.
+The factorised form q_t exp(b_t) . k_s exp(-b_s) would overflow once a chunk's decays sum below about
+-88, so every exponent here is a difference that is <= 0. The chunk is cut into sub-chunks of c tokens:
+a query sub-chunk i starting at p_i meets the keys before it through the reference point r_i = b_{p_i - 1},
+    exp(b_t - b_s) = exp(b_t - r_i) * exp(r_i - b_s),   both <= 0 for s < p_i <= t,
+which makes those blocks one matmul per sub-chunk; only the c x c diagonal blocks need the per-channel
+[c, c, K] decay tensor. Elementwise work per chunk falls from C*C*K to C*c*K + C*C/c*K.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 CHUNK_SIZE = 64
+SUB_CHUNK_SIZE = 16
 
 
 def chunk_gla(
@@ -49,13 +54,41 @@ def chunk_gla(
         hi = min(lo + chunk_size, T)
         qc, kc, vc = qf[:, :, lo:hi], kf[:, lo:hi], vf[:, lo:hi]
         b = gf[:, lo:hi].cumsum(dim=1)  # [Hk, C, K]
-        causal = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).tril()
-        # [Hk, t, s, K]; the mask goes in before exp, where b_t - b_s > 0 for s > t
-        log_decay = (b[:, :, None, :] - b[:, None, :, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
-        scores = torch.einsum("hgtk,hsk,htsk->hgts", qc, kc, log_decay.exp())  # [Hk, G, t, s]
+        scores = _intra_chunk_scores(qc, kc, b)  # [Hk, G, C, C], zero above the diagonal
         o_intra = scores @ vc[:, None]  # [Hk, G, C, V]
         o_inter = (qc * b.exp()[:, None]) @ S[:, None]  # [Hk, G, C, V]
         o[:, :, lo:hi] = scale * (o_inter + o_intra)
         b_last = b[:, -1]  # [Hk, K]
         S = S * b_last.exp()[..., None] + (kc * (b_last[:, None] - b).exp()).transpose(1, 2) @ vc
     return o.permute(2, 0, 1, 3).reshape(T, H, V), S
+
+
+def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A[t, s] = sum_k q_tk k_sk exp(b_tk - b_sk) for s <= t, else 0. q [Hk, G, C, K]; k, b [Hk, C, K]."""
+    Hk, G, C, K = q.shape
+    c = min(SUB_CHUNK_SIZE, C)
+    n = -(-C // c)
+    if n * c != C:  # the last chunk of a sequence: pad to whole sub-chunks with zero keys and no decay
+        pad = n * c - C
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+        b = torch.cat([b, b[:, -1:].expand(Hk, pad, K)], dim=1)
+    L = n * c
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    # Diagonal blocks: [Hk, n, c(t), c(s), K], the mask before exp where b_t - b_s > 0 for s > t.
+    bd = b.reshape(Hk, n, c, K)
+    log_decay = (bd[:, :, :, None] - bd[:, :, None]).masked_fill(~causal[None, None, :, :, None], float("-inf"))
+    diag = torch.einsum("hgntk,hnsk,hntsk->hgnts", q.reshape(Hk, G, n, c, K), k.reshape(Hk, n, c, K), log_decay.exp())
+    scores = q.new_zeros(Hk, G, n, c, L)
+    for i in range(n):
+        scores[:, :, i, :, i * c : (i + 1) * c] = diag[:, :, i]
+    if n > 1:
+        # Off-diagonal blocks: sub-chunk i against every key before p_i = i * c, through r_i = b[p_i - 1].
+        ref = b[:, c - 1 : L - 1 : c]  # [Hk, n - 1, K]: r_1 .. r_{n-1}
+        q_off = q[:, :, c:].reshape(Hk, G, n - 1, c, K) * (bd[:, None, 1:] - ref[:, None, :, None]).exp()
+        before = torch.arange(L, device=q.device)[None, :] < torch.arange(1, n, device=q.device)[:, None] * c
+        # exp(r_i - b_s) for s < p_i (<= 0); the other keys get exponent -inf, i.e. a zero weight.
+        k_exp = (ref[:, :, None] - b[:, None]).masked_fill(~before[None, :, :, None], float("-inf")).exp()
+        k_off = k[:, None] * k_exp  # [Hk, n - 1, L, K]
+        scores[:, :, 1:] += q_off @ k_off[:, None].transpose(-1, -2)  # [Hk, G, n - 1, c, L]
+    return scores.reshape(Hk, G, L, L)[:, :, :C, :C]
