@@ -24,6 +24,13 @@ BLOCK_V = 32
 GATE_NONE, GATE_PER_CHANNEL, GATE_PER_HEAD = 0, 1, 2
 
 
+def num_warps_for(tile_elements: int) -> int:
+    """Warps for a program whose largest register tile has this many fp32 elements: about 16 per thread,
+    1 to 8 warps. ptxas (sm_90, triton 3.9) puts the 128 x 32 GLA tile at 64 registers a thread with 8
+    warps and 166 with 4; chosen from register counts, not from timings (none measured yet)."""
+    return max(1, min(8, triton.next_power_of_2(tile_elements) // 512))
+
+
 @triton.jit
 def _gla_decode_kernel(
     q_ptr,
@@ -140,7 +147,7 @@ def gla_decode(
     o = q.new_empty(B, H, V, dtype=torch.float32)
     if B == 0:
         return o
-    BV = min(BLOCK_V, triton.next_power_of_2(V))
+    BK, BV = triton.next_power_of_2(K), min(BLOCK_V, triton.next_power_of_2(V))
     grid = (B, Hk, triton.cdiv(V, BV))
     _gla_decode_kernel[grid](
         q,
@@ -167,8 +174,9 @@ def gla_decode(
         K=K,
         V=V,
         GROUP=H // Hk,
-        BK=triton.next_power_of_2(K),
+        BK=BK,
         BV=BV,
         GATE=gate,
+        num_warps=num_warps_for(BK * BV),
     )
     return o

@@ -119,5 +119,6 @@ def short_conv_decode_triton(
         BW=triton.next_power_of_2(W),
         HAS_BIAS=bias is not None,
         SILU=activation is not None,
+        num_warps=4,
     )
     return y

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from linrec.kernels.gla.decode import num_warps_for
+
 # value columns per program of the fused kernel (its GLA state tile is [D, BLOCK_V])
 BLOCK_V = 32
 
@@ -238,6 +240,7 @@ def window_attn_decode(
     o = q.new_empty(B, H, D, dtype=torch.float32)
     if B == 0:
         return o
+    BW, BD = triton.next_power_of_2(W), triton.next_power_of_2(D)
     _window_attn_decode_kernel[(B, Hk)](
         q,
         k,
@@ -262,8 +265,9 @@ def window_attn_decode(
         W=W,
         D=D,
         GROUP=H // Hk,
-        BW=triton.next_power_of_2(W),
-        BD=triton.next_power_of_2(D),
+        BW=BW,
+        BD=BD,
+        num_warps=num_warps_for(BW * BD),  # keys and values [BW, BD] each: 143 registers at W=64, D=128
     )
     return o
 
@@ -310,7 +314,7 @@ def liger_attention_decode(
     o = q.new_empty(B, H, D, dtype=torch.float32)
     if B == 0:
         return o
-    BV = min(BLOCK_V, triton.next_power_of_2(D))
+    BW, BD, BV = triton.next_power_of_2(W), triton.next_power_of_2(D), min(BLOCK_V, triton.next_power_of_2(D))
     _liger_attention_decode_kernel[(B, Hk, triton.cdiv(D, BV))](
         q,
         k,
@@ -349,8 +353,10 @@ def liger_attention_decode(
         W=W,
         D=D,
         GROUP=H // Hk,
-        BW=triton.next_power_of_2(W),
-        BD=triton.next_power_of_2(D),
+        BW=BW,
+        BD=BD,
         BV=BV,
+        # keys [BW, BD], values [BW, BV], state [BD, BV]: 175 registers, no spills at W=64, D=128 (4 warps spill)
+        num_warps=num_warps_for(BW * BD + BD * BV),
     )
     return o
