@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linrec.kernels.backend import resolve_backend
-from linrec.kernels.gla import gla_varlen
-from linrec.kernels.window_attn import window_attn_varlen
+from linrec.kernels.window_attn import liger_attention_varlen, window_attn_varlen
 from linrec.models.base import CausalLM, LayerState, StateSpec
 from linrec.models.batch import ForwardBatch
 from linrec.models.layers import GatedMLP, RMSNorm, get_activation
@@ -186,20 +185,30 @@ class LigerGLAAttention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        window = self.window_branch(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, batch, state, backend)
-        recurrent = self.recurrent_branch(q, k, v, batch, state, backend)
-        mixed = 0.5 * window.float() + 0.5 * recurrent
+        phi_q, phi_k, g = self.gla_inputs(q, k)
+        # 0.5 * window + 0.5 * recurrent, fp32; one fused kernel at decode on the triton backend
+        mixed = liger_attention_varlen(
+            apply_rotary(q, cos, sin),
+            apply_rotary(k, cos, sin),
+            v,
+            phi_q,
+            phi_k,
+            g,
+            state["recurrent"],
+            state["window_k"],
+            state["window_v"],
+            batch,
+            window_scale=1.0 / math.sqrt(self.head_dim),
+            backend=backend,
+        )
         return self.o_proj(mixed.to(x.dtype).reshape(T, -1))
 
-    def recurrent_branch(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str
-    ) -> torch.Tensor:
-        """Pre-RoPE q [T, H, D], k, v [T, Hk, D] -> [T, H, D] fp32 (state["recurrent"] [N, Hk, D, D])."""
+    @staticmethod
+    def gla_inputs(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-RoPE q [T, H, D], k [T, Hk, D] -> softmax feature maps phi_q, phi_k and the log decay
+        g = logsigmoid(k) / 16 [T, Hk, D], all fp32: the recurrent branch's inputs besides v."""
         k32 = k.float()
-        g = F.logsigmoid(k32) / GATE_LOGIT_NORMALIZER
-        phi_q = q.float().softmax(dim=-1)
-        phi_k = k32.softmax(dim=-1)
-        return gla_varlen(phi_q, phi_k, v.float(), g, state["recurrent"], batch, scale=1.0, backend=backend)
+        return q.float().softmax(dim=-1), k32.softmax(dim=-1), F.logsigmoid(k32) / GATE_LOGIT_NORMALIZER
 
     def window_branch(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from linrec.kernels.gla.prefill import chunk_gla
+from linrec.kernels.gla.decode import gla_decode
+from linrec.kernels.gla.prefill import chunk_gla, fla_chunk_gla_varlen
 from linrec.kernels.gla.step import gla_step
 from linrec.kernels.varlen import split_single_tokens
 
@@ -29,16 +30,18 @@ def gla_varlen(
     """
     if backend not in ("torch", "triton"):
         raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
-    # backend == "triton" runs the torch path until the kernels issue brings decode.py and fla-core's
-    # chunk kernels; the results are the same, only slower.
     if batch.is_decode:
-        return gla_step(q, k, v, g, state, batch.slot_ids, scale).to(v.dtype)
+        # triton: the in-place kernel over the pool (on the CPU it needs TRITON_INTERPRET=1)
+        step = gla_decode if backend == "triton" else gla_step
+        return step(q, k, v, g, state, batch.slot_ids, scale).to(v.dtype)
     o = q.new_empty(q.shape[0], q.shape[1], v.shape[2], dtype=v.dtype)
     split = split_single_tokens(batch)
     if split is not None:  # the 1-token sequences as one step, the longer ones chunked
         for sub, rows in split:
             o[rows] = gla_varlen(q[rows], k[rows], v[rows], g[rows], state, sub, scale, backend)
         return o
+    if backend == "triton" and q.is_cuda:
+        return fla_chunk_gla_varlen(q, k, v, g, state, batch, scale)
     lo = 0
     for n, slot in zip(batch.seq_lens, batch.slot_ids_host):
         hi = lo + n

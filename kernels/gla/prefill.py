@@ -13,7 +13,12 @@ which makes those blocks one matmul per sub-chunk; only the c x c diagonal block
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
+    from linrec.models.batch import ForwardBatch
 
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
@@ -92,3 +97,49 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> to
         k_off = k[:, None] * k_exp  # [Hk, n - 1, L, K]
         scores[:, :, 1:] += q_off @ k_off[:, None].transpose(-1, -2)  # [Hk, G, n - 1, c, L]
     return scores.reshape(Hk, G, L, L)[:, :, :C, :C]
+
+
+def fla_chunk_gla_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    state: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """fla-core's Triton chunk kernel over the whole varlen batch (CUDA): initial states gathered from the
+    pool by slot, final states scattered back. The arguments of gla_varlen; returns o [T, H, V] in v's dtype.
+
+    fla keeps one state per query head: k, v, g and the initial states are repeated over each query group
+    (the group's states then stay equal, and the first of each is written back). fla's state layout,
+    key-first [N, H, K, V], is ours.
+    """
+    from fla.ops.gla import chunk_gla as fla_chunk_gla  # lazy: fla-core is only needed on a GPU
+
+    H, Hk = q.shape[1], k.shape[1]
+    if H % Hk:
+        raise ValueError(f"expected query heads divisible by key/value heads, got H={H}, Hk={Hk}")
+    group = H // Hk
+    per_query_head = (lambda x: x.repeat_interleave(group, dim=1)) if group > 1 else (lambda x: x)
+    slots = batch.slot_ids.clamp_min(0)  # a negative id is the null slot, as in the torch path
+    o, final = fla_chunk_gla(
+        q=q[None].to(v.dtype),
+        k=per_query_head(k)[None].to(v.dtype),
+        v=per_query_head(v)[None],
+        g=per_query_head(g)[None].float(),
+        scale=scale,
+        initial_state=per_query_head(state[slots].float()).contiguous(),
+        output_final_state=True,
+        cu_seqlens=batch.cu_seqlens,
+        cu_seqlens_cpu=torch.tensor(_offsets(batch.seq_lens), dtype=torch.int64),
+    )
+    state[slots] = final[:, ::group].to(state.dtype)
+    return o[0].to(v.dtype)
+
+
+def _offsets(seq_lens: tuple[int, ...]) -> list[int]:
+    offsets = [0]
+    for n in seq_lens:
+        offsets.append(offsets[-1] + n)
+    return offsets

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.short_conv.decode import short_conv_decode_triton
 from linrec.kernels.short_conv.prefill import short_conv_decode, short_conv_prefill
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
@@ -25,9 +26,12 @@ def short_conv_varlen(
 
     Returns y [T, D] in x's dtype.
     """
-    # No Triton kernel yet: both resolved backends run the torch implementation (it is one conv1d).
     if backend not in ("torch", "triton"):
         raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
     if batch.is_decode:
-        return short_conv_decode(x, weight, bias, conv_state, batch.slot_ids, activation)
+        # triton: the in-place kernel over the pool (on the CPU it needs TRITON_INTERPRET=1)
+        step = short_conv_decode_triton if backend == "triton" else short_conv_decode
+        return step(x, weight, bias, conv_state, batch.slot_ids, activation)
+    # Prefill, and the 1-token rows of a mixed step, run the one batched conv1d on both backends: it
+    # already covers the whole varlen batch in a single call.
     return short_conv_prefill(x, weight, bias, conv_state, batch, activation)

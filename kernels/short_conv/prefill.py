@@ -41,7 +41,7 @@ def short_conv_prefill(
     seq_lens = cu[1:] - cu[:-1]
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), seq_lens, output_size=T)
     token = torch.arange(T, device=device)
-    slots = batch.slot_ids.to(device)
+    slots = batch.slot_ids.to(device).clamp_min(0)  # a negative id is the null slot, never the pool's last row
 
     # sequence b's segment on the extended axis starts at cu[b] + b*(W-1): W-1 carried inputs, then its tokens
     seg_start = cu[:-1] + torch.arange(num_seqs, device=device) * (W - 1)  # [B]
@@ -72,6 +72,7 @@ def short_conv_decode(
 
     Returns y [B, D] in x's dtype (computed in fp32).
     """
+    slot_ids = slot_ids.clamp_min(0)  # a negative id is the null slot, never the pool's last row
     window = torch.cat([conv_state[slot_ids].float(), x.float()[:, :, None]], dim=2)  # [B, D, W]
     y = (window * weight.float()).sum(-1)
     if bias is not None:

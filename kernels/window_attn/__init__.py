@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.gla import gla_varlen
 from linrec.kernels.varlen import split_single_tokens
+from linrec.kernels.window_attn.decode import liger_attention_decode, window_attn_decode
 
 if TYPE_CHECKING:  # kernels take the batch layout by duck typing; they never import models at run time
     from linrec.models.batch import ForwardBatch
@@ -41,9 +43,10 @@ def window_attn_varlen(
         raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"expected query heads divisible by key/value heads, got H={q.shape[1]}, Hk={k.shape[1]}")
-    # backend == "triton" runs the torch path until the kernels issue; the results are the same.
     if batch.is_decode:
-        return _decode(q, k, v, ring_k, ring_v, batch.slot_ids, batch.positions, scale).to(q.dtype)
+        # triton: the in-place ring kernel (on the CPU it needs TRITON_INTERPRET=1)
+        decode = window_attn_decode if backend == "triton" else _decode
+        return decode(q, k, v, ring_k, ring_v, batch.slot_ids, batch.positions, scale).to(q.dtype)
     o = torch.empty_like(q)
     split = split_single_tokens(batch)
     if split is not None:  # the 1-token sequences as one step, the longer ones per sequence
@@ -56,6 +59,36 @@ def window_attn_varlen(
         o[lo:hi] = _prefill_one(q[lo:hi], k[lo:hi], v[lo:hi], ring_k, ring_v, max(slot, 0), start, scale)
         lo = hi
     return o
+
+
+def liger_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    g: torch.Tensor,
+    state: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    batch: ForwardBatch,
+    window_scale: float,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Liger attention: 0.5 * window attention + 0.5 * GLA (scale 1), [T, H, D] fp32.
+
+    q [T, H, D], k [T, Hk, D] (RoPE'd) and v [T, Hk, D] feed the window over ring_k, ring_v [N, W, Hk, D];
+    phi_q [T, H, D], phi_k [T, Hk, D] (feature-mapped, pre-RoPE) and g [T, Hk, D] (log decays) with v
+    feed the GLA state [N, Hk, D, D] fp32. Rows batch.slot_ids updated in place. A decode step on the
+    triton backend runs as one fused kernel; everything else runs the two ops and mixes.
+    """
+    if backend == "triton" and batch.is_decode:
+        return liger_attention_decode(
+            q, k, v, phi_q, phi_k, g, state, ring_k, ring_v, batch.slot_ids, batch.positions, window_scale
+        )
+    window = window_attn_varlen(q, k, v, ring_k, ring_v, batch, window_scale, backend=backend)
+    recurrent = gla_varlen(phi_q, phi_k, v.float(), g, state, batch, scale=1.0, backend=backend)
+    return 0.5 * window.float() + 0.5 * recurrent
 
 
 def _prefill_one(
