@@ -79,6 +79,7 @@ ENGINE_ARG_FIELDS = (
     "max_model_len",
     "enable_prefix_caching",
     "seed",
+    "enforce_eager",
 )
 
 
@@ -110,6 +111,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="prefix-state cache",
     )
     group.add_argument("--seed", type=int, default=0, help="the engine generator's seed (requests may carry their own)")
+    group.add_argument(
+        "--enforce-eager",
+        dest="enforce_eager",
+        action="store_true",
+        help="no CUDA graphs: run decode steps eagerly (graphs are captured only on CUDA)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
