@@ -355,9 +355,11 @@ def decode_model_path(family: str, size: str) -> Path:
 @dataclass
 class DecodeRow:
     batch: int
-    linrec_tokens_per_s: float  # decode tokens / s: batch * output_len / (t(1 + output_len) - t(1))
-    hf_tokens_per_s: float
-    ratio: float  # linrec / HF
+    # decode tokens / s: batch * output_len / (t(1 + output_len) - t(1)); None when timing noise exceeded
+    # the decode time (only seen on tiny CPU smoke runs)
+    linrec_tokens_per_s: float | None
+    hf_tokens_per_s: float | None
+    ratio: float | None  # linrec / HF
 
 
 @dataclass
@@ -387,16 +389,26 @@ class DecodeResult:
             "",
             f"{'batch':>5} {'linrec tok/s':>13} {'HF tok/s':>10} {'ratio':>7}",
         ]
+
+        def cell(value: float | None, width: int, fmt: str) -> str:
+            return f"{value:>{width}{fmt}}" if value is not None else f"{'noise':>{width}}"
+
         for r in self.rows:
-            lines.append(f"{r.batch:>5} {r.linrec_tokens_per_s:>13.1f} {r.hf_tokens_per_s:>10.1f} {r.ratio:>6.2f}x")
+            lines.append(
+                f"{r.batch:>5} {cell(r.linrec_tokens_per_s, 13, '.1f')} {cell(r.hf_tokens_per_s, 10, '.1f')} "
+                f"{cell(r.ratio, 6, '.2f')}x"
+            )
         return "\n".join(lines)
 
 
-def _decode_seconds(run: Callable[[Workload], float], prompts: list[list[int]], output_len: int) -> float:
-    """Seconds spent decoding output_len tokens per request: a (1 + output_len)-token run minus a 1-token run."""
-    short = run(Workload(prompts, [1] * len(prompts)))
-    long = run(Workload(prompts, [1 + output_len] * len(prompts)))
-    return max(long - short, 1e-9)
+def _decode_seconds(
+    run: Callable[[Workload], float], prompts: list[list[int]], output_len: int, repeats: int = 3
+) -> float | None:
+    """Seconds spent decoding output_len tokens per request: the fastest of `repeats` (1 + output_len)-token
+    runs minus the fastest 1-token run. None when noise swallows the difference (raise output_len)."""
+    short = min(run(Workload(prompts, [1] * len(prompts))) for _ in range(repeats))
+    long = min(run(Workload(prompts, [1 + output_len] * len(prompts))) for _ in range(repeats))
+    return long - short if long > short else None
 
 
 def _linrec_decode_seconds(
@@ -487,9 +499,11 @@ def run_decode(
 
     rows = []
     for b in batch_sizes:
-        hf_rate = b * output_len / _decode_seconds(hf_run, prompts[:b], output_len)
-        linrec_rate = b * output_len / linrec_seconds[b]
-        rows.append(DecodeRow(b, linrec_rate, hf_rate, linrec_rate / hf_rate))
+        hf_seconds = _decode_seconds(hf_run, prompts[:b], output_len)
+        hf_rate = b * output_len / hf_seconds if hf_seconds else None
+        linrec_rate = b * output_len / linrec_seconds[b] if linrec_seconds[b] else None
+        ratio = linrec_rate / hf_rate if linrec_rate and hf_rate else None
+        rows.append(DecodeRow(b, linrec_rate, hf_rate, ratio))
     return DecodeResult(
         model=str(path),
         family=str(linrec_family),
