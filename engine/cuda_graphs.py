@@ -13,8 +13,9 @@ What a replay needs to be correct:
 - The captured forward must not depend on host values that change between steps: the decode paths read
   only tensors (positions, slot_ids) and the host copies that are the same for every decode step of a
   bucket (seq_lens all 1). The ForwardBatch captured here carries slot_ids_host and start_positions of
-  zeros; a decode path that branched on their real values would be wrong under replay (none does: the
-  GDN, SSD, GLA, window and short-conv decode paths branch only on is_decode and on slot_ids_host >= 0).
+  zeros; a decode path that branched on their real values would be wrong under replay. When this was
+  written none did (the decode paths branch only on is_decode and on slot_ids_host >= 0); every new
+  decode path must keep it so (tests/engine/test_cuda_graphs.py replays every family on a GPU).
 - No host syncs (.tolist(), .item(), data-dependent shapes) inside the forward of a decode step.
 The sampler runs outside the graph (it syncs to return token ids anyway).
 """
@@ -107,9 +108,7 @@ class DecodeGraphs:
         if size is None:
             raise ValueError(f"expected at most {self.max_batch_size} sequences for a graph replay, got {num_seqs}")
         host = torch.zeros(3, size, dtype=torch.int64)  # padding: token 0 at position 0 in the null slot 0
-        host[0, :num_seqs] = torch.tensor(token_ids, dtype=torch.int64)
-        host[1, :num_seqs] = torch.tensor(positions, dtype=torch.int64)
-        host[2, :num_seqs] = torch.tensor(slot_ids, dtype=torch.int64)
-        self._inputs[:, :size].copy_(host)
+        host[:, :num_seqs] = torch.tensor([token_ids, positions, slot_ids], dtype=torch.int64)
+        self._inputs[:, :size].copy_(host)  # one host-to-device copy per step
         self._graphs[size].replay()
         return self._outputs[size][:num_seqs]
