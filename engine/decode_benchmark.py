@@ -412,8 +412,14 @@ def _decode_seconds(
 
 
 def _linrec_decode_seconds(
-    path: str, *, prompts: list[list[int]], batch_sizes: tuple[int, ...], output_len: int, **engine_kwargs
-) -> tuple[dict[int, float], bool, str | None]:
+    path: str,
+    *,
+    prompts: list[list[int]],
+    batch_sizes: tuple[int, ...],
+    output_len: int,
+    repeats: int,
+    **engine_kwargs,
+) -> tuple[dict[int, float | None], bool, str | None]:
     """Decode seconds per batch size through linrec's engine, whether CUDA graphs were on, and the family
     served. The engine is dropped on return, so the peer loads into freed memory."""
     from linrec.engine.llm import LLM
@@ -426,7 +432,8 @@ def _linrec_decode_seconds(
     def linrec_run(w: Workload) -> float:
         return run_linrec(llm, w)[0]
 
-    return {b: _decode_seconds(linrec_run, prompts[:b], output_len) for b in batch_sizes}, cuda_graphs, family
+    seconds = {b: _decode_seconds(linrec_run, prompts[:b], output_len, repeats) for b in batch_sizes}
+    return seconds, cuda_graphs, family
 
 
 def run_decode(
@@ -442,6 +449,7 @@ def run_decode(
     kernel_backend: str = "auto",
     enforce_eager: bool = False,
     seed: int = 0,
+    repeats: int = 3,
 ) -> DecodeResult:
     """linrec's decode tokens/s beside HF generate's at each batch size, on the same weights and dtype.
 
@@ -458,8 +466,10 @@ def run_decode(
 
     _check_size(size)
     batch_sizes = _check_batch_sizes(batch_sizes or DEFAULT_BATCH_SIZES[size])
-    if prompt_len < 1 or output_len < 1:
-        raise ValueError(f"expected prompt_len and output_len >= 1, got {prompt_len} and {output_len}")
+    if prompt_len < 1 or output_len < 1 or repeats < 1:
+        raise ValueError(
+            f"expected prompt_len, output_len and repeats >= 1, got {prompt_len}, {output_len} and {repeats}"
+        )
     torch_device = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
@@ -485,6 +495,7 @@ def run_decode(
         prompts=prompts,
         batch_sizes=batch_sizes,
         output_len=output_len,
+        repeats=repeats,
     )
     linrec_family = linrec_family or model_type
     if torch_device.type == "cuda":
@@ -499,7 +510,7 @@ def run_decode(
 
     rows = []
     for b in batch_sizes:
-        hf_seconds = _decode_seconds(hf_run, prompts[:b], output_len)
+        hf_seconds = _decode_seconds(hf_run, prompts[:b], output_len, repeats)
         hf_rate = b * output_len / hf_seconds if hf_seconds else None
         linrec_rate = b * output_len / linrec_seconds[b] if linrec_seconds[b] else None
         ratio = linrec_rate / hf_rate if linrec_rate and hf_rate else None

@@ -394,6 +394,7 @@ def add_decode_bench_commands(kinds) -> None:
     decode.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
     decode.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", help="linrec without CUDA graphs")
     decode.add_argument("--seed", type=int, default=0, help="prompt RNG")
+    decode.add_argument("--repeats", type=int, default=3, help="runs per timing; the fastest counts")
     decode.add_argument("--json", action="store_true", help="print the result as JSON")
     decode.set_defaults(handler=_run_bench_decode)
 
@@ -422,6 +423,7 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
         kernel_backend=args.kernel_backend,
         enforce_eager=args.enforce_eager,
         seed=args.seed,
+        repeats=args.repeats,
     )
     print(result.to_json() if args.json else result.format())
     return 0

@@ -44,6 +44,7 @@ def test_bench_kernels_small_cpu_json(capsys):
 def test_bench_decode_small_cpu_json(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("LINREC_CACHE_DIR", str(tmp_path))
     argv = ["bench", "decode", "--size", "small", "--device", "cpu", "--output-len", "4", "--prompt-len", "3"]
+    argv += ["--repeats", "1"]
     assert main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["family"] == "liger_gla" and result["hf_peer"] == "HF LlamaForCausalLM.generate"
