@@ -22,3 +22,8 @@ def cache_dir() -> Path:
 def api_key() -> str | None:
     """LINREC_API_KEY: the key every /v1 route demands when set (the server's --api-key wins)."""
     return os.environ.get("LINREC_API_KEY") or None
+
+
+def triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU under triton's interpreter (tests; never fast)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

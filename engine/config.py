@@ -26,6 +26,9 @@ class EngineConfig:
     seed: int = 0  # the engine's generator for requests without their own seed
     linearize: str | None = None  # "liger-gla": load a Llama/Qwen2/Mistral checkpoint as Liger-GLA
     merge_lora: str | None = None  # a PEFT LoRA directory merged into the weights at load
+    # True: every step runs eagerly. False: on CUDA, decode-only steps replay CUDA graphs captured per
+    # batch-size bucket at start-up (engine/cuda_graphs.py); on the CPU there are no graphs either way.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

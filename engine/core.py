@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from linrec.engine.config import EngineConfig
+from linrec.engine.cuda_graphs import DecodeGraphs
 from linrec.engine.output import OutputProcessor, SampleDelta
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.runner import Runner
@@ -81,7 +82,13 @@ class EngineCore:
             max_waiting_requests=config.max_waiting_requests,
             eos_token_ids=self.eos_token_ids,
         )
-        self.runner = Runner(self.model, self.pool, self.device, self.vocab_size, self.eos_token_ids, config.seed)
+        decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            decode_graphs = DecodeGraphs(self.model, self.pool, self.device, min(config.max_num_seqs, num_slots))
+            decode_graphs.capture()
+        self.runner = Runner(
+            self.model, self.pool, self.device, self.vocab_size, self.eos_token_ids, config.seed, decode_graphs
+        )
         self.outputs = OutputProcessor(self.tokenizer)
         logger.info(
             "linrec engine: %s on %s, %d state slots x %d bytes (constant per request)",

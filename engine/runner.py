@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from linrec.engine.cuda_graphs import DecodeGraphs
 from linrec.engine.request import Logprob, Request
 from linrec.engine.sampler import Sampler, SamplingMetadata, make_generator
-from linrec.engine.scheduler import SchedulerOutput, StepResult
+from linrec.engine.scheduler import ScheduledSequence, SchedulerOutput, StepResult
 from linrec.engine.state_pool import StatePool
 from linrec.models.base import CausalLM
 from linrec.models.batch import ForwardBatch
@@ -21,6 +22,7 @@ class Runner:
         vocab_size: int,
         eos_token_ids: tuple[int, ...],
         seed: int = 0,
+        decode_graphs: DecodeGraphs | None = None,
     ):
         self.model = model
         self.pool = pool
@@ -30,6 +32,8 @@ class Runner:
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         # request id -> its own generator (seeded requests only); dropped when the request finishes
         self._generators: dict[str, torch.Generator] = {}
+        # captured decode forwards (CUDA only, unless enforce_eager); None runs every step eagerly
+        self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -38,21 +42,12 @@ class Runner:
         self.pool.reset(out.slots_to_reset)
         if out.is_empty:
             return StepResult({})
-        seqs = out.sequences
-        batch = ForwardBatch.build(
-            [len(s.token_ids) for s in seqs],
-            [s.start_position for s in seqs],
-            [s.slot_id for s in seqs],
-            device=self.device,
-        )
-        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, batch, self.pool.layers)
+        hidden = self._forward(out.sequences)  # [B, D]: each sequence's last token
         for src, dsts in out.forks:
             self.pool.copy(src, dsts)
         if not out.samples:
             return StepResult({})
-        last = batch.last_token_indices()
-        rows = last[torch.tensor([index for _, index in out.samples], dtype=torch.int64, device=self.device)]
+        rows = torch.tensor([index for _, index in out.samples], dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[rows])[:, : self.vocab_size]
         requests = [request for request, _ in out.samples]
         metadata = SamplingMetadata.build(
@@ -75,6 +70,24 @@ class Runner:
                 top = list(zip(top_ids[i][:k], top_lps[i][:k]))
                 result.logprobs[r.request_id] = Logprob(token_ids[i], lps[i], top)
         return result
+
+    def _forward(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """Run the model over the scheduled sequences; returns the hidden state of each one's last token
+        [B, D]. A decode-only step that fits a captured bucket replays its CUDA graph."""
+        graphs = self.decode_graphs
+        if graphs is not None and len(seqs) <= graphs.max_batch_size and all(len(s.token_ids) == 1 for s in seqs):
+            return graphs.replay(
+                [s.token_ids[0] for s in seqs], [s.start_position for s in seqs], [s.slot_id for s in seqs]
+            )
+        batch = ForwardBatch.build(
+            [len(s.token_ids) for s in seqs],
+            [s.start_position for s in seqs],
+            [s.slot_id for s in seqs],
+            device=self.device,
+        )
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, batch, self.pool.layers)
+        return hidden[batch.last_token_indices()]
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed

@@ -79,6 +79,7 @@ ENGINE_ARG_FIELDS = (
     "max_model_len",
     "enable_prefix_caching",
     "seed",
+    "enforce_eager",
 )
 
 
@@ -110,6 +111,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="prefix-state cache",
     )
     group.add_argument("--seed", type=int, default=0, help="the engine generator's seed (requests may carry their own)")
+    group.add_argument(
+        "--enforce-eager",
+        dest="enforce_eager",
+        action="store_true",
+        help="no CUDA graphs: run decode steps eagerly (graphs are captured only on CUDA)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -288,7 +295,7 @@ BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of engine.benchmark.BEN
 
 
 def add_bench_commands(commands) -> None:
-    """`linrec bench throughput` (room for `kernels`, `decode`, `prefix`): linrec beside a peer, in one run."""
+    """`linrec bench throughput`, `kernels`, `decode` (room for `prefix`): linrec beside a peer, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -323,6 +330,7 @@ def add_bench_commands(commands) -> None:
     )
     throughput.add_argument("--json", action="store_true", help="print the result as JSON")
     throughput.set_defaults(handler=_run_bench_throughput)
+    add_decode_bench_commands(kinds)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
 
 
@@ -343,6 +351,79 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
         threads=args.threads,
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+BENCH_SIZES = ("small", "1.3b")  # literal copy of engine.decode_benchmark.SIZES
+
+
+def add_decode_bench_commands(kinds) -> None:
+    """`linrec bench kernels` and `linrec bench decode` (engine/decode_benchmark.py)."""
+    kernels = kinds.add_parser(
+        "kernels",
+        help="decode kernels: time and achieved bandwidth vs measured copy bandwidth, beside their peers",
+        description="Each decode kernel (gated delta rule, Mamba2 SSD) on a 1.3B-class layer shape at each batch "
+        "size: time per step, bytes moved (states read + written, inputs, outputs) and the achieved bandwidth as a "
+        "share of a large tensor copy's, beside linrec's torch path, fla-core's fused_recurrent (CUDA) and "
+        "transformers' torch step, each with the gather/scatter of states the in-place kernel avoids.",
+    )
+    kernels.add_argument("--size", default="1.3b", choices=BENCH_SIZES, help="small: a tiny CPU smoke test")
+    kernels.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")
+    kernels.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    kernels.add_argument("--repeats", type=int, default=None, help="timed calls per point (50 on CUDA, 2 on CPU)")
+    kernels.add_argument("--json", action="store_true", help="print the result as JSON")
+    kernels.set_defaults(handler=_run_bench_kernels)
+
+    decode = kinds.add_parser(
+        "decode",
+        help="end-to-end decode tokens/s vs HF transformers generate at batch 1, 8, 64, 256",
+        description="A 1.3B-class seeded random model (no download) through linrec's engine and through HF "
+        "generate on the same weights and dtype (Liger-GLA: the original Llama with its KV cache). Decode is timed "
+        "by difference: a run of 1 + N output tokens minus a run of 1.",
+    )
+    decode.add_argument("--model", default=None, metavar="DIR", help="a checkpoint instead of the random model")
+    decode.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="random model without --model")
+    decode.add_argument("--size", default="1.3b", choices=BENCH_SIZES, help="small: a tiny CPU smoke test")
+    decode.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")
+    decode.add_argument("--prompt-len", dest="prompt_len", type=int, default=16)
+    decode.add_argument("--output-len", dest="output_len", type=int, default=64, help="timed decode tokens/request")
+    decode.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on CUDA, else float32")
+    decode.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (both sides)")
+    decode.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    decode.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", help="linrec without CUDA graphs")
+    decode.add_argument("--seed", type=int, default=0, help="prompt RNG")
+    decode.add_argument("--repeats", type=int, default=3, help="runs per timing; the fastest counts")
+    decode.add_argument("--json", action="store_true", help="print the result as JSON")
+    decode.set_defaults(handler=_run_bench_decode)
+
+
+def _run_bench_kernels(args: argparse.Namespace) -> int:
+    from linrec.engine.decode_benchmark import parse_batch_sizes, run_kernels
+
+    sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
+    result = run_kernels(size=args.size, batch_sizes=sizes, device=args.device, repeats=args.repeats)
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _run_bench_decode(args: argparse.Namespace) -> int:
+    from linrec.engine.decode_benchmark import parse_batch_sizes, run_decode
+
+    result = run_decode(
+        args.model,
+        family=args.family,
+        size=args.size,
+        batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        dtype=args.dtype,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        repeats=args.repeats,
     )
     print(result.to_json() if args.json else result.format())
     return 0

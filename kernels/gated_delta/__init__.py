@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.gated_delta.decode import gated_delta_decode_triton
 from linrec.kernels.gated_delta.naive import check_gva
 from linrec.kernels.gated_delta.prefill import (
     chunk_gated_delta_varlen,
@@ -44,7 +45,8 @@ def gated_delta_varlen(
     if backend not in ("torch", "triton"):
         raise ValueError(f"expected backend 'torch' or 'triton', got {backend!r}")
     if batch.is_decode:
-        # decode.py (a slot-indexed Triton kernel) will serve backend="triton" here
+        if backend == "triton":  # in place in the pool (on the CPU only under TRITON_INTERPRET=1)
+            return gated_delta_decode_triton(q, k, v, g, beta, state, batch.slot_ids, scale)
         return gated_delta_decode(q, k, v, g, beta, state, batch.slot_ids, scale)
     split = split_single_tokens(batch)
     if split is not None:  # the 1-token sequences as one step; only the longer ones padded into chunks

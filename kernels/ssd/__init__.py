@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.ssd.decode import ssd_decode_triton
 from linrec.kernels.ssd.naive import check_ssd_shapes
 from linrec.kernels.ssd.prefill import chunk_ssd, ssd_step
 from linrec.kernels.varlen import split_single_tokens
@@ -32,7 +33,8 @@ def ssd_varlen(
     """
     if backend not in ("torch", "triton"):
         raise ValueError(f"expected a resolved backend 'torch' or 'triton', got {backend!r}")
-    # The slot-indexed Triton kernel (decode.py) is not written yet: both backends run the torch forms.
+    # backend="triton" runs decode.py's in-place kernel for the 1-token sequences (all of a decode batch,
+    # the decode part of a mixed one); chunked prefill stays on the torch form on every device.
     check_ssd_shapes(x, dt, A, B, C)
     if state.shape[1:] != (*x.shape[1:], B.shape[2]):
         raise ValueError(
@@ -40,6 +42,8 @@ def ssd_varlen(
         )
 
     if batch.is_decode and min(batch.slot_ids_host, default=0) >= 0:
+        if backend == "triton":  # in place in the pool (on the CPU only under TRITON_INTERPRET=1)
+            return ssd_decode_triton(x, dt, A, B, C, D, state, batch.slot_ids)
         # One token per sequence: x's token axis is the sequence axis, so the whole batch is one step.
         y, new_state = ssd_step(x, dt, A, B, C, D, state[batch.slot_ids])
         state[batch.slot_ids] = new_state.to(state.dtype)
