@@ -121,7 +121,9 @@ def gated_delta_decode(
 ) -> torch.Tensor:
     """One new token per sequence. q, k [B, H, K]; v [B, HV, V]; g, beta [B, HV];
     state [N, HV, K, V] fp32, rows slot_ids updated in place. Returns o [B, HV, V] in v's dtype.
+    A negative slot id is the null slot 0 (as in every other path), never the pool's last row.
     """
+    slot_ids = slot_ids.clamp_min(0)
     group = check_gva(q.shape[1], v.shape[1])
     q = q.float().repeat_interleave(group, dim=1)
     k = k.float().repeat_interleave(group, dim=1)

@@ -147,6 +147,16 @@ def test_chunked_prefill_then_decode_equals_whole():
     assert _max_diff(state, whole) < ATOL
 
 
+def test_decode_negative_slot_is_the_null_slot():
+    q, k, v, g, beta = _inputs(2, 2, 2, 16, 16)
+    state = torch.randn(4, 2, 16, 16)
+    before = state.clone()
+    batch = ForwardBatch.build([1, 1], [5, 5], [2, -1])
+    gated_delta_varlen(q, k, v, g, beta, state, batch, backend="torch")
+    assert torch.equal(state[3], before[3]) and torch.equal(state[1], before[1])  # last row untouched
+    assert not torch.equal(state[2], before[2])
+
+
 def test_bf16_inputs_return_bf16():
     K = V = 16
     q, k, v, g, beta = _inputs(9, 2, 2, K, V, seed=9, dtype=torch.bfloat16)
