@@ -153,7 +153,7 @@ class ThroughputResult:
     num_prompts: int
     prompt_len: tuple[int, int]
     output_len: tuple[int, int]
-    hf_batch_size: int
+    hf_batch_size: int  # the HF batch size of `hf`: the fastest of those tried
     max_num_seqs: int
     max_num_batched_tokens: int
     num_threads: int  # torch.get_num_threads() during the run
@@ -162,11 +162,15 @@ class ThroughputResult:
     output_ratio: float  # linrec output tok/s / HF output tok/s
     total_ratio: float  # the same with prompt tokens counted
     cpu_ratio: float  # HF CPU seconds / linrec CPU seconds: the output ratio measured in CPU time instead of wall
+    hf_runs: list[tuple[int, SideResult]] = field(default_factory=list)  # every HF batch size tried, in order
 
     def to_json(self) -> str:
         data = asdict(self)
         for side in ("linrec", "hf"):
             data[side].pop("token_ids", None)
+        data["hf_runs"] = [
+            {"batch_size": bs, **{k: v for k, v in side.items() if k != "token_ids"}} for bs, side in data["hf_runs"]
+        ]
         return json.dumps(data, indent=2)
 
     def format(self) -> str:
@@ -176,14 +180,17 @@ class ThroughputResult:
             f"output len {self.output_len[0]}..{self.output_len[1]}, greedy, ignore_eos; "
             f"{self.linrec.num_prompt_tokens} prompt + {self.linrec.num_output_tokens} output tokens",
             f"linrec: max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.max_num_batched_tokens}; "
-            f"HF: batches of {self.hf_batch_size}, left-padded, each generating its longest request "
-            f"({self.hf.num_generated_tokens} tokens computed, {self.hf.num_output_tokens} counted as useful)",
+            f"HF: left-padded batches, each generating its longest request; the peer is the fastest batch size "
+            f"tried ({self.hf_batch_size}: {self.hf.num_generated_tokens} tokens computed, "
+            f"{self.hf.num_output_tokens} counted as useful)",
             "",
             f"{'':<36} {'seconds':>9} {'CPU s':>9} {'output tok/s':>13} {'total tok/s':>12}",
         ]
-        for side in (self.linrec, self.hf):
+        sides = [(self.linrec.name, self.linrec)]
+        sides += [(f"{side.name} (batch {bs})", side) for bs, side in self.hf_runs or [(self.hf_batch_size, self.hf)]]
+        for name, side in sides:
             rates = f"{side.output_tokens_per_s:>13.1f} {side.total_tokens_per_s:>12.1f}"
-            rows.append(f"{side.name:<36} {side.seconds:>9.2f} {side.cpu_seconds:>9.2f} {rates}")
+            rows.append(f"{name:<36} {side.seconds:>9.2f} {side.cpu_seconds:>9.2f} {rates}")
         ratios = f"{self.output_ratio:>12.2f}x {self.total_ratio:>11.2f}x"
         rows.append(f"{'ratio linrec / HF (wall time)':<36} {'':>9} {'':>9} {ratios}")
         rows.append(f"{'ratio linrec / HF (CPU time)':<36} {'':>9} {'':>9} {self.cpu_ratio:>12.2f}x")
@@ -323,8 +330,8 @@ def run_throughput(
     num_prompts: int = 128,
     prompt_len: tuple[int, int] = (16, 256),
     output_len: tuple[int, int] = (16, 256),
-    hf_batch_size: int = 32,
-    max_num_seqs: int = 64,
+    hf_batch_size: int | Sequence[int] = 32,
+    max_num_seqs: int = 256,
     max_num_batched_tokens: int = 2048,
     seed: int = 0,
     threads: int | None = None,
@@ -339,16 +346,33 @@ def run_throughput(
     """
     import torch
 
+    hf_batch_sizes = (hf_batch_size,) if isinstance(hf_batch_size, int) else tuple(hf_batch_size)
+    if not hf_batch_sizes or min(hf_batch_sizes) < 1:
+        raise ValueError(f"expected HF batch sizes >= 1, got {hf_batch_size}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"expected threads >= 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)
+    try:
+        return _measure(
+            model, family, dtype, device, kernel_backend, num_prompts, prompt_len, output_len, hf_batch_sizes,
+            max_num_seqs, max_num_batched_tokens, seed, warmup, keep_token_ids,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(
+    model, family, dtype, device, kernel_backend, num_prompts, prompt_len, output_len, hf_batch_sizes,
+    max_num_seqs, max_num_batched_tokens, seed, warmup, keep_token_ids,
+) -> ThroughputResult:  # fmt: skip
+    """run_throughput's body, under its thread setting."""
+    import torch
+
     from linrec.engine.core import resolve_device
     from linrec.engine.llm import LLM
     from linrec.models.loader import read_hf_config, resolve_dtype
 
-    if hf_batch_size < 1:
-        raise ValueError(f"expected hf_batch_size >= 1, got {hf_batch_size}")
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"expected threads >= 1, got {threads}")
-        torch.set_num_threads(threads)
     path = Path(model) if model is not None else bench_model_path(family)
     hf_config = read_hf_config(path)
     model_type = hf_config.get("model_type")
@@ -391,24 +415,30 @@ def run_throughput(
     del llm
 
     hf_model = _hf_peer(path, hf_config, torch_dtype, torch_device)
-    if warmup:
-        run_hf(hf_model, warm, hf_batch_size, pad_token_id)
-    seconds, cpu_seconds, num_generated, hf_ids = run_hf(hf_model, workload, hf_batch_size, pad_token_id)
-    hf_side = SideResult.of(
-        f"HF {type(hf_model).__name__}.generate",
-        seconds,
-        cpu_seconds,
-        workload,
-        num_generated,
-        hf_ids if keep_token_ids else None,
-    )
+    hf_runs: list[tuple[int, SideResult]] = []
+    for batch_size in hf_batch_sizes:
+        if warmup:
+            run_hf(hf_model, warm, batch_size, pad_token_id)
+        seconds, cpu_seconds, num_generated, hf_ids = run_hf(hf_model, workload, batch_size, pad_token_id)
+        side = SideResult.of(
+            f"HF {type(hf_model).__name__}.generate",
+            seconds,
+            cpu_seconds,
+            workload,
+            num_generated,
+            hf_ids if keep_token_ids else None,
+        )
+        hf_runs.append((batch_size, side))
+    # The peer is HF at its best batch size; at one thread CPU time decides, which other load does not inflate.
+    single = torch.get_num_threads() == 1
+    hf_batch, hf_side = min(hf_runs, key=lambda run: run[1].cpu_seconds if single else run[1].seconds)
     return ThroughputResult(
         model=str(path),
         dtype=str(torch_dtype).removeprefix("torch."),
         num_prompts=num_prompts,
         prompt_len=tuple(prompt_len),
         output_len=tuple(output_len),
-        hf_batch_size=hf_batch_size,
+        hf_batch_size=hf_batch,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         num_threads=torch.get_num_threads(),
@@ -417,6 +447,7 @@ def run_throughput(
         output_ratio=linrec_side.output_tokens_per_s / hf_side.output_tokens_per_s,
         total_ratio=linrec_side.total_tokens_per_s / hf_side.total_tokens_per_s,
         cpu_ratio=hf_side.cpu_seconds / max(linrec_side.cpu_seconds, 1e-9),
+        hf_runs=hf_runs,
     )
 
 
@@ -435,3 +466,14 @@ def parse_range(text: str | Sequence[int]) -> tuple[int, int]:
     if len(values) != 2:
         raise ValueError(f"expected a length N or a range MIN:MAX, got {text!r}")
     return values[0], values[1]
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'32' or '32,64,128' -> (32,) or (32, 64, 128)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected batch sizes as N or N,N,..., got {text!r}") from None
+    if min(sizes) < 1:
+        raise ValueError(f"expected batch sizes >= 1, got {text!r}")
+    return sizes

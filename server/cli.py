@@ -321,8 +321,14 @@ def add_bench_commands(commands) -> None:
     throughput.add_argument("--num-prompts", dest="num_prompts", type=int, default=128)
     throughput.add_argument("--prompt-len", dest="prompt_len", default="16:256", metavar="MIN:MAX")
     throughput.add_argument("--output-len", dest="output_len", default="16:256", metavar="MIN:MAX")
-    throughput.add_argument("--hf-batch-size", dest="hf_batch_size", type=int, default=32, help="rows per HF batch")
-    throughput.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64, help="linrec")
+    throughput.add_argument(
+        "--hf-batch-size",
+        dest="hf_batch_size",
+        default="32",
+        metavar="N[,N...]",
+        help="rows per HF batch; several sizes run one after another and the fastest is the peer",
+    )
+    throughput.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=256, help="linrec")
     throughput.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
     throughput.add_argument("--seed", type=int, default=0, help="workload RNG")
     throughput.add_argument(
@@ -335,7 +341,7 @@ def add_bench_commands(commands) -> None:
 
 
 def _run_bench_throughput(args: argparse.Namespace) -> int:
-    from linrec.engine.benchmark import parse_range, run_throughput
+    from linrec.engine.benchmark import parse_batch_sizes, parse_range, run_throughput
 
     result = run_throughput(
         args.model,
@@ -346,7 +352,7 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         prompt_len=parse_range(args.prompt_len),
         output_len=parse_range(args.output_len),
-        hf_batch_size=args.hf_batch_size,
+        hf_batch_size=parse_batch_sizes(args.hf_batch_size),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,

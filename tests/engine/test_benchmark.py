@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from linrec.engine.benchmark import make_workload, parse_range, run_throughput, write_bench_model
+from linrec.engine.benchmark import make_workload, parse_batch_sizes, parse_range, run_throughput, write_bench_model
 from linrec.server.cli import main
 
 TINY = {
@@ -90,13 +91,23 @@ def test_mamba2_peer_generates_the_same_greedy_tokens(tiny_model):
 
 def test_cli_json(tiny_model, capsys):
     argv = ["bench", "throughput", "--model", tiny_model("liger_gla"), "--num-prompts", "3"]
-    argv += ["--prompt-len", "4:6", "--output-len", "3", "--hf-batch-size", "3", "--max-num-seqs", "2"]
-    argv += ["--max-num-batched-tokens", "8", "--json"]
+    argv += ["--prompt-len", "4:6", "--output-len", "3", "--hf-batch-size", "3,1", "--max-num-seqs", "2"]
+    argv += ["--max-num-batched-tokens", "8", "--threads", "1", "--json"]
+    threads = torch.get_num_threads()
     assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # the bench's --threads does not outlive it
     data = json.loads(capsys.readouterr().out)
     assert data["linrec"]["num_output_tokens"] == data["hf"]["num_output_tokens"] == 9
     assert data["hf"]["num_generated_tokens"] == 9
     assert data["output_ratio"] > 0
+    # both HF batch sizes ran; the peer is the one with less CPU time (one thread)
+    runs = {run["batch_size"]: run for run in data["hf_runs"]}
+    assert sorted(runs) == [1, 3] and data["num_threads"] == 1
+    best = min(runs, key=lambda bs: runs[bs]["cpu_seconds"])
+    assert data["hf_batch_size"] == best and data["hf"]["cpu_seconds"] == runs[best]["cpu_seconds"]
+    assert data["cpu_ratio"] == pytest.approx(data["hf"]["cpu_seconds"] / data["linrec"]["cpu_seconds"])
+    with pytest.raises(ValueError, match="batch sizes"):
+        parse_batch_sizes("32,x")
 
 
 def test_model_without_hf_peer_is_refused(demo_model_dir):
