@@ -13,10 +13,13 @@ What a replay needs to be correct:
 - The captured forward must not depend on host values that change between steps: the decode paths read
   only tensors (positions, slot_ids) and the host copies that are the same for every decode step of a
   bucket (seq_lens all 1). The ForwardBatch captured here carries slot_ids_host and start_positions of
-  zeros; a decode path that branched on their real values would be wrong under replay. When this was
-  written none did (the decode paths branch only on is_decode and on slot_ids_host >= 0); every new
-  decode path must keep it so (tests/engine/test_cuda_graphs.py replays every family on a GPU).
+  zeros; a decode path that branched on their real values would be wrong under replay. None does: the
+  decode paths branch only on is_decode and, for Mamba2's SSD, on every slot id being >= 0, which holds
+  at capture (all 0) and at every replay (`replay` refuses a negative slot id).
 - No host syncs (.tolist(), .item(), data-dependent shapes) inside the forward of a decode step.
+tests/engine/test_cuda_graphs.py checks both on the CPU for every family and backend: the decode forward
+runs under a dispatch mode that fails on host syncs and data-dependent shapes, and a stand-in replay over
+the captured (zero) host copies must give the eager engine's tokens; on a GPU it replays every family.
 The sampler runs outside the graph (it syncs to return token ids anyway).
 """
 
@@ -107,6 +110,9 @@ class DecodeGraphs:
         size = self.bucket_for(num_seqs)
         if size is None:
             raise ValueError(f"expected at most {self.max_batch_size} sequences for a graph replay, got {num_seqs}")
+        if min(slot_ids, default=0) < 0:
+            # captured with slot ids >= 0, the SSD path took its decode branch, which a negative id would not
+            raise ValueError(f"expected slot ids >= 0 for a graph replay, got {slot_ids}")
         host = torch.zeros(3, size, dtype=torch.int64)  # padding: token 0 at position 0 in the null slot 0
         host[:, :num_seqs] = torch.tensor([token_ids, positions, slot_ids], dtype=torch.int64)
         self._inputs[:, :size].copy_(host)  # one host-to-device copy per step

@@ -1,10 +1,14 @@
 """CUDA graphs for decode-only steps: buckets, the runner's replay path (on the CPU with each "graph" an
-eager call over the same static, padded buffers), the enforce_eager switch, and on a GPU replay == eager."""
+eager call over the same static, padded buffers), the enforce_eager switch, the capture safety of every
+family's decode forward (no host syncs, no data-dependent shapes), and on a GPU replay == eager."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from linrec import LLM, SamplingParams
 from linrec.engine.config import EngineConfig
@@ -62,12 +66,136 @@ class EagerReplayGraphs(DecodeGraphs):
             self._graphs[size] = _EagerGraph(self, size)
 
 
-@pytest.mark.parametrize("family,backend", [("liger_gla", "torch"), ("gated_deltanet", "triton"), ("mamba2", "torch")])
-def test_replay_path_pads_to_buckets_and_matches_eager(demo_model_dir, family, backend, monkeypatch):
-    """Decode steps of 5, 4, ... sequences go through buckets 8 and 4 padded with the null slot; the tokens
-    and logprobs equal the eager engine's, so padding rows touch no request's state."""
+FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2"]
+
+
+class CaptureSafetyMode(TorchDispatchMode):
+    """Records what a CUDA graph cannot replay faithfully, as the forward runs on the CPU:
+    - host syncs: .item(), bool(t), int(t) reach aten._local_scalar_dense; .tolist(), .cpu() and .numpy()
+      dispatch nothing on a CPU tensor, so those methods are watched when code in `modules` calls them (the
+      Triton interpreter's own host copies are not the forward's);
+    - ops whose output shape depends on tensor values: nonzero, masked_select, unique, boolean-mask
+      indexing, repeat_interleave without output_size;
+    - host data copied in by the forward: torch.tensor(list) reaches aten.lift_fresh (baked in at capture).
+    """
+
+    UNSAFE = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.unique_consecutive",
+        "aten.unique_dim",
+        "aten._unique",
+        "aten._unique2",
+        "aten.lift_fresh",
+    )
+    HOST_READS = ("tolist", "cpu", "numpy")
+
+    def __init__(self, modules: tuple[str, ...] = ("linrec.",)):
+        super().__init__()
+        self.modules = modules
+        self.unsafe: list[str] = []
+        self._patched: dict[str, object] = {}
+
+    def __enter__(self):
+        for name in self.HOST_READS:
+            self._patched[name] = torch.Tensor.__dict__.get(name)
+            setattr(torch.Tensor, name, self._watch(name, getattr(torch.Tensor, name)))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched.items():
+            if original is None:
+                delattr(torch.Tensor, name)  # back to the inherited C method
+            else:
+                setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def _watch(self, name: str, method):
+        def watched(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(self.modules):
+                self.unsafe.append(f"Tensor.{name} in {caller}")
+            return method(tensor, *args, **kwargs)
+
+        return watched
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        if name in self.UNSAFE:
+            self.unsafe.append(name)
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                self.unsafe.append(f"{name} with a boolean mask")
+        elif name == "aten.repeat_interleave" and isinstance(args[-1] if args else None, torch.Tensor):
+            if kwargs.get("output_size") is None:
+                self.unsafe.append(f"{name} without output_size")
+        return func(*args, **kwargs)
+
+
+def test_capture_safety_mode_catches_syncs_and_data_dependent_shapes():
+    x = torch.arange(6.0)
+    for unsafe in (
+        lambda: x.sum().item(),
+        lambda: x.tolist(),
+        lambda: x.cpu(),
+        lambda: x.numpy(),
+        lambda: bool(x[0] > 0),
+        lambda: torch.nonzero(x),
+        lambda: x[x > 2],
+        lambda: x.masked_select(x > 2),
+        lambda: torch.tensor([1, 2]),
+        lambda: torch.repeat_interleave(x, torch.tensor([1, 0, 2, 1, 1, 1])),
+    ):
+        with CaptureSafetyMode(modules=(__name__,)) as mode:
+            unsafe()
+        assert mode.unsafe, "the mode must flag what a CUDA graph cannot capture"
+    assert "tolist" not in torch.Tensor.__dict__  # the watch is undone on exit
+    with CaptureSafetyMode(modules=(__name__,)) as mode:
+        idx = torch.arange(3)
+        y = x[idx] * 2 + x.index_select(0, idx)
+        x.index_put_((idx,), y)
+        torch.repeat_interleave(x, torch.ones(6, dtype=torch.int64), output_size=6)
+    assert mode.unsafe == []
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_forward_is_capture_safe(demo_model_dir, family, backend):
+    """The forward a DecodeGraphs bucket captures, with real values in its static buffers (tokens, positions
+    past the window, out-of-order slots and a padding row), does no host sync and no data-dependent op."""
+    llm = LLM(demo_model_dir(family), device="cpu", kernel_backend=backend, max_num_seqs=4)
+    graphs = DecodeGraphs(llm.engine.model, llm.engine.pool, torch.device("cpu"), 4)
+    graphs._inputs[:, :4] = torch.tensor([[5, 17, 99, 0], [70, 3, 0, 0], [2, 4, 1, 0]])  # ids, positions, slots
+    with torch.inference_mode(), CaptureSafetyMode() as mode:
+        hidden = graphs.model(graphs._inputs[0, :4], graphs._batch(4), graphs.pool.layers)
+    assert hidden.shape[0] == 4 and torch.isfinite(hidden).all()
+    assert mode.unsafe == [], f"{family} ({backend}) decode forward cannot be captured: {mode.unsafe}"
+
+
+def test_replay_refuses_negative_slots(demo_model_dir):
+    llm = LLM(demo_model_dir("mamba2"), device="cpu", max_num_seqs=2)
+    graphs = EagerReplayGraphs(llm.engine.model, llm.engine.pool, torch.device("cpu"), 2)
+    graphs.capture()
+    with pytest.raises(ValueError, match="slot ids >= 0"):
+        graphs.replay([5, 6], [3, 4], [1, -1])
+    assert graphs.num_replays == 0
+
+
+@pytest.mark.parametrize(
+    "family,backend,num_prompts",
+    # triton runs under the interpreter, whose cost grows with the rows: 3 sequences padded to bucket 4
+    [*((family, "triton", 3) for family in FAMILIES), ("liger_gla", "torch", 5), ("mamba2", "torch", 5)],
+)
+def test_replay_path_pads_to_buckets_and_matches_eager(demo_model_dir, family, backend, num_prompts, monkeypatch):
+    """Decode steps of 5 (or 3) sequences go through bucket 8 (or 4) padded with the null slot, over the
+    captured batch's zero host copies; the tokens and logprobs equal the eager engine's, so the decode path
+    reads no per-step host value and padding rows touch no request's state."""
+    prompts = PROMPTS[:num_prompts]
     eager = LLM(demo_model_dir(family), device="cpu", kernel_backend=backend, max_num_seqs=5)
-    expected = [o.outputs[0] for o in eager.generate(PROMPTS, greedy())]
+    expected = [o.outputs[0] for o in eager.generate(prompts, greedy(5))]
 
     llm = LLM(demo_model_dir(family), device="cpu", kernel_backend=backend, max_num_seqs=5)
     runner = llm.engine.runner
@@ -75,7 +203,7 @@ def test_replay_path_pads_to_buckets_and_matches_eager(demo_model_dir, family, b
     graphs = EagerReplayGraphs(llm.engine.model, llm.engine.pool, torch.device("cpu"), 8)
     graphs.capture()
     monkeypatch.setattr(runner, "decode_graphs", graphs)
-    got = [o.outputs[0] for o in llm.generate(PROMPTS, greedy())]
+    got = [o.outputs[0] for o in llm.generate(prompts, greedy(5))]
     assert graphs.num_replays >= 4, "decode-only steps must go through the replay path"
     for a, b in zip(expected, got):
         assert b.token_ids == a.token_ids
