@@ -122,14 +122,16 @@ class AsyncLLM:
         except queue.Empty:
             return
         while command is not None:
-            if isinstance(command, _Add):
+            # A caller cancelled while its add was queued (client gone) also cancelled `accepted`:
+            # skip the add (its abort follows in the queue). Once running, `accepted` cannot be cancelled.
+            if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 try:
                     self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
                 except Exception as exc:  # refused: the caller raises it, the engine goes on
                     command.accepted.set_exception(exc)
                 else:
                     command.accepted.set_result(None)
-            else:
+            elif isinstance(command, _Abort):
                 self.engine.abort(command.request_ids)
             try:
                 command = self._commands.get_nowait()

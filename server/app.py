@@ -60,10 +60,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     serving = OpenAIServing(llm, model_name, metrics)
     state = ServerState()
     app = FastAPI(title="linrec", docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(build_router(serving))
+    router = build_router(serving)
+    app.include_router(router)
     install_error_handlers(app)
     api_key = config.api_key if config.api_key is not None else envs.api_key()
-    app.add_middleware(ServerMiddleware, state=state, metrics=metrics, api_key=api_key)
+    route_paths = frozenset(route.path for route in router.routes)
+    app.add_middleware(ServerMiddleware, state=state, metrics=metrics, api_key=api_key, route_paths=route_paths)
     app.state.server = state
     app.state.serving = serving
     app.state.metrics = metrics

@@ -337,6 +337,7 @@ def add_bench_commands(commands) -> None:
     throughput.add_argument("--json", action="store_true", help="print the result as JSON")
     throughput.set_defaults(handler=_run_bench_throughput)
     add_decode_bench_commands(kinds)
+    add_bench_serve_command(kinds)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
 
 
@@ -434,6 +435,31 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     )
     print(result.to_json() if args.json else result.format())
     return 0
+
+
+def add_bench_serve_command(kinds) -> None:
+    """`linrec bench serve`: the locust load test of loadtest/ (its flags live in linrec.loadtest.run)."""
+    from linrec.loadtest.run import add_arguments  # stdlib only: parsing stays light
+
+    serve = kinds.add_parser(
+        "serve",
+        help="HTTP load test: start `linrec serve`, run locust users headless, summarize",
+        description="Start `linrec serve` (the demo model unless --model), drive it with locust users (completions "
+        "and chat, streamed and not) for --run-time, then print requests/s, output tokens/s, TTFT and latency "
+        "percentiles and failures, and write them as JSON with --out. Needs locust (pip install 'linrec[loadtest]').",
+    )
+    add_arguments(serve)
+    serve.set_defaults(handler=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from linrec.loadtest.run import LoadTestError, run
+
+    try:
+        return run(args)
+    except LoadTestError as exc:  # the server or locust would not run: its log tail, no traceback
+        print(f"linrec: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def add_serve_command(commands) -> None:

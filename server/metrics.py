@@ -2,7 +2,9 @@
 
 Every app owns its CollectorRegistry (tests build several apps in one process). Engine gauges are
 read at scrape time from EngineCore.stats(); request histograms are observed by the handlers from
-the deltas they stream, all on one clock (time.monotonic()).
+the deltas they stream, all on one clock (time.monotonic()). Token counters grow as tokens come
+(prompt tokens once prefilled), so aborted requests count; the per-request histograms observe
+finished requests only.
 """
 
 from __future__ import annotations
@@ -131,9 +133,13 @@ class RequestTimer:
             if self.first_token_time is None:
                 self.first_token_time = now
                 self.metrics.time_to_first_token.labels(labels).observe(now - self.arrival_time)
+                # Counted once prefilled, so that a request aborted later (client gone) still counts.
+                self.metrics.prompt_tokens.labels(labels).inc(self.num_prompt_tokens)
             previous = self.last_token_time.get(index)
             if previous is not None:
-                self.metrics.inter_token_latency.labels(labels).observe((now - previous) / num_tokens)
+                # One observation per token (as vLLM), so the count is the number of token gaps.
+                for _ in range(num_tokens):
+                    self.metrics.inter_token_latency.labels(labels).observe((now - previous) / num_tokens)
             self.last_token_time[index] = now
             self.num_generated += num_tokens
             self.metrics.generation_tokens.labels(labels).inc(num_tokens)
@@ -143,7 +149,6 @@ class RequestTimer:
 
     def on_finished(self, now: float) -> None:
         m, labels = self.metrics, self.metrics.model_name
-        m.prompt_tokens.labels(labels).inc(self.num_prompt_tokens)
         m.request_prompt_tokens.labels(labels).observe(self.num_prompt_tokens)
         m.request_generation_tokens.labels(labels).observe(self.num_generated)
         m.e2e_request_latency.labels(labels).observe(now - self.arrival_time)

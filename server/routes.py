@@ -113,11 +113,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 class ServerMiddleware:
     """Pure ASGI so that streaming bodies stay in flight until their last byte."""
 
-    def __init__(self, app: ASGIApp, state: ServerState, metrics: Metrics, api_key: str | None):
+    def __init__(
+        self, app: ASGIApp, state: ServerState, metrics: Metrics, api_key: str | None, route_paths: frozenset[str]
+    ):
         self.app = app
         self.state = state
         self.metrics = metrics
         self.api_key = api_key
+        # Requests refused here (401, 503) never reach the router, which sets scope["route"]; their
+        # label is still the route's path. Anything else unrouted is "unmatched" (bounded label values).
+        self.route_paths = route_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,7 +160,7 @@ class ServerMiddleware:
                         self.state.num_inflight -= 1
         finally:
             route = scope.get("route")
-            route_path = getattr(route, "path", None) or "unmatched"
+            route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")
             method = scope.get("method", "GET")
             self.metrics.http_requests.labels(method, route_path, str(status["code"])).inc()
             self.metrics.http_request_duration.labels(method, route_path).observe(time.monotonic() - start)

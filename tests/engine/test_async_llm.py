@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -65,6 +66,38 @@ def test_cancelled_consumer_aborts_and_frees_its_slot(engine):
         return False
 
     assert asyncio.run(run())
+
+
+def test_caller_cancelled_before_the_engine_accepts_leaves_the_engine_running(engine, monkeypatch):
+    """A client that disconnects while its request still sits in the command queue must not kill the
+    engine thread (it once did: set_result on the cancelled `accepted` future raised in the thread)."""
+    core = engine.engine
+    entered, release = threading.Event(), threading.Event()
+    step = core.step
+
+    def blocked_step():
+        entered.set()
+        release.wait(10)
+        return step()
+
+    async def run():
+        holder = engine.generate([1, 2], SamplingParams(max_tokens=100000, ignore_eos=True))
+        await holder.__anext__()  # the engine thread now steps in a loop
+        monkeypatch.setattr(core, "step", blocked_step)
+        assert await asyncio.to_thread(entered.wait, 10)  # ... and is stuck in a step: commands wait
+        waiting = asyncio.ensure_future(anext(engine.generate([3, 4], SamplingParams(max_tokens=2))))
+        await asyncio.sleep(0.05)  # the add is queued; the caller now gives up
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        monkeypatch.setattr(core, "step", step)
+        release.set()
+        await holder.aclose()
+        return [d async for d in engine.generate([5, 6], SamplingParams(temperature=0, max_tokens=3))]
+
+    deltas = asyncio.run(asyncio.wait_for(run(), 60))  # a dead engine thread would leave it hanging
+    assert engine.errored is None and deltas[-1].finish_reason in ("length", "stop")
+    assert core.scheduler.num_waiting == 0 and core.scheduler.allocator.num_used == 0
 
 
 def test_full_waiting_queue_is_refused(demo_model_dir):

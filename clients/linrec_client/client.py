@@ -1,0 +1,389 @@
+"""Client and AsyncClient: one method per server route, typed responses, retries and timeouts.
+
+    client = Client("http://127.0.0.1:8000", api_key=None)
+    client.completions("Hello", max_tokens=8).choices[0].text
+    for chunk in client.chat_completions([{"role": "user", "content": "Hi"}], stream=True): ...
+
+Every call retries 429 and 503 answers and connection failures (RetryPolicy: exponential backoff,
+Retry-After honoured), then raises the exception errors.py maps the status to, carrying the
+server's message, type, param and code. A stream is retried only until its response starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal, TypeVar, overload
+
+import httpx
+from pydantic import BaseModel
+
+from linrec_client._base import (
+    BaseClient,
+    ChatParams,
+    CompletionParams,
+    Prompt,
+    RetryPolicy,
+    Unpack,
+    should_retry,
+)
+from linrec_client.errors import from_response, transport_error
+from linrec_client.streaming import AsyncStream, Stream
+from linrec_client.types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    DetokenizeResult,
+    ModelList,
+    TokenizeResult,
+)
+
+T = TypeVar("T", bound=BaseModel)
+Timeout = float | httpx.Timeout | None
+
+
+class Client(BaseClient):
+    """Synchronous client; use it as a context manager or call close() to release its connections."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int | None = None,
+        retry: RetryPolicy | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        """base_url: the server's root (a trailing /v1 is accepted too); default LINREC_BASE_URL or
+        http://127.0.0.1:8000. api_key: default LINREC_API_KEY. timeout: seconds or an httpx.Timeout
+        (default 600 s, 5 s to connect). max_retries (default 2) or a whole RetryPolicy. transport: for
+        tests (httpx.MockTransport)."""
+        super().__init__(base_url, api_key, model, timeout, max_retries, retry, headers)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
+
+    # -- routes ----------------------------------------------------------------------------------------
+
+    @overload
+    def completions(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[CompletionParams],
+    ) -> Completion: ...
+
+    @overload
+    def completions(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[CompletionParams],
+    ) -> Stream[Completion]: ...
+
+    def completions(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[CompletionParams],
+    ) -> Completion | Stream[Completion]:
+        """POST /v1/completions. A prompt is a string, a list of strings, token ids or lists of them.
+        With stream=True, a Stream of Completion chunks (the last carries usage unless include_usage=False)."""
+        body = self._generation_body("prompt", prompt, model, stream, include_usage, params)
+        if stream:
+            return Stream(self._send("POST", "/v1/completions", body, timeout, stream=True), Completion)
+        return self._json("POST", "/v1/completions", body, timeout, Completion)
+
+    @overload
+    def chat_completions(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion: ...
+
+    @overload
+    def chat_completions(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[ChatParams],
+    ) -> Stream[ChatCompletionChunk]: ...
+
+    def chat_completions(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """POST /v1/chat/completions with messages such as [{"role": "user", "content": "Hi"}]."""
+        body = self._generation_body("messages", messages, model, stream, include_usage, params)
+        if stream:
+            return Stream(self._send("POST", "/v1/chat/completions", body, timeout, stream=True), ChatCompletionChunk)
+        return self._json("POST", "/v1/chat/completions", body, timeout, ChatCompletion)
+
+    def models(self) -> ModelList:
+        return self._json("GET", "/v1/models", None, None, ModelList)
+
+    def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        add_special_tokens: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> TokenizeResult:
+        """POST /tokenize: a prompt's token ids, or those of messages rendered by the chat template."""
+        body = self._tokenize_body(prompt, messages, add_special_tokens, add_generation_prompt)
+        return self._json("POST", "/tokenize", body, None, TokenizeResult)
+
+    def detokenize(self, tokens: list[int]) -> DetokenizeResult:
+        body: dict[str, Any] = {"tokens": tokens, **({"model": self.model} if self.model else {})}
+        return self._json("POST", "/detokenize", body, None, DetokenizeResult)
+
+    def health(self, timeout: Timeout = 5.0) -> bool:
+        """True when the server answers /health with 200; False when it errs, drains or is unreachable."""
+        try:
+            return self._http.get("/health", timeout=timeout).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def version(self) -> str:
+        response = self._send("GET", "/version", None, None)
+        return str(response.json()["version"])
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T]) -> T:
+        return cast.model_validate(self._send(method, path, body, timeout).json())
+
+    def _send(self, method: str, path: str, body: Any, timeout: Timeout, stream: bool = False) -> httpx.Response:
+        """The first successful response (a streamed one is left open for the caller), after retries."""
+        request = self._http.build_request(
+            method, path, json=body, timeout=timeout if timeout is not None else self.timeout
+        )
+        attempt = 0
+        while True:
+            headers = None
+            try:
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if not should_retry(attempt, self.retry, exc):
+                    raise transport_error(exc) from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                error, headers = from_response(response), response.headers
+                if not should_retry(attempt, self.retry, error):
+                    raise error
+            time.sleep(self.retry.delay(attempt, headers))
+            attempt += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient(BaseClient):
+    """The async twin of Client (same arguments, same methods, awaited); `async with` or aclose()."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int | None = None,
+        retry: RetryPolicy | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        super().__init__(base_url, api_key, model, timeout, max_retries, retry, headers)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
+
+    # -- routes ----------------------------------------------------------------------------------------
+
+    @overload
+    async def completions(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[CompletionParams],
+    ) -> Completion: ...
+
+    @overload
+    async def completions(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[CompletionParams],
+    ) -> AsyncStream[Completion]: ...
+
+    async def completions(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[CompletionParams],
+    ) -> Completion | AsyncStream[Completion]:
+        body = self._generation_body("prompt", prompt, model, stream, include_usage, params)
+        if stream:
+            return AsyncStream(await self._send("POST", "/v1/completions", body, timeout, stream=True), Completion)
+        return await self._json("POST", "/v1/completions", body, timeout, Completion)
+
+    @overload
+    async def chat_completions(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion: ...
+
+    @overload
+    async def chat_completions(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[ChatParams],
+    ) -> AsyncStream[ChatCompletionChunk]: ...
+
+    async def chat_completions(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        include_usage: bool = True,
+        timeout: Timeout = None,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
+        body = self._generation_body("messages", messages, model, stream, include_usage, params)
+        if stream:
+            response = await self._send("POST", "/v1/chat/completions", body, timeout, stream=True)
+            return AsyncStream(response, ChatCompletionChunk)
+        return await self._json("POST", "/v1/chat/completions", body, timeout, ChatCompletion)
+
+    async def models(self) -> ModelList:
+        return await self._json("GET", "/v1/models", None, None, ModelList)
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        add_special_tokens: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> TokenizeResult:
+        body = self._tokenize_body(prompt, messages, add_special_tokens, add_generation_prompt)
+        return await self._json("POST", "/tokenize", body, None, TokenizeResult)
+
+    async def detokenize(self, tokens: list[int]) -> DetokenizeResult:
+        body: dict[str, Any] = {"tokens": tokens, **({"model": self.model} if self.model else {})}
+        return await self._json("POST", "/detokenize", body, None, DetokenizeResult)
+
+    async def health(self, timeout: Timeout = 5.0) -> bool:
+        try:
+            return (await self._http.get("/health", timeout=timeout)).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def version(self) -> str:
+        response = await self._send("GET", "/version", None, None)
+        return str(response.json()["version"])
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    async def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T]) -> T:
+        return cast.model_validate((await self._send(method, path, body, timeout)).json())
+
+    async def _send(self, method: str, path: str, body: Any, timeout: Timeout, stream: bool = False) -> httpx.Response:
+        request = self._http.build_request(
+            method, path, json=body, timeout=timeout if timeout is not None else self.timeout
+        )
+        attempt = 0
+        while True:
+            headers = None
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if not should_retry(attempt, self.retry, exc):
+                    raise transport_error(exc) from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                error, headers = from_response(response), response.headers
+                if not should_retry(attempt, self.retry, error):
+                    raise error
+            await asyncio.sleep(self.retry.delay(attempt, headers))
+            attempt += 1
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
