@@ -22,7 +22,18 @@ class EngineConfig:
     state_memory: int | float = 0.5
     max_waiting_requests: int = 4096  # beyond this add_request raises QueueFullError (HTTP 429)
     max_model_len: int | None = None  # longest prompt + output accepted; None = no limit (states do not grow)
-    enable_prefix_caching: bool = False  # prefix-state cache (lands with the prefix issue)
+    # Prefix-state cache: snapshots of whole states at exact token positions, reused by later prompts
+    # with the same prefix (one row copy per hit). On by default, as in vLLM: a hit is exact (the state
+    # after the same tokens), so outputs do not change, and without sharing it costs a row copy at the
+    # end of a prompt or request and memory the budget leaves after the running slots.
+    enable_prefix_caching: bool = True
+    # Global prefix grouping (BatchLLM on states): shared prefixes among all waiting prompts are
+    # prefilled once and their groups admitted together, ordered by decode-to-prefill ratio. False
+    # keeps arrival order and only reuses what earlier requests left in the cache.
+    prefix_grouping: bool = True
+    # Snapshot rows at most. They come out of state_memory after the max_num_seqs running slots:
+    # rows = min(budget // state_bytes_per_request - slots, max_cached_states).
+    max_cached_states: int = 256
     seed: int = 0  # the engine's generator for requests without their own seed
     linearize: str | None = None  # "liger-gla": load a Llama/Qwen2/Mistral checkpoint as Liger-GLA
     merge_lora: str | None = None  # a PEFT LoRA directory merged into the weights at load
@@ -53,5 +64,5 @@ class EngineConfig:
             raise ValueError(f"expected state_memory >= 1 byte, got {self.state_memory}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"expected max_model_len >= 2 or None, got {self.max_model_len}")
-        if self.enable_prefix_caching:
-            raise ValueError("enable_prefix_caching is not available yet: the prefix-state cache lands with its issue")
+        if self.max_cached_states < 0:
+            raise ValueError(f"expected max_cached_states >= 0, got {self.max_cached_states}")

@@ -10,6 +10,7 @@ import torch
 from linrec.engine.config import EngineConfig
 from linrec.engine.cuda_graphs import DecodeGraphs
 from linrec.engine.output import OutputProcessor, SampleDelta
+from linrec.engine.prefix_cache import PrefixCache, PrefixKey
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.runner import Runner
 from linrec.engine.sampling_params import SamplingParams
@@ -49,6 +50,17 @@ class EngineStats:
     num_slots_used: int
     num_slots_total: int
     state_bytes_per_request: int  # constant in context length
+    # Prefix-state cache (zeros when it is off); counters are cumulative.
+    prefix_cache_queries: int = 0  # prompts looked up
+    prefix_cache_hits: int = 0  # prompts that loaded a snapshot
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up
+    prefix_cache_hit_tokens: int = 0  # prompt tokens loaded instead of prefilled (prefill saved)
+    prefill_tokens_computed: int = 0  # prompt tokens fed to the model
+    prefix_cache_states: int = 0  # snapshots held
+    prefix_cache_state_bytes: int = 0  # their bytes
+    prefix_cache_rows_total: int = 0  # snapshot rows in the pool
+    prefix_cache_saves: int = 0  # snapshots taken
+    prefix_cache_evictions: int = 0  # snapshots evicted
 
 
 class EngineCore:
@@ -72,15 +84,25 @@ class EngineCore:
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = self.model.config.vocab_size
         bytes_per_request = self.bytes_per_request = self.model.state_bytes_per_request()
-        num_slots = min(config.max_num_seqs, num_slots_for_budget(config.state_memory, bytes_per_request, self.device))
-        self.pool = StatePool(self.model, num_slots, self.device)
+        # One budget buys rows: running slots first, snapshot rows from what is left.
+        num_rows = num_slots_for_budget(config.state_memory, bytes_per_request, self.device)
+        num_slots = min(config.max_num_seqs, num_rows)
+        num_snapshot_rows = min(num_rows - num_slots, config.max_cached_states) if config.enable_prefix_caching else 0
+        self.pool = StatePool(self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows)
         self.eos_token_ids = eos_token_ids_of(self.tokenizer, self.model)
+        self.prefix_cache = (
+            PrefixCache(self.pool.snapshot_rows, bytes_per_request) if config.enable_prefix_caching else None
+        )
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.model_key = f"{self.model_path}|{dtype}|{config.linearize}|{config.merge_lora}"
         self.scheduler = Scheduler(
             num_slots=num_slots,
             max_num_seqs=min(config.max_num_seqs, num_slots),
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_waiting_requests=config.max_waiting_requests,
             eos_token_ids=self.eos_token_ids,
+            prefix_cache=self.prefix_cache,
+            group_prefixes=config.prefix_grouping,
         )
         decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -91,10 +113,11 @@ class EngineCore:
         )
         self.outputs = OutputProcessor(self.tokenizer)
         logger.info(
-            "linrec engine: %s on %s, %d state slots x %d bytes (constant per request)",
+            "linrec engine: %s on %s, %d state slots + %d prefix snapshot rows x %d bytes (constant per request)",
             self.model_path,
             self.device,
             num_slots,
+            num_snapshot_rows,
             bytes_per_request,
         )
 
@@ -115,9 +138,10 @@ class EngineCore:
         if bad_bias:
             raise ValueError(f"expected logit_bias token ids in [0, {self.vocab_size}), got {bad_bias[0]}")
         prompt = [int(t) for t in prompt_token_ids]
-        parent = Request(request_id, prompt, params)
+        key = PrefixKey(self.model_key, cache_salt=params.cache_salt) if self.prefix_cache is not None else None
+        parent = Request(request_id, prompt, params, cache_key=key)
         parent.children = [
-            Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id)
+            Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key)
             for i in range(1, params.n)
         ]
         self.scheduler.add_request(parent)
@@ -136,12 +160,24 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         allocator = self.scheduler.allocator
+        prefix = self.scheduler.prefix_stats
+        cache = self.prefix_cache
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             num_slots_used=allocator.num_used,
             num_slots_total=allocator.num_slots,
             state_bytes_per_request=self.bytes_per_request,
+            prefix_cache_queries=prefix.num_queries,
+            prefix_cache_hits=prefix.num_hits,
+            prefix_cache_query_tokens=prefix.num_query_tokens,
+            prefix_cache_hit_tokens=prefix.num_hit_tokens,
+            prefill_tokens_computed=prefix.num_prefill_tokens,
+            prefix_cache_states=cache.num_snapshots if cache else 0,
+            prefix_cache_state_bytes=cache.snapshot_bytes if cache else 0,
+            prefix_cache_rows_total=cache.num_rows if cache else 0,
+            prefix_cache_saves=cache.num_saves if cache else 0,
+            prefix_cache_evictions=cache.num_evictions if cache else 0,
         )
 
     def step(self) -> list[SampleDelta]:

@@ -44,7 +44,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         state_memory: int | float = 0.5,
-        enable_prefix_caching: bool = False,
+        enable_prefix_caching: bool = True,
         progress: bool = False,
         **kwargs: Any,
     ):

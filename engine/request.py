@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from linrec.engine.prefix_cache import PrefixKey
 from linrec.engine.sampling_params import SamplingParams
 
 
@@ -39,6 +40,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose effect is folded into the state in slot_id
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_scheduled_time: float | None = None  # time.monotonic() when it got a slot (queue time ends)
+    cache_key: PrefixKey | None = None  # prefix-cache namespace (model, adapter, route, salt); None = not cached
+    num_cached_tokens: int = 0  # prompt tokens loaded from a prefix snapshot instead of prefilled
 
     @property
     def num_prompt_tokens(self) -> int:

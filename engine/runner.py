@@ -39,12 +39,16 @@ class Runner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         for request_id in out.finished_request_ids:
             self._generators.pop(request_id, None)
+        # Order matters: end states leave their freed slots before those slots are reset or loaded.
+        self.pool.copy_rows(out.end_saves)
         self.pool.reset(out.slots_to_reset)
+        self.pool.copy_rows(out.loads)
         if out.is_empty:
             return StepResult({})
         hidden = self._forward(out.sequences)  # [B, D]: each sequence's last token
         for src, dsts in out.forks:
             self.pool.copy(src, dsts)
+        self.pool.copy_rows(out.saves)
         if not out.samples:
             return StepResult({})
         rows = torch.tensor([index for _, index in out.samples], dtype=torch.int64, device=self.device)

@@ -24,6 +24,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     skip_special_tokens: bool = True  # drop special tokens from the text
+    # Not a sampling knob, but it rides with the request: prefix-cache states are shared only between
+    # requests with the same salt (vLLM's `cache_salt`), so tenants cannot probe each other's prompts.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise list inputs so that the dataclass stays hashable and immutable.
@@ -54,6 +57,8 @@ class SamplingParams:
             raise ValueError(f"expected 0 <= min_tokens <= max_tokens={self.max_tokens}, got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"expected logprobs >= 0 or None, got {self.logprobs}")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ValueError("expected a non-empty cache_salt or None, got an empty string")
         if any(not s for s in self.stop):
             raise ValueError("expected non-empty stop strings, got an empty one")
 

@@ -3,16 +3,34 @@
 One engine step is schedule() -> runner.execute() -> update(). Only the scheduler changes a
 request's status or allocates and frees slots; everything it hands the runner is plain data.
 A recurrent request never grows, so there is no preemption: admission is "is there a free slot".
+
+With a PrefixCache the scheduler also decides where states are saved and loaded (see prefix_cache.py):
+- a request admitted with a hit loads the snapshot into its slot and prefills from the next token
+  (a hit is capped at the prompt's length - 1: the last prompt token is always fed, for its logits);
+- a prefill chunk is cut at the request's claimed branch points, so the snapshot lands at the exact
+  token where prompts diverge; chunk ends, prompt ends and finished requests' end states are saved
+  when a row is free or worth less;
+- with `group_prefixes` (BatchLLM on states) every waiting prompt's path is in the tree from the moment
+  it arrives: the first of a group to be admitted claims the shared branch points and prefills them
+  once, the others wait (blocked, holding nothing) for those snapshots and run right after, and the
+  queue is ordered by decode-to-prefill ratio (max_tokens x n over uncached prompt tokens), largest first.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.state_pool import SlotAllocator
+
+# A snapshot must save at least this many tokens beyond the one a request would otherwise start from:
+# below it a row copy and (with grouping) a wait for the leader cost more than recomputing.
+MIN_SNAPSHOT_TOKENS = 16
 
 
 class QueueFullError(RuntimeError):
@@ -39,6 +57,13 @@ class SchedulerOutput:
     # Forking children sample from their parent's row, each with its own generator.
     samples: list[tuple[Request, int]]
     finished_request_ids: list[str]  # finished since the last step (the runner drops their generators)
+    # Prefix-state cache row copies, in the runner's order: end_saves (slot -> snapshot row: the end
+    # states of requests finished since the last step, whose slots are not reused before this copy),
+    # then resets, then loads (snapshot row -> slot: prefix hits), the forward, forks, then saves
+    # (slot -> snapshot row: states at this step's chunk ends).
+    end_saves: list[tuple[int, int]] = field(default_factory=list)
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    saves: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -67,6 +92,29 @@ class RequestUpdate:
     finished: bool
 
 
+@dataclass
+class PrefixStats:
+    """Cumulative prefix-cache counters (vLLM counts queries and hits in tokens; we keep both)."""
+
+    num_queries: int = 0  # prompts looked up (at admission)
+    num_hits: int = 0  # prompts that loaded a snapshot
+    num_query_tokens: int = 0  # prompt tokens looked up
+    num_hit_tokens: int = 0  # prompt tokens loaded from snapshots instead of prefilled (prefill saved)
+    num_prefill_tokens: int = 0  # prompt tokens actually fed to the model (with or without a cache)
+
+
+@dataclass
+class _PrefixPlan:
+    """The scheduler's prefix bookkeeping for one prompt (the parent of its n samples)."""
+
+    key: PrefixKey
+    priority: tuple[float, int]  # the waiting list's sort key: (-decode/prefill ratio, arrival order)
+    path: RadixNode | None = None  # this prompt's live path prompt[:-1] in the tree, until its prefill ends
+    claims: dict[int, RadixNode] = field(default_factory=dict)  # depth -> node it saves at (chunks cut there)
+    pinned: RadixNode | None = None  # the snapshot a readied follower will load (pinned until admitted)
+    blocked_on: RadixNode | None = None  # waiting for this node's snapshot; not in any queue meanwhile
+
+
 class Scheduler:
     def __init__(
         self,
@@ -75,6 +123,9 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_waiting_requests: int,
         eos_token_ids: tuple[int, ...] = (),
+        prefix_cache: PrefixCache | None = None,
+        group_prefixes: bool = False,
+        min_snapshot_tokens: int = MIN_SNAPSHOT_TOKENS,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -86,10 +137,22 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting_requests = max_waiting_requests
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Request] = deque()
+        # Admission order: arrival, or (group_prefixes) decode-to-prefill ratio. A list, for bisect.
+        self.waiting: list[Request] = []
         self.running: list[Request] = []  # holds slots; in admission order
         self.requests: dict[str, Request] = {}  # every unfinished request, children included
         self._finished_since_step: list[str] = []
+        self.cache = prefix_cache
+        self.group_prefixes = group_prefixes and prefix_cache is not None
+        self.min_snapshot_tokens = min_snapshot_tokens
+        self.prefix_stats = PrefixStats()
+        self._plans: dict[str, _PrefixPlan] = {}  # parent request id -> its plan (cached requests only)
+        self._ready: deque[Request] = deque()  # followers whose snapshot landed: admitted before `waiting`
+        self._num_blocked = 0  # followers parked on a pending snapshot
+        self._arrivals = itertools.count()
+        self._end_saves: list[tuple[int, int]] = []  # end states to copy at the start of the next step
+        self._step_pins: list[RadixNode] = []  # snapshots loaded this step: unpinned in update()
+        self._step_saves: list[RadixNode] = []  # snapshots written this step: ready in update()
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -97,17 +160,33 @@ class Scheduler:
         """Queue a prompt; an n > 1 prompt must arrive as one parent with its children attached."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if len(self.waiting) >= self.max_waiting_requests:
+        if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"waiting queue is full ({self.max_waiting_requests} requests)")
         if 1 + len(request.children) > min(self.max_num_seqs, self.allocator.num_slots):
             raise ValueError(
                 f"n={1 + len(request.children)} samples need that many state slots at once, but at most "
                 f"{min(self.max_num_seqs, self.allocator.num_slots)} requests can run together"
             )
-        self.waiting.append(request)
         self.requests[request.request_id] = request
         for child in request.children:
             self.requests[child.request_id] = child
+        if self.cache is None or request.cache_key is None:
+            self.waiting.append(request)
+            return
+        plan = _PrefixPlan(request.cache_key, (0.0, next(self._arrivals)))
+        self._plans[request.request_id] = plan
+        if not self.group_prefixes:
+            self.waiting.append(request)
+            return
+        # Global grouping: the path joins the tree now, so that whoever of a group is admitted first
+        # sees every other waiting prompt that shares its prefix.
+        prompt = request.prompt_token_ids
+        plan.path = self.cache.insert_path(plan.key, prompt[:-1])
+        info = self.cache.path_info(plan.key, prompt, len(prompt) - 1)
+        shared = max([info.hit_depth] + [n.depth for n in info.branches] + [info.pending.depth if info.pending else 0])
+        ratio = request.sampling_params.max_tokens * (1 + len(request.children)) / max(1, len(prompt) - shared)
+        plan.priority = (-ratio, plan.priority[1])
+        bisect.insort(self.waiting, request, key=lambda r: self._plans[r.request_id].priority)
 
     def abort(self, request_ids: list[str]) -> None:
         """Cancel requests; their slots are free for the very next schedule()."""
@@ -121,11 +200,15 @@ class Scheduler:
         if request.status.is_finished:
             return
         if request.status is RequestStatus.WAITING:
-            if request in self.waiting:
-                self.waiting.remove(request)
+            self._unqueue(request)
         elif request in self.running:
             self.running.remove(request)
+        plan = self._plans.pop(request.request_id, None)
+        if plan is not None:
+            self._drop_plan(request, plan)
         if request.slot_id:
+            if request.status is RequestStatus.RUNNING and request.num_computed_tokens > 0:
+                self._save_end_state(request)
             self.allocator.free(request.slot_id)
             request.slot_id = 0
         request.status = status
@@ -142,7 +225,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self._ready) + self._num_blocked
 
     @property
     def num_running(self) -> int:
@@ -164,30 +247,49 @@ class Scheduler:
             if budget <= 0:
                 break
             if request.is_prefilling:
-                num_tokens = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
+                num_tokens = self._chunk_len(request, budget)
                 sequences.append(self._sequence(request, num_tokens))
                 budget -= num_tokens
         # Then admit waiting prompts while there are slots (n of them for an n-sample prompt).
-        while self.waiting and budget > 0:
-            request = self.waiting[0]
+        loads: list[tuple[int, int]] = []
+        while budget > 0:
+            request = self._ready[0] if self._ready else (self.waiting[0] if self.waiting else None)
+            if request is None:
+                break
             num_samples = 1 + len(request.children)
             if (
                 self.allocator.num_free < num_samples
                 or len(self.running) + self._num_reserved() + num_samples > self.max_num_seqs
             ):
                 break
-            self.waiting.popleft()
+            plan = self._plans.get(request.request_id)
+            hit: RadixNode | None = None
+            if plan is not None:
+                hit, wait_on = self._plan_admission(request, plan)
+                if wait_on is not None:
+                    self._unqueue(request)
+                    self._block(request, plan, wait_on)
+                    continue
+            self._unqueue(request)
             request.slot_id = self.allocator.allocate()
-            slots_to_reset.append(request.slot_id)
+            if hit is not None:
+                loads.append((hit.row, request.slot_id))
+                request.num_computed_tokens = request.num_cached_tokens = hit.depth
+            else:
+                slots_to_reset.append(request.slot_id)
             for child in request.children:
                 child.slot_id = self.allocator.allocate()  # reserved; filled by the fork, not zeroed
             request.status = RequestStatus.RUNNING
             request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            num_tokens = min(request.num_prompt_tokens, budget)
+            num_tokens = self._chunk_len(request, budget)
             sequences.append(self._sequence(request, num_tokens))
             budget -= num_tokens
 
+        saves = self._plan_saves(sequences) if self.cache is not None else []
+        for seq in sequences:
+            if seq.start_position < seq.request.num_prompt_tokens:
+                self.prefix_stats.num_prefill_tokens += len(seq.token_ids)
         forks: list[tuple[int, list[int]]] = []
         samples: list[tuple[Request, int]] = []
         for index, seq in enumerate(sequences):
@@ -199,12 +301,18 @@ class Scheduler:
                 forks.append((seq.slot_id, [c.slot_id for c in children]))
                 samples.extend((child, index) for child in children)
         finished, self._finished_since_step = self._finished_since_step, []
-        return SchedulerOutput(sequences, slots_to_reset, forks, samples, finished)
+        end_saves, self._end_saves = self._end_saves, []
+        return SchedulerOutput(sequences, slots_to_reset, forks, samples, finished, end_saves, loads, saves)
 
     def update(self, output: SchedulerOutput, result: StepResult) -> list[RequestUpdate]:
         """Fold the step's results in: advance states, append tokens, check stops, free slots."""
+        if self.cache is not None:
+            self._land_snapshots()
         for seq in output.sequences:
             seq.request.num_computed_tokens += len(seq.token_ids)
+            plan = self._plans.get(seq.request.request_id)
+            if plan is not None and plan.path is not None and not seq.request.is_prefilling:
+                self._release_path(plan)  # the prompt is in the state: its path no longer needs holding
         for request, _index in output.samples:
             if request.parent_id is not None and request.status is RequestStatus.WAITING:
                 # A child whose slot now holds its parent's prefilled prompt. All children start
@@ -247,3 +355,181 @@ class Scheduler:
     def _num_reserved(self) -> int:
         """Slots held by children that have not forked yet (they count against max_num_seqs)."""
         return sum(1 for r in self.running for c in r.children if c.status is RequestStatus.WAITING)
+
+    # -- prefix-state cache ------------------------------------------------------------------------
+
+    def _chunk_len(self, request: Request, budget: int) -> int:
+        """Prompt tokens to feed this step: what the budget allows, cut at the next claimed branch point."""
+        num_tokens = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
+        plan = self._plans.get(request.request_id)
+        if plan is not None and plan.claims:
+            next_point = min(plan.claims)  # claims lie beyond num_computed_tokens: landed ones are removed
+            num_tokens = min(num_tokens, next_point - request.num_computed_tokens)
+        return num_tokens
+
+    def _plan_admission(self, request: Request, plan: _PrefixPlan) -> tuple[RadixNode | None, RadixNode | None]:
+        """At admission: (snapshot to load or None, pending snapshot to wait for or None). Claims the
+        branch points beyond the hit that nobody else will save."""
+        cache, prompt = self.cache, request.prompt_token_ids
+        if plan.path is None and not self.group_prefixes:
+            plan.path = cache.insert_path(plan.key, prompt[:-1])
+        info = cache.path_info(plan.key, prompt, len(prompt) - 1, request.request_id)
+        if self.group_prefixes and info.pending is not None:
+            if info.pending.depth - info.hit_depth >= self.min_snapshot_tokens:
+                return None, info.pending
+        if plan.pinned is not None:
+            plan.pinned.pins -= 1
+            plan.pinned = None
+        stats = self.prefix_stats
+        stats.num_queries += 1
+        stats.num_query_tokens += len(prompt)
+        hit = info.hit
+        if hit is not None:
+            cache.touch(hit)
+            hit.pins += 1  # until update(): a later admission this step must not evict it
+            self._step_pins.append(hit)
+            stats.num_hits += 1
+            stats.num_hit_tokens += hit.depth
+        last = info.hit_depth
+        for node in info.branches:
+            if node.claimed_by is None and node.depth - last >= self.min_snapshot_tokens:
+                node.claimed_by = request.request_id
+                plan.claims[node.depth] = node
+                last = node.depth
+        return hit, None
+
+    def _plan_saves(self, sequences: list[ScheduledSequence]) -> list[tuple[int, int]]:
+        """Snapshot rows to write after this step's forward: claimed branch points reached by this chunk
+        (always, evicting if need be) and other chunk or prompt ends (when a row is free or worth less)."""
+        cache = self.cache
+        saves: list[tuple[int, int]] = []
+        for seq in sequences:
+            request = seq.request
+            plan = self._plans.get(request.request_id)
+            if plan is None or seq.start_position >= request.num_prompt_tokens:
+                continue
+            end = seq.start_position + len(seq.token_ids)
+            tokens = request.prompt_token_ids[:end]
+            node = plan.claims.pop(end, None)
+            if node is not None:
+                row = cache.allocate_row()
+                saved = cache.save(plan.key, tokens, row, is_ready=False) if row is not None else None
+                if saved is None:
+                    self._drop_claim(node)
+                    continue
+            else:
+                gain = end - self._deepest_state_on_path(plan.key, tokens)
+                if gain < self.min_snapshot_tokens:
+                    continue
+                row = cache.allocate_row(min_value=gain / cache.state_bytes)
+                if row is None:
+                    continue
+                saved = cache.save(plan.key, tokens, row, is_ready=False)
+                if saved is None:
+                    continue
+            self._step_saves.append(saved)
+            saves.append((request.slot_id, saved.row))
+        return saves
+
+    def _deepest_state_on_path(self, key: PrefixKey, tokens: list[int]) -> int:
+        """Depth of the deepest snapshot (written or on its way) on the path of tokens, 0 if none."""
+        depth = 0
+        for node in self.cache.walk(key, tokens, len(tokens)):
+            if node.row is not None or node.is_pending:
+                depth = node.depth
+        return depth
+
+    def _land_snapshots(self) -> None:
+        """After the runner wrote this step's saves: they become loadable, their followers queue up first."""
+        for node in self._step_pins:
+            node.pins -= 1
+        self._step_pins = []
+        for node in self._step_saves:
+            node.is_ready = True
+            node.claimed_by = None
+            self._release_followers(node, pin=True)
+        self._step_saves = []
+
+    def _save_end_state(self, request: Request) -> None:
+        """Keep a finishing request's state as a snapshot (multi-turn chat resumes from it). The state
+        holds the tokens fed so far: for a finished sample, prompt + output[:-1] (the last sampled token
+        was never fed)."""
+        if self.cache is None or request.cache_key is None:
+            return
+        tokens = (request.prompt_token_ids + request.output_token_ids)[: request.num_computed_tokens]
+        gain = len(tokens) - self._deepest_state_on_path(request.cache_key, tokens)
+        if gain < self.min_snapshot_tokens:
+            return
+        row = self.cache.allocate_row(min_value=gain / self.cache.state_bytes)
+        if row is None:
+            return
+        # Ready at once: the copy runs first thing in the next step, before any load can read the row
+        # and before the freed slot is reset for its next owner.
+        if self.cache.save(request.cache_key, tokens, row, is_ready=True) is not None:
+            # The row may have been evicted from an end state saved since the last step: last one wins.
+            self._end_saves = [pair for pair in self._end_saves if pair[1] != row]
+            self._end_saves.append((request.slot_id, row))
+
+    def _unqueue(self, request: Request) -> None:
+        """Take a waiting request out of whichever queue holds it (ready, sorted waiting, or blocked)."""
+        if self._ready and self._ready[0] is request:
+            self._ready.popleft()
+            return
+        plan = self._plans.get(request.request_id)
+        if plan is not None and plan.blocked_on is not None:
+            plan.blocked_on.followers.remove(request)
+            plan.blocked_on = None
+            self._num_blocked -= 1
+            return
+        if request in self._ready:
+            self._ready.remove(request)
+            return
+        if self.waiting and self.waiting[0] is request:
+            del self.waiting[0]
+            return
+        if plan is not None and self.group_prefixes:
+            index = bisect.bisect_left(self.waiting, plan.priority, key=lambda r: self._plans[r.request_id].priority)
+            if index < len(self.waiting) and self.waiting[index] is request:
+                del self.waiting[index]
+                return
+        if request in self.waiting:
+            self.waiting.remove(request)
+
+    def _block(self, request: Request, plan: _PrefixPlan, node: RadixNode) -> None:
+        if plan.pinned is not None:
+            plan.pinned.pins -= 1
+            plan.pinned = None
+        node.followers.append(request)
+        plan.blocked_on = node
+        self._num_blocked += 1
+
+    def _release_followers(self, node: RadixNode, pin: bool) -> None:
+        """The snapshot landed (pin: it stays until each follower loaded it) or will not come (no pin)."""
+        for follower in node.followers:
+            plan = self._plans[follower.request_id]
+            plan.blocked_on = None
+            if pin:
+                node.pins += 1
+                plan.pinned = node
+            self._ready.append(follower)
+        self._num_blocked -= len(node.followers)
+        node.followers = []
+
+    def _drop_claim(self, node: RadixNode) -> None:
+        node.claimed_by = None
+        self._release_followers(node, pin=False)
+
+    def _release_path(self, plan: _PrefixPlan) -> None:
+        for node in plan.claims.values():
+            self._drop_claim(node)
+        plan.claims.clear()
+        self.cache.release_path(plan.path)
+        plan.path = None
+
+    def _drop_plan(self, request: Request, plan: _PrefixPlan) -> None:
+        """A request ends: its claims, pins and path go."""
+        if plan.pinned is not None:
+            plan.pinned.pins -= 1
+            plan.pinned = None
+        if plan.path is not None:
+            self._release_path(plan)

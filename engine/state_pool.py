@@ -44,18 +44,33 @@ def num_slots_for_budget(state_memory: int | float, bytes_per_request: int, devi
 
 
 class StatePool:
-    """Owns every layer's state tensors, shaped [num_slots + 1, ...]; row 0 is the null slot.
+    """Owns every layer's state tensors, shaped [1 + num_slots + num_snapshot_rows, ...].
 
-    The pool only stores and copies; which slot belongs to whom is the SlotAllocator's business.
+    Row 0 is the null slot; rows 1..num_slots are request slots; the rows after them hold prefix-cache
+    snapshots, so slots and snapshots are one allocation from one memory budget and a hit or a save is
+    a row-to-row copy inside the same tensors. The pool only stores and copies; which row belongs to
+    whom is the SlotAllocator's and the PrefixCache's business.
     """
 
-    def __init__(self, model: CausalLM, num_slots: int, device: torch.device):
+    def __init__(self, model: CausalLM, num_slots: int, device: torch.device, num_snapshot_rows: int = 0):
         if num_slots < 1:
             raise ValueError(f"expected num_slots >= 1, got {num_slots}")
+        if num_snapshot_rows < 0:
+            raise ValueError(f"expected num_snapshot_rows >= 0, got {num_snapshot_rows}")
         self.num_slots = num_slots
+        self.num_snapshot_rows = num_snapshot_rows
         self.bytes_per_request = model.state_bytes_per_request()
-        # Per layer: name -> [num_slots + 1, *shape]; models read and write rows by slot id.
-        self.layers: list[LayerState] = model.allocate_state(num_slots + 1, device)
+        # Per layer: name -> [num_rows, *shape]; models read and write rows by slot id.
+        self.layers: list[LayerState] = model.allocate_state(self.num_rows, device)
+
+    @property
+    def num_rows(self) -> int:
+        return 1 + self.num_slots + self.num_snapshot_rows
+
+    @property
+    def snapshot_rows(self) -> list[int]:
+        """Row ids reserved for prefix-cache snapshots."""
+        return list(range(1 + self.num_slots, self.num_rows))
 
     @property
     def total_bytes(self) -> int:
@@ -80,6 +95,21 @@ class StatePool:
                 # The source row is cloned: index_copy_ refuses a source that aliases its destination.
                 source = tensor[src_slot].clone().unsqueeze(0).expand(len(dst_slots), *tensor.shape[1:])
                 tensor.index_copy_(0, index, source)
+
+    def copy_rows(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy every layer's state row src -> dst for each (src, dst) pair (prefix loads and saves).
+
+        All sources are read before any destination is written, so a pair may read a row another
+        pair of the same call writes."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=self._device)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=self._device)
+        if len(set(p[1] for p in pairs)) != len(pairs):
+            raise ValueError(f"expected distinct destination rows, got {[p[1] for p in pairs]}")
+        for layer in self.layers:
+            for tensor in layer.values():
+                tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
     @property
     def _device(self) -> torch.device:
