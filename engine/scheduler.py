@@ -28,9 +28,13 @@ from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.state_pool import SlotAllocator
 
-# A snapshot must save at least this many tokens beyond the one a request would otherwise start from:
-# below it a row copy and (with grouping) a wait for the leader cost more than recomputing.
+# A branch point is claimed (the leader's chunk cut there, followers waiting one step for it) only if it
+# saves at least this many tokens beyond the snapshot a request would otherwise start from: below it the
+# extra step costs more latency than recomputing costs compute.
 MIN_SNAPSHOT_TOKENS = 16
+# Chunk ends, prompt ends and end states are saved (a row copy, no wait) from this many new tokens on;
+# the eviction by value sorts out which of them stay.
+MIN_SAVE_TOKENS = 4
 
 
 class QueueFullError(RuntimeError):
@@ -126,6 +130,7 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         group_prefixes: bool = False,
         min_snapshot_tokens: int = MIN_SNAPSHOT_TOKENS,
+        min_save_tokens: int = MIN_SAVE_TOKENS,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -145,6 +150,7 @@ class Scheduler:
         self.cache = prefix_cache
         self.group_prefixes = group_prefixes and prefix_cache is not None
         self.min_snapshot_tokens = min_snapshot_tokens
+        self.min_save_tokens = min_save_tokens
         self.prefix_stats = PrefixStats()
         self._plans: dict[str, _PrefixPlan] = {}  # parent request id -> its plan (cached requests only)
         self._ready: deque[Request] = deque()  # followers whose snapshot landed: admitted before `waiting`
@@ -419,7 +425,7 @@ class Scheduler:
                     continue
             else:
                 gain = end - self._deepest_state_on_path(plan.key, tokens)
-                if gain < self.min_snapshot_tokens:
+                if gain < self.min_save_tokens:
                     continue
                 row = cache.allocate_row(min_value=gain / cache.state_bytes)
                 if row is None:
@@ -458,7 +464,7 @@ class Scheduler:
             return
         tokens = (request.prompt_token_ids + request.output_token_ids)[: request.num_computed_tokens]
         gain = len(tokens) - self._deepest_state_on_path(request.cache_key, tokens)
-        if gain < self.min_snapshot_tokens:
+        if gain < self.min_save_tokens:
             return
         row = self.cache.allocate_row(min_value=gain / self.cache.state_bytes)
         if row is None:
