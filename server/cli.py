@@ -78,6 +78,8 @@ ENGINE_ARG_FIELDS = (
     "max_waiting_requests",
     "max_model_len",
     "enable_prefix_caching",
+    "prefix_grouping",
+    "max_cached_states",
     "seed",
     "enforce_eager",
 )
@@ -107,8 +109,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--enable-prefix-caching",
         dest="enable_prefix_caching",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="prefix-state cache",
+        default=True,
+        help="prefix-state cache: reuse state snapshots of shared prompt prefixes (exact; on by default)",
+    )
+    group.add_argument(
+        "--prefix-grouping",
+        dest="prefix_grouping",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefill each prefix shared by waiting prompts once and run its group together (BatchLLM-style)",
+    )
+    group.add_argument(
+        "--max-cached-states",
+        dest="max_cached_states",
+        type=int,
+        default=256,
+        help="prefix snapshot rows at most (taken from --state-memory after the running slots)",
     )
     group.add_argument("--seed", type=int, default=0, help="the engine generator's seed (requests may carry their own)")
     group.add_argument(

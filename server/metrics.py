@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from linrec.engine.core import EngineStats
@@ -60,9 +60,31 @@ class _EngineCollector(Collector):
                 "Bytes of recurrent state per request (constant).",
                 stats.state_bytes_per_request,
             ),
+            ("prefix_cache_states", "Prefix-cache state snapshots held.", stats.prefix_cache_states),
+            ("prefix_cache_state_bytes", "Bytes held by prefix-cache snapshots.", stats.prefix_cache_state_bytes),
+            ("prefix_cache_rows_total", "Snapshot rows the prefix cache may use.", stats.prefix_cache_rows_total),
         )
         for name, doc, value in rows:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self._model_name], value)
+            yield family
+        # Cumulative counters (exposed with the _total suffix); vLLM counts queries and hits in tokens.
+        counters = (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_query_tokens),
+            ("prefix_cache_hits", "Prompt tokens loaded from prefix-cache snapshots.", stats.prefix_cache_hit_tokens),
+            ("prefix_cache_request_queries", "Prompts looked up in the prefix cache.", stats.prefix_cache_queries),
+            ("prefix_cache_request_hits", "Prompts that loaded a prefix-cache snapshot.", stats.prefix_cache_hits),
+            (
+                "prefix_cache_prefill_tokens_saved",
+                "Prompt tokens not prefilled thanks to the prefix cache.",
+                stats.prefix_cache_hit_tokens,
+            ),
+            ("prefill_tokens_computed", "Prompt tokens fed to the model.", stats.prefill_tokens_computed),
+            ("prefix_cache_saves", "Prefix-cache snapshots taken.", stats.prefix_cache_saves),
+            ("prefix_cache_evictions", "Prefix-cache snapshots evicted.", stats.prefix_cache_evictions),
+        )
+        for name, doc, value in counters:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self._model_name], value)
             yield family
 

@@ -2,8 +2,8 @@
 
 Requests ignore unknown fields, as OpenAI's server does for fields it has retired; ranges that OpenAI
 documents are enforced here so that a bad value is a 400 before the engine sees it. Extras beyond
-OpenAI's API (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids) carry
-vLLM's names.
+OpenAI's API (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, cache_salt)
+carry vLLM's names.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # vLLM's name: prefix-cache states are shared only between requests with the same salt (tenant isolation).
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None
 
 
 class CompletionRequest(_SamplingRequest):

@@ -139,6 +139,7 @@ class OpenAIServing:
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
+                cache_salt=req.cache_salt,
             )
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
