@@ -311,7 +311,7 @@ BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of engine.benchmark.BEN
 
 
 def add_bench_commands(commands) -> None:
-    """`linrec bench throughput`, `kernels`, `decode` (room for `prefix`): linrec beside a peer, in one run."""
+    """`linrec bench throughput`, `kernels`, `decode` and `prefix`: contenders side by side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -352,6 +352,36 @@ def add_bench_commands(commands) -> None:
     )
     throughput.add_argument("--json", action="store_true", help="print the result as JSON")
     throughput.set_defaults(handler=_run_bench_throughput)
+    prefix = kinds.add_parser(
+        "prefix",
+        help="shared-prefix workload: prefix cache off vs radix cache vs global grouping",
+        description="Groups of prompts sharing a long system prompt with short unique questions and short "
+        "outputs (greedy), all queued at once, run with the prefix cache off, as an LRU-style radix cache "
+        "(no grouping) and with global prefix grouping: throughput, prefill tokens computed, TTFT p50/p99.",
+    )
+    prefix.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="local checkpoint (Llama/Qwen2/Mistral are linearized to Liger-GLA); default: the tiny demo model "
+        "of --family",
+    )
+    prefix.add_argument("--family", default="mamba2", choices=DEMO_FAMILIES, help="demo model without --model")
+    prefix.add_argument("--num-groups", dest="num_groups", type=int, default=2)
+    prefix.add_argument("--prompts-per-group", dest="prompts_per_group", type=int, default=8)
+    prefix.add_argument("--prefix-len", dest="prefix_len", type=int, default=2048, help="shared system prompt tokens")
+    prefix.add_argument("--question-len", dest="question_len", type=int, default=32, help="unique tokens per prompt")
+    prefix.add_argument("--output-len", dest="output_len", type=int, default=8)
+    prefix.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64)
+    prefix.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
+    prefix.add_argument("--device", default="auto")
+    prefix.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    prefix.add_argument(
+        "--modes", default="off,radix,global", help="comma-separated subset of off, radix, global (in this order)"
+    )
+    prefix.add_argument("--seed", type=int, default=0, help="workload RNG")
+    prefix.add_argument("--json", action="store_true", help="print the result as JSON")
+    prefix.set_defaults(handler=_run_bench_prefix)
     add_decode_bench_commands(kinds)
     add_bench_serve_command(kinds)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
@@ -476,6 +506,28 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     except LoadTestError as exc:  # the server or locust would not run: its log tail, no traceback
         print(f"linrec: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_bench_prefix(args: argparse.Namespace) -> int:
+    from linrec.engine.bench_prefix import run_prefix_bench
+
+    result = run_prefix_bench(
+        args.model,
+        family=args.family,
+        num_groups=args.num_groups,
+        prompts_per_group=args.prompts_per_group,
+        prefix_len=args.prefix_len,
+        question_len=args.question_len,
+        output_len=args.output_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        seed=args.seed,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
 
 
 def add_serve_command(commands) -> None:
