@@ -100,6 +100,7 @@ class PrefixBenchResult:
     output_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    repeats: int  # runs per mode (fresh engine each); the fastest is reported
     num_distinct_tokens: int
     num_prompt_tokens: int
     num_threads: int
@@ -124,6 +125,7 @@ class PrefixBenchResult:
             f"+ question {self.question_len} tokens, output {self.output_len} (greedy, ignore_eos), shuffled, all "
             f"queued at once; {self.num_prompt_tokens} prompt tokens, {self.num_distinct_tokens} distinct",
             f"engine: max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.max_num_batched_tokens}; "
+            f"best of {self.repeats} interleaved runs per mode; "
             f"greedy outputs identical across modes: {'yes' if self.outputs_identical else 'NO'}",
             "",
             f"{'mode':<8} {'seconds':>8} {'tok/s':>9} {'vs off':>7} {'prefill tok':>12} {'/distinct':>10} "
@@ -181,6 +183,7 @@ def run_prefix_bench(
     kernel_backend: str = "auto",
     seed: int = 0,
     modes: tuple[str, ...] = MODES,
+    repeats: int = 3,
 ) -> PrefixBenchResult:
     """Run the shared-prefix workload under each mode (see the module docstring).
 
@@ -189,9 +192,10 @@ def run_prefix_bench(
     """
     import torch
 
-    from linrec.engine.llm import LLM
     from linrec.models.loader import read_hf_config
 
+    if repeats < 1:
+        raise ValueError(f"expected repeats >= 1, got {repeats}")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"expected modes among {MODES}, got {mode!r}")
@@ -210,41 +214,20 @@ def run_prefix_bench(
         workload = make_prefix_workload(
             num_groups, prompts_per_group, prefix_len, question_len, output_len, int(hf_config["vocab_size"]), seed
         )
-        warm = [[random.Random(seed + 1).randrange(int(hf_config["vocab_size"])) for _ in range(64)]]
-        results: list[ModeResult] = []
-        for mode in modes:
-            llm = LLM(
-                str(path),
-                device=device,
-                kernel_backend=kernel_backend,
-                linearize=linearize,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                enable_prefix_caching=mode != "off",
-                prefix_grouping=mode == "global",
-                seed=seed,
-            )
-            run_mode(llm, PrefixWorkload(warm, 2, 0))  # warm-up on tokens the workload does not share
-            before = llm.engine.stats()
-            seconds, ttft, token_ids = run_mode(llm, workload)
-            after = llm.engine.stats()
-            computed = after.prefill_tokens_computed - before.prefill_tokens_computed
-            num_tokens = workload.num_prompt_tokens + len(workload.prompts) * output_len
-            results.append(
-                ModeResult(
-                    mode=mode,
-                    seconds=seconds,
-                    tokens_per_s=num_tokens / seconds,
-                    requests_per_s=len(workload.prompts) / seconds,
-                    prefill_tokens_computed=computed,
-                    prefill_over_distinct=computed / workload.num_distinct_tokens,
-                    cache_hit_tokens=after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens,
-                    ttft_p50_s=percentile(ttft, 50),
-                    ttft_p99_s=percentile(ttft, 99),
-                    token_ids=token_ids,
-                )
-            )
-            del llm
+        # Warm-up: one prompt of the workload's length whose tokens nothing shares, so that every mode
+        # (the first one too) meets long prefills warm.
+        warm_rng = random.Random(seed + 1)
+        warm = [[warm_rng.randrange(int(hf_config["vocab_size"])) for _ in range(prefix_len + question_len)]]
+        # Each repeat runs every mode once on a fresh engine (a cold cache), modes interleaved so that
+        # load from other processes on a shared machine hits them alike; each mode keeps its fastest run.
+        best: dict[str, ModeResult] = {}
+        for _ in range(repeats):
+            for mode in modes:
+                result = _run_one(path, linearize, mode, workload, warm, device, kernel_backend, max_num_seqs,
+                                  max_num_batched_tokens, seed)  # fmt: skip
+                if mode not in best or result.seconds < best[mode].seconds:
+                    best[mode] = result
+        results = [best[mode] for mode in modes]
     return PrefixBenchResult(
         model=str(model) if model is not None else f"demo {family} (tiny, seeded random)",
         family=str(model_type),
@@ -255,9 +238,56 @@ def run_prefix_bench(
         output_len=output_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        repeats=repeats,
         num_distinct_tokens=workload.num_distinct_tokens,
         num_prompt_tokens=workload.num_prompt_tokens,
         num_threads=torch.get_num_threads(),
         outputs_identical=all(r.token_ids == results[0].token_ids for r in results),
         modes=results,
+    )
+
+
+def _run_one(
+    path: Path,
+    linearize: str | None,
+    mode: str,
+    workload: PrefixWorkload,
+    warm: list[list[int]],
+    device: str,
+    kernel_backend: str,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    seed: int,
+) -> ModeResult:
+    """One timed run of `mode` on a fresh engine, after a warm-up on tokens the workload does not share."""
+    from linrec.engine.llm import LLM
+
+    llm = LLM(
+        str(path),
+        device=device,
+        kernel_backend=kernel_backend,
+        linearize=linearize,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=mode != "off",
+        prefix_grouping=mode == "global",
+        seed=seed,
+    )
+    run_mode(llm, PrefixWorkload(warm, 2, 0))
+    before = llm.engine.stats()
+    seconds, ttft, token_ids = run_mode(llm, workload)
+    after = llm.engine.stats()
+    computed = after.prefill_tokens_computed - before.prefill_tokens_computed
+    num_tokens = workload.num_prompt_tokens + len(workload.prompts) * workload.output_len
+    return ModeResult(
+        mode=mode,
+        seconds=seconds,
+        tokens_per_s=num_tokens / seconds,
+        requests_per_s=len(workload.prompts) / seconds,
+        prefill_tokens_computed=computed,
+        prefill_over_distinct=computed / workload.num_distinct_tokens,
+        cache_hit_tokens=after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens,
+        ttft_p50_s=percentile(ttft, 50),
+        ttft_p99_s=percentile(ttft, 99),
+        token_ids=token_ids,
     )

@@ -379,6 +379,7 @@ def add_bench_commands(commands) -> None:
     prefix.add_argument(
         "--modes", default="off,radix,global", help="comma-separated subset of off, radix, global (in this order)"
     )
+    prefix.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode; the fastest is reported")
     prefix.add_argument("--seed", type=int, default=0, help="workload RNG")
     prefix.add_argument("--json", action="store_true", help="print the result as JSON")
     prefix.set_defaults(handler=_run_bench_prefix)
@@ -525,6 +526,7 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         kernel_backend=args.kernel_backend,
         seed=args.seed,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        repeats=args.repeats,
     )
     print(result.to_json() if args.json else result.format())
     return 0

@@ -21,7 +21,7 @@ def test_workload_shape_and_distinct_tokens():
 
 def test_cli_smoke_three_modes(demo_model_dir, capsys):
     argv = ["bench", "prefix", "--model", demo_model_dir("mamba2"), "--num-groups", "2", "--prompts-per-group"]
-    argv += ["3", "--prefix-len", "40", "--question-len", "6", "--output-len", "3", "--json"]
+    argv += ["3", "--prefix-len", "40", "--question-len", "6", "--output-len", "3", "--repeats", "1", "--json"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     modes = {m["mode"]: m for m in data["modes"]}
