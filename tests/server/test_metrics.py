@@ -102,7 +102,7 @@ def test_metrics_agree_with_the_responses(fresh_app) -> None:
     stats = llm.engine.stats()
     pool = llm.engine.pool
     assert value(s, "state_slots_total", **LABELS) == stats.num_slots_total == pool.num_slots
-    assert value(s, "state_bytes_per_request", **LABELS) == pool.total_bytes // (pool.num_slots + 1) > 0
+    assert value(s, "state_bytes_per_request", **LABELS) == pool.total_bytes // pool.num_rows > 0
     for gauge in ("state_slots_used", "num_requests_running", "num_requests_waiting"):
         assert value(s, gauge, **LABELS) == 0, gauge
 
