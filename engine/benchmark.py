@@ -184,16 +184,16 @@ class ThroughputResult:
             f"tried ({self.hf_batch_size}: {self.hf.num_generated_tokens} tokens computed, "
             f"{self.hf.num_output_tokens} counted as useful)",
             "",
-            f"{'':<36} {'seconds':>9} {'CPU s':>9} {'output tok/s':>13} {'total tok/s':>12}",
+            f"{'':<44} {'seconds':>9} {'CPU s':>9} {'output tok/s':>13} {'total tok/s':>12}",
         ]
         sides = [(self.linrec.name, self.linrec)]
         sides += [(f"{side.name} (batch {bs})", side) for bs, side in self.hf_runs or [(self.hf_batch_size, self.hf)]]
         for name, side in sides:
             rates = f"{side.output_tokens_per_s:>13.1f} {side.total_tokens_per_s:>12.1f}"
-            rows.append(f"{name:<36} {side.seconds:>9.2f} {side.cpu_seconds:>9.2f} {rates}")
+            rows.append(f"{name:<44} {side.seconds:>9.2f} {side.cpu_seconds:>9.2f} {rates}")
         ratios = f"{self.output_ratio:>12.2f}x {self.total_ratio:>11.2f}x"
-        rows.append(f"{'ratio linrec / HF (wall time)':<36} {'':>9} {'':>9} {ratios}")
-        rows.append(f"{'ratio linrec / HF (CPU time)':<36} {'':>9} {'':>9} {self.cpu_ratio:>12.2f}x")
+        rows.append(f"{'ratio linrec / HF (wall time)':<44} {'':>9} {'':>9} {ratios}")
+        rows.append(f"{'ratio linrec / HF (CPU time)':<44} {'':>9} {'':>9} {self.cpu_ratio:>12.2f}x")
         return "\n".join(rows)
 
 
