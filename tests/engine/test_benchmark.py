@@ -9,29 +9,11 @@ import pytest
 import torch
 
 from linrec.engine.benchmark import make_workload, parse_batch_sizes, parse_range, run_throughput, write_bench_model
+from linrec.engine.decode_benchmark import DECODE_MODEL_OVERRIDES
 from linrec.server.cli import main
 
-TINY = {
-    "liger_gla": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 300,
-    },
-    "mamba2": {
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_heads": 8,
-        "head_dim": 16,
-        "state_size": 16,
-        "n_groups": 2,
-        "chunk_size": 16,
-        "vocab_size": 300,
-    },
-}
+# The tiny bench models: the same overrides `linrec bench decode --size small` uses.
+TINY = DECODE_MODEL_OVERRIDES["small"]
 SMALL = dict(num_prompts=5, prompt_len=(3, 9), output_len=(2, 7), max_num_seqs=4, max_num_batched_tokens=16)
 
 
