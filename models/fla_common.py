@@ -1,14 +1,20 @@
-"""What fla's GLA and Gated DeltaNet checkpoints share: config reading, the gated RMSNorm, the conv holder."""
+"""What fla's GLA and Gated DeltaNet checkpoints share: config reading, the gated RMSNorm, the conv holder,
+and the block / model / causal-LM scaffolding around their attention layers (fla's weight names)."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from linrec.kernels.backend import resolve_backend
+from linrec.models.base import CausalLM, LayerState
+from linrec.models.batch import ForwardBatch
+from linrec.models.layers import GatedMLP
 
 
 def typed_fields(cls: type, hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -97,3 +103,54 @@ class GatedRMSNorm(nn.Module):
             gate = gate.float()
             y = y * (torch.sigmoid(gate) if self.activation == "sigmoid" else F.silu(gate))
         return y.to(x.dtype)
+
+
+class FlaBlock(nn.Module):
+    """fla's block: attn_norm -> attn -> residual, mlp_norm -> GatedMLP -> residual."""
+
+    def __init__(self, config: Any, attn: nn.Module):
+        super().__init__()
+        self.attn_norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = attn
+        self.mlp_norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.mlp_size, "swish")
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
+        hidden = hidden + self.attn(self.attn_norm(hidden), batch, state, backend)
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+
+class FlaModel(nn.Module):
+    def __init__(self, config: Any, attention_class: type[nn.Module]):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FlaBlock(config, attention_class(config)) for _ in range(config.num_hidden_layers))
+        self.norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class FlaForCausalLM(CausalLM):
+    """fla's *ForCausalLM layout: model.{embeddings, layers.N.{attn_norm, attn.*, mlp_norm, mlp.*}, norm} and
+    lm_head. Subclasses name their config and attention layer."""
+
+    attention_class: ClassVar[type[nn.Module]]
+    embedding_weight_name = "model.embeddings.weight"
+
+    def __init__(self, config: Any, kernel_backend: str = "torch"):
+        super().__init__()
+        self.config = config
+        self.kernel_backend = kernel_backend  # auto | triton | torch, resolved against the input's device
+        self.model = FlaModel(config, self.attention_class)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        with torch.no_grad():
+            nn.init.normal_(self.model.embeddings.weight, std=config.initializer_range)
+        self.tie_lm_head()
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
+        layers = self.model.layers
+        if len(state) != len(layers):
+            raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
+        backend = resolve_backend(self.kernel_backend, input_ids.device)
+        hidden = self.model.embeddings(input_ids)
+        for layer, layer_state in zip(layers, state):
+            hidden = layer(hidden, batch, layer_state, backend)
+        return self.model.norm(hidden)

@@ -22,19 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linrec.kernels.backend import resolve_backend
 from linrec.kernels.gla import gla_varlen
 from linrec.kernels.short_conv import short_conv_varlen
-from linrec.models.base import CausalLM, LayerState, StateSpec
+from linrec.models.base import LayerState, StateSpec
 from linrec.models.batch import ForwardBatch
 from linrec.models.fla_common import (
+    FlaForCausalLM,
     GatedRMSNorm,
     check_no_hybrid_attention,
     depthwise_conv,
     gated_mlp_size,
     typed_fields,
 )
-from linrec.models.layers import GatedMLP
 
 GATE_LOGIT_NORMALIZER = 16  # fla's GatedLinearAttention defaults, which GLABlock never overrides
 GATE_LOW_RANK_DIM = 16
@@ -184,43 +183,12 @@ class GatedLinearAttention(nn.Module):
         return self.o_proj(o.reshape(T, H * V))
 
 
-class GLABlock(nn.Module):
-    def __init__(self, config: GLAConfig):
-        super().__init__()
-        self.attn_norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.attn = GatedLinearAttention(config)
-        self.mlp_norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.mlp_size, "swish")
-
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
-        hidden = hidden + self.attn(self.attn_norm(hidden), batch, state, backend)
-        return hidden + self.mlp(self.mlp_norm(hidden))
-
-
-class GLAModel(nn.Module):
-    def __init__(self, config: GLAConfig):
-        super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GLABlock(config) for _ in range(config.num_hidden_layers))
-        self.norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
-
-
-class GLAForCausalLM(CausalLM):
+class GLAForCausalLM(FlaForCausalLM):
     """fla's GLAForCausalLM: model.{embeddings, layers.N.{attn_norm, attn.*, mlp_norm, mlp.*}, norm} and lm_head."""
 
     model_types: ClassVar[tuple[str, ...]] = ("gla",)
     config_class = GLAConfig
-    embedding_weight_name = "model.embeddings.weight"
-
-    def __init__(self, config: GLAConfig, kernel_backend: str = "torch"):
-        super().__init__()
-        self.config = config
-        self.kernel_backend = kernel_backend  # auto | triton | torch, resolved against the input's device
-        self.model = GLAModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        with torch.no_grad():
-            nn.init.normal_(self.model.embeddings.weight, std=config.initializer_range)
-        self.tie_lm_head()
+    attention_class = GatedLinearAttention
 
     @classmethod
     def demo_hf_config(cls) -> dict[str, Any]:
@@ -258,13 +226,3 @@ class GLAForCausalLM(CausalLM):
             spec["k_conv"] = StateSpec((c.kv_heads * c.head_k_dim, W - 1), conv_dtype)
             spec["v_conv"] = StateSpec((c.kv_heads * c.head_v_dim, W - 1), conv_dtype)
         return [dict(spec) for _ in range(c.num_hidden_layers)]
-
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
-        layers = self.model.layers
-        if len(state) != len(layers):
-            raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
-        backend = resolve_backend(self.kernel_backend, input_ids.device)
-        hidden = self.model.embeddings(input_ids)
-        for layer, layer_state in zip(layers, state):
-            hidden = layer(hidden, batch, layer_state, backend)
-        return self.model.norm(hidden)
