@@ -37,8 +37,17 @@ class _Abort:
     request_ids: list[str]
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped on an unexpected error; every open request gets this."""
+class EngineError(RuntimeError):
+    """The engine could not finish a request for a reason of its own (HTTP 500). The message never quotes
+    a request's content: the same error may reach many clients, and only their own input is theirs to see."""
+
+
+class EngineDeadError(EngineError):
+    """The engine thread stopped on an unexpected error; every open and later request gets this."""
+
+
+class RequestFailedError(EngineError):
+    """An error inside an engine step was traced to this request: it ended, and the engine goes on."""
 
 
 class AsyncLLM:
@@ -69,7 +78,7 @@ class AsyncLLM:
         Cancelling the consumer (client gone) aborts the request and frees its slot within one step.
         """
         if self.errored is not None:
-            raise EngineDeadError(f"the engine stopped: {self.errored}")
+            raise EngineDeadError(_dead_message(self.errored))
         request_id = request_id or self.new_request_id()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
@@ -93,6 +102,13 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError unless the engine thread is alive and serving."""
+        if self.errored is not None:
+            raise EngineDeadError(_dead_message(self.errored))
+        if not self._thread.is_alive() and not self._stopped.is_set():
+            raise EngineDeadError("the engine thread is not running")
+
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort([request_id]))
 
@@ -114,7 +130,7 @@ class AsyncLLM:
             logger.exception("linrec engine thread stopped")
             self.errored = exc
             for request_id in list(self._streams):
-                self._emit(request_id, EngineDeadError(f"the engine stopped: {exc}"))
+                self._emit(request_id, EngineDeadError(_dead_message(exc)))
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -147,3 +163,8 @@ class AsyncLLM:
             loop.call_soon_threadsafe(stream.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
+
+
+def _dead_message(exc: BaseException) -> str:
+    # The exception's text may quote whichever request was running: only its type leaves the process.
+    return f"the engine stopped ({type(exc).__name__}); the server log has the details"

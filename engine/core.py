@@ -83,6 +83,7 @@ class EngineCore:
         )
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = self.model.config.vocab_size
+        self.max_model_len = config.max_model_len  # prompt + output tokens at most; None = no limit
         bytes_per_request = self.bytes_per_request = self.model.state_bytes_per_request()
         # One budget buys rows: running slots first, snapshot rows from what is left.
         num_rows = num_slots_for_budget(config.state_memory, bytes_per_request, self.device)
@@ -128,7 +129,7 @@ class EngineCore:
         bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
         if bad:
             raise ValueError(f"expected token ids in [0, {self.vocab_size}), got {bad[0]}")
-        limit = self.config.max_model_len
+        limit = self.max_model_len
         if limit is not None and len(prompt_token_ids) + params.max_tokens > limit:
             raise ValueError(
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "

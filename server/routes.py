@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import linrec
+from linrec.engine.async_llm import EngineDeadError
 from linrec.server import protocol as p
 from linrec.server.metrics import Metrics
 from linrec.server.serving import APIError, ClientDisconnected, OpenAIServing
@@ -37,8 +38,10 @@ def build_router(serving: OpenAIServing) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
-        if serving.llm.errored is not None:
-            return APIError(500, f"the engine stopped: {serving.llm.errored}", type="InternalServerError").response()
+        try:
+            serving.llm.check_health()
+        except EngineDeadError as exc:
+            return APIError(500, str(exc), type="InternalServerError").response()
         return Response(status_code=200)
 
     @router.get("/version")

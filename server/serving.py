@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from linrec.engine.async_llm import AsyncLLM, EngineDeadError
+from linrec.engine.async_llm import AsyncLLM, EngineError
 from linrec.engine.output import SampleDelta
 from linrec.engine.request import Logprob
 from linrec.engine.sampling_params import SamplingParams
@@ -80,7 +80,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.engine.config.max_model_len
+        self.max_model_len = llm.engine.max_model_len
         self.vocab_size = llm.engine.vocab_size
 
     # -- shared pieces ------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class OpenAIServing:
         """The first item, with engine refusals turned into 4xx/5xx errors."""
         try:
             return await _unless_disconnected(gen.__anext__(), raw)
-        except (ValueError, QueueFullError, EngineDeadError, StopAsyncIteration) as exc:
+        except (ValueError, QueueFullError, EngineError, StopAsyncIteration) as exc:
             await gen.aclose()
             raise _engine_error(exc) from None
         except BaseException:
@@ -238,7 +238,7 @@ class OpenAIServing:
 
         try:
             await _unless_disconnected(collect(), raw)
-        except EngineDeadError as exc:
+        except EngineError as exc:
             raise _engine_error(exc) from None
         finally:
             await merged.aclose()
@@ -341,7 +341,7 @@ class OpenAIServing:
                     id=response_id, created=created, model=self.model_name, choices=[], usage=usage
                 )
                 yield _event(p.dump(chunk))
-        except EngineDeadError as exc:
+        except EngineError as exc:
             yield _event(p.dump(_engine_error(exc).response_body()))
         finally:
             _close_soon(merged)
@@ -401,7 +401,7 @@ class OpenAIServing:
 
         try:
             await _unless_disconnected(collect(), raw)
-        except EngineDeadError as exc:
+        except EngineError as exc:
             raise _engine_error(exc) from None
         finally:
             await merged.aclose()
@@ -482,7 +482,7 @@ class OpenAIServing:
                     total_tokens=num_prompt_tokens + num_generated,
                 )
                 yield chunk([], usage)
-        except EngineDeadError as exc:
+        except EngineError as exc:
             yield _event(p.dump(_engine_error(exc).response_body()))
         finally:
             _close_soon(merged)
@@ -511,7 +511,7 @@ class OpenAIServing:
 def _engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, f"the server is overloaded: {exc}", type="RateLimitError", headers={"Retry-After": "1"})
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="InternalServerError")
     if isinstance(exc, StopAsyncIteration):
         return APIError(500, "the engine ended the request without output", type="InternalServerError")
