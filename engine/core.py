@@ -13,7 +13,7 @@ from linrec.engine.output import OutputProcessor, SampleDelta
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.runner import Runner
-from linrec.engine.sampling_params import SamplingParams
+from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.state_pool import StatePool, num_slots_for_budget
 
@@ -123,22 +123,8 @@ class EngineCore:
         )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Validate and queue one prompt (with its n-1 forks). Raises ValueError or QueueFullError."""
-        if not prompt_token_ids:
-            raise ValueError("expected a non-empty prompt, got 0 tokens")
-        bad = [t for t in prompt_token_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"expected token ids in [0, {self.vocab_size}), got {bad[0]}")
-        limit = self.max_model_len
-        if limit is not None and len(prompt_token_ids) + params.max_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"max_model_len={limit}"
-            )
-        bad_bias = [t for t in (params.logit_bias or {}) if not 0 <= int(t) < self.vocab_size]
-        if bad_bias:
-            raise ValueError(f"expected logit_bias token ids in [0, {self.vocab_size}), got {bad_bias[0]}")
-        prompt = [int(t) for t in prompt_token_ids]
+        """Validate and queue one prompt (with its n-1 forks). Raises InvalidRequestError or QueueFullError."""
+        prompt = self.validate(prompt_token_ids, params)
         key = PrefixKey(self.model_key, cache_salt=params.cache_salt) if self.prefix_cache is not None else None
         parent = Request(request_id, prompt, params, cache_key=key)
         parent.children = [
@@ -147,6 +133,30 @@ class EngineCore:
         ]
         self.scheduler.add_request(parent)
         self.outputs.add(parent)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """Check everything an engine step will index or size for this request, so that no step can fail on
+        it later; returns the prompt as a list of ints. Raises InvalidRequestError naming the field."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("expected a non-empty prompt, got 0 tokens", "prompt")
+        prompt = [int(t) for t in prompt_token_ids]
+        vocab = self.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"expected token ids in [0, {vocab}), got {bad[0]}", "prompt")
+        limit = self.max_model_len
+        if limit is not None and len(prompt) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={limit}",
+                "max_tokens" if len(prompt) < limit else "prompt",
+            )
+        for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in token_ids if not 0 <= int(t) < vocab]
+            if bad:
+                raise InvalidRequestError(f"expected {name} token ids in [0, {vocab}), got {bad[0]}", name)
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise InvalidRequestError(f"expected logprobs <= the vocabulary size {vocab}, got {params.logprobs}")
+        return prompt
 
     def abort(self, request_ids: list[str]) -> None:
         """Cancel prompts by id (all their samples); their slots are free before the next step."""

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# Per-request limits: each bounds work the engine thread does for one request, every step, on behalf of
+# everyone else's latency. The HTTP schema states the same numbers (server/protocol.py imports these).
+MAX_STOP_STRINGS = 64  # stop strings per request (OpenAI allows 4; clients of vLLM send a few dozen)
+MAX_STOP_STRING_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids per request
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's top_logprobs limit, vLLM's default max_logprobs)
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses (HTTP 400); `param` names the offending field when one does."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -35,32 +51,60 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        # NaN passes every range check below (each comparison is False), so finiteness comes first.
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequestError(f"expected a finite {name}, got {getattr(self, name)}", name)
+        if any(not math.isfinite(v) for v in (self.logit_bias or {}).values()):
+            raise InvalidRequestError("expected finite logit_bias values", "logit_bias")
         if self.n < 1:
-            raise ValueError(f"expected n >= 1, got {self.n}")
+            raise InvalidRequestError(f"expected n >= 1, got {self.n}", "n")
         if self.temperature < 0:
-            raise ValueError(f"expected temperature >= 0, got {self.temperature}")
+            raise InvalidRequestError(f"expected temperature >= 0, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"expected 0 < top_p <= 1, got {self.top_p}")
+            raise InvalidRequestError(f"expected 0 < top_p <= 1, got {self.top_p}", "top_p")
         if self.top_k < -1:
-            raise ValueError(f"expected top_k >= -1 (0 or -1 disable it), got {self.top_k}")
+            raise InvalidRequestError(f"expected top_k >= -1 (0 or -1 disable it), got {self.top_k}", "top_k")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"expected 0 <= min_p <= 1, got {self.min_p}")
+            raise InvalidRequestError(f"expected 0 <= min_p <= 1, got {self.min_p}", "min_p")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"expected -2 <= presence_penalty <= 2, got {self.presence_penalty}")
+            raise InvalidRequestError(
+                f"expected -2 <= presence_penalty <= 2, got {self.presence_penalty}", "presence_penalty"
+            )
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"expected -2 <= frequency_penalty <= 2, got {self.frequency_penalty}")
+            raise InvalidRequestError(
+                f"expected -2 <= frequency_penalty <= 2, got {self.frequency_penalty}", "frequency_penalty"
+            )
         if self.repetition_penalty <= 0:
-            raise ValueError(f"expected repetition_penalty > 0, got {self.repetition_penalty}")
+            raise InvalidRequestError(
+                f"expected repetition_penalty > 0, got {self.repetition_penalty}", "repetition_penalty"
+            )
         if self.max_tokens < 1:
-            raise ValueError(f"expected max_tokens >= 1, got {self.max_tokens}")
+            raise InvalidRequestError(f"expected max_tokens >= 1, got {self.max_tokens}", "max_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"expected 0 <= min_tokens <= max_tokens={self.max_tokens}, got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"expected logprobs >= 0 or None, got {self.logprobs}")
+            raise InvalidRequestError(
+                f"expected 0 <= min_tokens <= max_tokens={self.max_tokens}, got {self.min_tokens}", "min_tokens"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"expected logprobs in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}", "logprobs"
+            )
         if self.cache_salt is not None and not self.cache_salt:
-            raise ValueError("expected a non-empty cache_salt or None, got an empty string")
+            raise InvalidRequestError("expected a non-empty cache_salt or None, got an empty string", "cache_salt")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"expected at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
         if any(not s for s in self.stop):
-            raise ValueError("expected non-empty stop strings, got an empty one")
+            raise InvalidRequestError("expected non-empty stop strings, got an empty one", "stop")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                f"expected stop strings of at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}", "stop"
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                f"expected at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
+                "stop_token_ids",
+            )
 
     @property
     def is_greedy(self) -> bool:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
+from linrec.engine.sampling_params import InvalidRequestError
 from linrec.engine.state_pool import SlotAllocator
 
 # A branch point is claimed (the leader's chunk cut there, followers waiting one step for it) only if it
@@ -169,9 +170,10 @@ class Scheduler:
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"waiting queue is full ({self.max_waiting_requests} requests)")
         if 1 + len(request.children) > min(self.max_num_seqs, self.allocator.num_slots):
-            raise ValueError(
+            raise InvalidRequestError(
                 f"n={1 + len(request.children)} samples need that many state slots at once, but at most "
-                f"{min(self.max_num_seqs, self.allocator.num_slots)} requests can run together"
+                f"{min(self.max_num_seqs, self.allocator.num_slots)} requests can run together",
+                "n",
             )
         self.requests[request.request_id] = request
         for child in request.children:

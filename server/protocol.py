@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from linrec.engine.sampling_params import MAX_LOGPROBS
+
 MAX_N = 128  # samples per prompt accepted at the schema level; the engine also caps n at its slot count
-MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit (completions-style logprobs uses the same bound here)
 
 
 class ErrorInfo(BaseModel):

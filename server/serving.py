@@ -142,7 +142,7 @@ class OpenAIServing:
                 cache_salt=req.cache_salt,
             )
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -515,7 +515,7 @@ def _engine_error(exc: BaseException) -> APIError:
         return APIError(500, str(exc), type="InternalServerError")
     if isinstance(exc, StopAsyncIteration):
         return APIError(500, "the engine ended the request without output", type="InternalServerError")
-    return APIError(400, str(exc))
+    return APIError(400, str(exc), param=getattr(exc, "param", None))
 
 
 def _fold(choice: _Choice, delta: SampleDelta) -> None:

@@ -347,8 +347,8 @@ def test_build_and_call_reject_bad_inputs():
         _metadata([SamplingParams()], eos=V + 1)
     with pytest.raises(ValueError, match="expected logits"):
         Sampler()(torch.zeros(2, V), _metadata([SamplingParams()]))
-    with pytest.raises(ValueError, match="expected logprobs <= vocab size 64, got 65"):
-        _metadata([SamplingParams(logprobs=V + 1)])
+    with pytest.raises(ValueError, match="expected logprobs <= vocab size 8, got 10"):
+        SamplingMetadata.build([(SamplingParams(logprobs=10), [], [], None)], 8, ())
     with pytest.raises(ValueError, match="empty batch"):
         SamplingMetadata.build([], V, EOS)
 
