@@ -526,8 +526,13 @@ def _fold(choice: _Choice, delta: SampleDelta) -> None:
         choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
 
 
+# Characters json.dumps(ensure_ascii=False) leaves raw that some line splitters break lines on (str.splitlines,
+# JavaScript's line terminators): escaped, so that every event stays one `data:` line for every SSE client.
+_SSE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(body, ensure_ascii=False).translate(_SSE_LINE_BREAKS)}\n\n"
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
