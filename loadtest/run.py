@@ -4,11 +4,15 @@ locust users headless for --run-time with --users, then print a table and write 
     linrec bench serve --users 8 --run-time 30s --out summary.json
     python -m linrec.loadtest.run --users 8 --run-time 30s --out summary.json    (the same)
     linrec bench serve --url http://host:8000 ...                                (an already running server)
+    linrec bench serve --soak --run-time 10m --out soak.json                     (the soak: soak.py)
 
 Locust runs in its own process (it monkey-patches the standard library with gevent); the users write
 one JSON line per request, which summary.py turns into requests/s, output tokens/s, TTFT and
 latency percentiles, and failures. The exit code is 1 when any request failed, 2 when the test could
 not run (bad flags, no locust, the server or locust would not start).
+
+--soak swaps locust for loadtest/soak.py: mixed traffic with deliberate disconnects and bad requests,
+then checks that nothing was lost, that the state slots went back to zero and that RSS stayed flat.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from linrec.loadtest.summary import format_table, summarize
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+DEFAULT_RUN_TIME = "20s"  # --run-time without --soak (the soak's is soak.DEFAULT_RUN_TIME)
 
 
 class LoadTestError(RuntimeError):
@@ -59,10 +65,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("load")
     load.add_argument("--users", type=int, default=8, help="concurrent users, each sending back to back")
     load.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
-    load.add_argument("--run-time", default="20s", help="locust's run time, e.g. 30s, 2m")
-    load.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    load.add_argument("--run-time", default=None, help="run time, e.g. 30s, 2m (default: 20s; 10m with --soak)")
+    load.add_argument(
+        "--max-tokens", type=int, default=32, help="max_tokens of every request (--soak: longer ones draw 1x-4x it)"
+    )
     load.add_argument("--allow-eos", action="store_true", help="let requests stop at EOS (default: exact lengths)")
     load.add_argument("--out", default=None, metavar="JSON", help="write the summary here")
+    soak = parser.add_argument_group("soak (with --soak; loadtest/soak.py)")
+    soak.add_argument(
+        "--soak",
+        action="store_true",
+        help="instead of locust: mixed traffic with disconnects and bad requests, then check that nothing was "
+        "lost, that the state slots went back to zero and that the server's RSS stayed flat (exit 1 if not)",
+    )
+    soak.add_argument("--seed", type=int, default=0, help="seed of the traffic mix")
+    soak.add_argument("--disconnect-fraction", type=float, default=0.1, help="valid requests the client cuts off")
+    soak.add_argument("--bad-fraction", type=float, default=0.1, help="requests that must get a 4xx")
+    soak.add_argument("--skip-bad", default="", metavar="NAMES", help="bad kinds not to send, comma-separated")
+    soak.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take in all")
+    soak.add_argument(
+        "--settle-timeout", type=float, default=10.0, help="seconds for the slots to reach zero after the traffic"
+    )
+    soak.add_argument("--rss-interval", type=float, default=2.0, help="seconds between RSS samples")
+    soak.add_argument(
+        "--max-rss-growth",
+        default="64MiB",
+        help="RSS growth that fails the soak: MiB (64, 64MiB) or a percentage of the start (10%%); "
+        "absolute by default because a leak is bytes per request, whatever the model's size",
+    )
 
 
 def free_port() -> int:
@@ -75,8 +105,14 @@ def _tail(path: Path, num_chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-num_chars:] if path.exists() else "(no log)"
 
 
+class StartedServer(NamedTuple):
+    url: str
+    command: list[str]
+    pid: int  # the soak reads its RSS from /proc
+
+
 @contextmanager
-def started_server(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[str, list[str]]]:
+def started_server(args: argparse.Namespace, workdir: Path) -> Iterator[StartedServer]:
     """`linrec serve` in a subprocess until /health answers 200; SIGTERM (drain) on the way out."""
     port = args.port or free_port()
     command = [sys.executable, "-m", "linrec.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -104,7 +140,7 @@ def started_server(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[st
             if time.monotonic() > deadline:
                 raise LoadTestError(f"`linrec serve` not healthy after {args.startup_timeout}s:\n{_tail(log_path)}")
             time.sleep(0.2)
-        yield url, command
+        yield StartedServer(url, command, process.pid)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -131,7 +167,7 @@ def run_locust(args: argparse.Namespace, url: str, model_name: str, workdir: Pat
     spawn_rate = args.spawn_rate if args.spawn_rate is not None else args.users
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary"]
     command += ["--host", url, "--users", str(args.users), "--spawn-rate", str(spawn_rate)]
-    command += ["--run-time", args.run_time, "--stop-timeout", "120", "--loglevel", "WARNING"]
+    command += ["--run-time", args.run_time or DEFAULT_RUN_TIME, "--stop-timeout", "120", "--loglevel", "WARNING"]
     command += ["--model-name", model_name, "--max-tokens", str(args.max_tokens), "--records", str(records_path)]
     if args.allow_eos:
         command.append("--allow-eos")
@@ -158,6 +194,10 @@ def machine() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.soak:
+        from linrec.loadtest.soak import run_soak  # httpx and prometheus_client: only when soaking
+
+        return run_soak(args)
     if args.users < 1:
         raise LoadTestError(f"expected --users >= 1, got {args.users}")
     if args.max_tokens < 1:
@@ -175,13 +215,13 @@ def run(args: argparse.Namespace) -> int:
             model_name = served_model(url, args.api_key)
             records = run_locust(args, url, model_name, workdir)
         else:
-            with started_server(args, workdir) as (url, server_command):
+            with started_server(args, workdir) as (url, server_command, _):
                 model_name = served_model(url, args.api_key)
                 records = run_locust(args, url, model_name, workdir)
     config = {
         "users": args.users,
         "spawn_rate": args.spawn_rate if args.spawn_rate is not None else args.users,
-        "run_time": args.run_time,
+        "run_time": args.run_time or DEFAULT_RUN_TIME,
         "max_tokens": args.max_tokens,
         "ignore_eos": not args.allow_eos,
         "model_name": model_name,
