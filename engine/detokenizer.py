@@ -7,12 +7,20 @@ stop string: shown now, it could not be taken back when the rest of the stop str
 context, so that decoders which drop or add a leading space see the same neighbours as in a full
 decode), holds back an incomplete character, then holds back the longest tail that could still become
 a stop string, and returns the rest.
+
+Stop strings are matched by a cursor on an Aho-Corasick automaton (engine/stop_strings.py) that reads
+each new character once: the work per token does not grow with the number or length of the stop
+strings, nor with the held text. The automaton can be built once and shared by the n samples of a
+request (`stop_matcher=`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
+
+from linrec.engine.stop_strings import StopMatcher, StopStringMatcher
 
 # Prompt tokens kept as decoding context for the first output tokens (vLLM keeps 5 too).
 _PROMPT_CONTEXT_TOKENS = 5
@@ -33,6 +41,10 @@ class IncrementalDetokenizer:
     and later calls return "". With several stop strings, the one that completes first in the text
     wins (ties: the longer), which is what reading the text one character at a time would find, so the
     result does not depend on how the text was cut into tokens.
+
+    Stop strings come either as `stop` (an automaton is built for this detokenizer) or as a prebuilt
+    `stop_matcher` (shared by several detokenizers; `NaiveStopStringMatcher` gives the old algorithm,
+    which the tests and the benchmark compare against).
     """
 
     def __init__(
@@ -42,20 +54,32 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        stop_matcher: StopMatcher | None = None,
     ) -> None:
         if isinstance(stop, str):
             stop = (stop,)
-        if any(not s for s in stop):
-            raise ValueError(f"expected non-empty stop strings, got {list(stop)}")
+        if stop and stop_matcher is not None:
+            raise ValueError(
+                f"expected stop strings or a prebuilt stop_matcher, not both; got stop={list(stop)} and a matcher "
+                f"for {len(stop_matcher.stops)} stop strings"
+            )
+        if stop:
+            stop_matcher = StopStringMatcher(stop)  # checks that they are non-empty
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._stop = tuple(stop)
+        self._stop_matcher = stop_matcher
+        # The automaton state after all the text decoded so far; None without stop strings.
+        self._stop_cursor = stop_matcher.cursor() if stop_matcher is not None and stop_matcher.stops else None
         self._include_stop_str_in_output = include_stop_str_in_output
         # Only the tokens from _prefix_offset on are kept: older ones never change the text again.
         self._token_ids: list[int] = [int(t) for t in prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]]
         self._prefix_offset = 0  # start of the decoding window (context tokens already shown or in the prompt)
         self._read_offset = len(self._token_ids)  # tokens before this one have had their text taken
-        self._pending = ""  # decoded text not yet returned: a tail that may be the start of a stop string
+        # Decoded text not yet returned (a tail that may be the start of a stop string), as the pieces it
+        # arrived in, so that returning part of it copies only the piece it is cut in, never the whole.
+        # Invariant: its length is the cursor's num_held_chars, or 0 without stop strings.
+        self._held_pieces: deque[str] = deque()
+        self._num_held_chars = 0
         self._text = ""
         self._stop_reason: str | None = None
         self._is_finished = False
@@ -64,6 +88,11 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         """The output text returned so far."""
         return self._text
+
+    @property
+    def stop_matcher(self) -> StopMatcher | None:
+        """The matcher of this detokenizer's stop strings (possibly shared with other detokenizers), or None."""
+        return self._stop_matcher
 
     @property
     def stop_reason(self) -> str | None:
@@ -117,45 +146,43 @@ class IncrementalDetokenizer:
 
     def _emit(self, new_text: str, is_last: bool) -> str:
         """Add decoded text; return what can be shown now, cutting at a completed stop string."""
-        pending = self._pending + new_text
-        if self._stop:
-            match = _first_stop(pending, self._stop)
+        if new_text:
+            self._held_pieces.append(new_text)
+            self._num_held_chars += len(new_text)
+        num_held = 0
+        if self._stop_cursor is not None:
+            # Only the new characters are read: the cursor remembers the rest as its automaton state.
+            match = self._stop_cursor.feed(new_text)
             if match is not None:
-                start, stop = match
-                end = start + len(stop) if self._include_stop_str_in_output else start
-                self._stop_reason = stop
+                # The held text ends with new_text, and the stop string starts inside the held text (its
+                # part before new_text was a tail that was a prefix of it, so it was held back).
+                end = self._num_held_chars - len(new_text) + match.end
+                self._stop_reason = match.stop
                 self._is_finished = True
-                self._pending = ""
-                return self._take(pending[:end])
-        hold = 0 if is_last else _longest_stop_prefix_suffix(pending, self._stop)
-        self._pending = pending[len(pending) - hold :]
+                delta = self._release(end if self._include_stop_str_in_output else end - len(match.stop))
+                self._held_pieces.clear()
+                self._num_held_chars = 0
+                return self._take(delta)
+            num_held = 0 if is_last else self._stop_cursor.num_held_chars
         if is_last:
             self._is_finished = True
-        return self._take(pending[: len(pending) - hold])
+        return self._take(self._release(self._num_held_chars - num_held))
+
+    def _release(self, num_chars: int) -> str:
+        """Remove and return the first `num_chars` characters of the held text."""
+        released = []
+        while num_chars > 0:
+            piece = self._held_pieces[0]
+            if len(piece) <= num_chars:
+                released.append(self._held_pieces.popleft())
+            else:
+                released.append(piece[:num_chars])
+                self._held_pieces[0] = piece[num_chars:]
+            num_taken = len(released[-1])
+            num_chars -= num_taken
+            self._num_held_chars -= num_taken
+        return "".join(released)
 
     def _take(self, delta: str) -> str:
         self._text += delta
         return delta
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """(start, stop) of the stop string that ends first in `text` (ties: the longer one), or None."""
-    best = None
-    for stop in stops:
-        start = text.find(stop)
-        if start >= 0:
-            key = (start + len(stop), -len(stop))
-            if best is None or key < best[0]:
-                best = (key, start, stop)
-    return None if best is None else (best[1], best[2])
-
-
-def _longest_stop_prefix_suffix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string (0 if none)."""
-    longest = 0
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:length]):
-                longest = length
-                break
-    return longest

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from linrec.engine.detokenizer import IncrementalDetokenizer
 from linrec.engine.request import Logprob, Request
 from linrec.engine.scheduler import RequestUpdate
+from linrec.engine.stop_strings import StopStringMatcher
 
 
 @dataclass
@@ -35,14 +36,22 @@ class OutputProcessor:
         self._samples: dict[str, _SampleState] = {}  # engine request id (parent or child) -> state
 
     def add(self, request: Request) -> None:
+        # One stop-string automaton per distinct tuple of stop strings, shared read-only by the samples'
+        # detokenizers (each keeps its own cursor): the n samples of a prompt pay for one build.
+        stop_matchers: dict[tuple[str, ...], StopStringMatcher] = {}
         for sample in (request, *request.children):
             params = sample.sampling_params
+            stop_matcher = None
+            if params.stop:
+                stop_matcher = stop_matchers.get(params.stop)
+                if stop_matcher is None:
+                    stop_matcher = stop_matchers[params.stop] = StopStringMatcher(params.stop)
             self._samples[sample.request_id] = _SampleState(
                 IncrementalDetokenizer(
                     self.tokenizer,
                     sample.prompt_token_ids,
                     skip_special_tokens=params.skip_special_tokens,
-                    stop=params.stop,
+                    stop_matcher=stop_matcher,
                 )
             )
 

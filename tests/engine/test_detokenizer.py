@@ -11,7 +11,18 @@ from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from linrec.engine import output as output_module
 from linrec.engine.detokenizer import IncrementalDetokenizer
+from linrec.engine.output import OutputProcessor
+from linrec.engine.request import Request
+from linrec.engine.sampling_params import SamplingParams
+from linrec.engine.scheduler import RequestUpdate
+from linrec.engine.stop_strings import (
+    NaiveStopStringMatcher,
+    StopStringMatcher,
+    naive_first_stop,
+    naive_longest_stop_prefix_suffix,
+)
 
 SPECIALS = ["<s>", "</s>", "<|im_end|>"]
 PIECES = [
@@ -252,3 +263,167 @@ def test_stop_strings_ending_together_cut_at_the_longer(tokenizers_by_name):
     detokenizer = IncrementalDetokenizer(tokenizer, [], stop=["a STOP", "ST"])
     _stream(detokenizer, _encode(tokenizer, "a STOP b"))
     assert detokenizer.text == "a " and detokenizer.stop_reason == "ST"
+
+
+class _OldIncrementalDetokenizer:
+    """IncrementalDetokenizer as it was before the stop-string automaton (commit 0b1536e), frozen here as
+    the oracle for "same outputs as today": the decode window, the U+FFFD hold-back and the quadratic
+    stop-string search of the held text, unchanged."""
+
+    def __init__(self, tokenizer, prompt_token_ids, skip_special_tokens=True, stop=(), include=False):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop = tuple(stop)
+        self._include = include
+        self._token_ids = [int(t) for t in prompt_token_ids[-5:]]
+        self._prefix_offset = 0
+        self._read_offset = len(self._token_ids)
+        self._pending = ""
+        self.text = ""
+        self.stop_reason = None
+        self.is_finished = False
+
+    def append(self, token_id: int) -> str:
+        if self.is_finished:
+            return ""
+        self._token_ids.append(int(token_id))
+        return self._emit(self._decode_new(force=False), is_last=False)
+
+    def flush(self) -> str:
+        if self.is_finished:
+            return ""
+        return self._emit(self._decode_new(force=True), is_last=True)
+
+    def _decode(self, token_ids):
+        return self._tokenizer.decode(
+            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def _decode_new(self, force: bool) -> str:
+        if self._read_offset == len(self._token_ids):
+            return ""
+        prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._token_ids[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not force):
+            return ""
+        delta = full_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._token_ids)
+        del self._token_ids[: self._prefix_offset]
+        self._read_offset -= self._prefix_offset
+        self._prefix_offset = 0
+        return delta
+
+    def _emit(self, new_text: str, is_last: bool) -> str:
+        pending = self._pending + new_text
+        if self._stop:
+            match = naive_first_stop(pending, self._stop)
+            if match is not None:
+                start, stop = match
+                end = start + len(stop) if self._include else start
+                self.stop_reason = stop
+                self.is_finished = True
+                self._pending = ""
+                return self._take(pending[:end])
+        hold = 0 if is_last else naive_longest_stop_prefix_suffix(pending, self._stop)
+        self._pending = pending[len(pending) - hold :]
+        if is_last:
+            self.is_finished = True
+        return self._take(pending[: len(pending) - hold])
+
+    def _take(self, delta: str) -> str:
+        self.text += delta
+        return delta
+
+
+def _trace(detokenizer, token_ids: list[int]) -> list[tuple[str, str, str | None, bool]]:
+    """(delta, text, stop_reason, is_finished) after every append and after the final flush."""
+    trace = []
+    for token_id in token_ids:
+        delta = detokenizer.append(token_id)
+        trace.append((delta, detokenizer.text, detokenizer.stop_reason, detokenizer.is_finished))
+    delta = detokenizer.flush()
+    trace.append((delta, detokenizer.text, detokenizer.stop_reason, detokenizer.is_finished))
+    return trace
+
+
+@pytest.mark.parametrize("name", ["bytes", "bpe"])
+def test_automaton_gives_the_old_implementations_deltas_on_random_token_streams(tokenizers_by_name, name):
+    """Random texts over a few pieces (multi-byte ones split across byte tokens, specials in between),
+    random overlapping stop strings cut from the text and from its characters, both include settings."""
+    tokenizer = tokenizers_by_name[name]
+    bos, _, im_end = (tokenizer.convert_tokens_to_ids(t) for t in SPECIALS)
+    rng = random.Random(f"old-{name}")
+    pieces = ["ab", "a", "b", "ba", "é", "🙂", " ", "語"]
+    num_stopped = num_held = 0
+    for trial in range(150):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        stops = []
+        for _ in range(rng.randint(1, 4)):
+            if text and rng.random() < 0.6:
+                start = rng.randrange(len(text))
+                stops.append(text[start : start + rng.randint(1, 5)])
+            else:
+                stops.append("".join(rng.choice("ab🙂") for _ in range(rng.randint(1, 4))))
+        include = trial % 2 == 1
+        skip_special_tokens = trial % 3 != 0
+        prompt = [bos, *_encode(tokenizer, rng.choice(["", "ab", "語 a"]))]
+        output = _encode(tokenizer, text)
+        if output and trial % 5 == 0:
+            output.insert(rng.randrange(len(output) + 1), im_end)
+        if trial % 7 == 0:
+            output = output[: rng.randint(0, len(output))]  # may end inside a character: flush shows U+FFFD
+        old = _OldIncrementalDetokenizer(tokenizer, prompt, skip_special_tokens, stops, include)
+        expected = _trace(old, output)
+        kwargs = {"skip_special_tokens": skip_special_tokens, "include_stop_str_in_output": include}
+        new = _trace(IncrementalDetokenizer(tokenizer, prompt, stop=stops, **kwargs), output)
+        assert new == expected, (text, stops, include)
+        # The old algorithm behind the new detokenizer's interface gives the same too.
+        naive = IncrementalDetokenizer(tokenizer, prompt, stop_matcher=NaiveStopStringMatcher(stops), **kwargs)
+        assert _trace(naive, output) == expected
+        num_stopped += expected[-1][2] is not None
+        num_held += any(delta == "" for delta, *_ in expected[:-1])
+    assert num_stopped > 50 and num_held > 50
+
+
+def test_a_prebuilt_matcher_is_shared_by_detokenizers(tokenizers_by_name):
+    tokenizer = tokenizers_by_name["bytes"]
+    matcher = StopStringMatcher(["STOP", "ab"])
+    first = IncrementalDetokenizer(tokenizer, [], stop_matcher=matcher)
+    second = IncrementalDetokenizer(tokenizer, [], stop_matcher=matcher, include_stop_str_in_output=True)
+    assert first.stop_matcher is second.stop_matcher is matcher
+    # Interleaved streams keep their own automaton state.
+    for a, b in zip(b"xx STOP yy", b"a b STOP a"):
+        first.append(a)
+        second.append(b)
+    assert (first.text, first.stop_reason) == ("xx ", "STOP")
+    assert (second.text, second.stop_reason) == ("a b STOP", "STOP")
+    with pytest.raises(ValueError, match="stop strings or a prebuilt stop_matcher, not both"):
+        IncrementalDetokenizer(tokenizer, [], stop=["x"], stop_matcher=matcher)
+
+
+def test_output_processor_builds_one_matcher_for_the_n_samples_of_a_request(tokenizers_by_name, monkeypatch):
+    built: list[StopStringMatcher] = []
+
+    class CountedMatcher(StopStringMatcher):
+        def __init__(self, stops):
+            super().__init__(stops)
+            built.append(self)
+
+    monkeypatch.setattr(output_module, "StopStringMatcher", CountedMatcher)
+    params = SamplingParams(n=3, stop=("STOP", "ab"))
+    parent = Request("r", [1, 2], params)
+    parent.children = [Request(f"r#{i}", [1, 2], params, sample_index=i, parent_id="r") for i in (1, 2)]
+    processor = OutputProcessor(tokenizers_by_name["bytes"])
+    processor.add(parent)
+    assert len(built) == 1 and built[0].stops == ("STOP", "ab")  # one automaton for the three samples
+    processor.add(Request("plain", [1], SamplingParams()))
+    assert len(built) == 1  # none without stop strings
+    # Each sample still keeps its own place in the text: they stop at different tokens.
+    texts = {"r": b"x STOP", "r#1": b"yy ab", "r#2": b"z"}
+    updates = [
+        RequestUpdate(request, list(texts[request.request_id]), [], False) for request in (parent, *parent.children)
+    ]
+    deltas, stopped = processor.process(updates)
+    assert [(d.index, d.text, d.stop_reason) for d in deltas] == [(0, "x ", "STOP"), (1, "yy ", "ab"), (2, "z", None)]
+    assert [(request.request_id, stop) for request, stop in stopped] == [("r", "STOP"), ("r#1", "ab")]
