@@ -311,7 +311,8 @@ BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of engine.benchmark.BEN
 
 
 def add_bench_commands(commands) -> None:
-    """`linrec bench throughput`, `kernels`, `decode` and `prefix`: contenders side by side, in one run."""
+    """`linrec bench throughput`, `kernels`, `decode`, `prefix` and `stop-strings`: contenders side by side, in one
+    run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -383,6 +384,21 @@ def add_bench_commands(commands) -> None:
     prefix.add_argument("--seed", type=int, default=0, help="workload RNG")
     prefix.add_argument("--json", action="store_true", help="print the result as JSON")
     prefix.set_defaults(handler=_run_bench_prefix)
+    stop_strings = kinds.add_parser(
+        "stop-strings",
+        help="stop-string matching per token: no stop strings vs the automaton vs the old (naive) algorithm",
+        description="Generated text token by token through the detokenizer (demo byte tokenizer) with no stop "
+        "strings, with many long stop strings matched by the Aho-Corasick automaton, and by the naive reference "
+        "(the algorithm before it), for stop strings that overlap the text and for unrelated ones: CPU time per "
+        "token and the ratios. Not capped like the server (64 strings of 1,024 characters).",
+    )
+    stop_strings.add_argument("--num-stops", dest="num_stops", type=int, default=1000, help="stop strings per set")
+    stop_strings.add_argument("--stop-len", dest="stop_len", type=int, default=1000, help="characters per stop string")
+    stop_strings.add_argument("--num-tokens", dest="num_tokens", type=int, default=2000, help="generated tokens")
+    stop_strings.add_argument("--repeats", type=int, default=3, help="interleaved passes; the fastest counts")
+    stop_strings.add_argument("--seed", type=int, default=0, help="workload RNG")
+    stop_strings.add_argument("--json", action="store_true", help="print the result as JSON")
+    stop_strings.set_defaults(handler=_run_bench_stop_strings)
     add_decode_bench_commands(kinds)
     add_bench_serve_command(kinds)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
@@ -527,6 +543,20 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         seed=args.seed,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         repeats=args.repeats,
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _run_bench_stop_strings(args: argparse.Namespace) -> int:
+    from linrec.engine.bench_stop_strings import run_stop_string_bench
+
+    result = run_stop_string_bench(
+        num_stops=args.num_stops,
+        stop_len=args.stop_len,
+        num_tokens=args.num_tokens,
+        repeats=args.repeats,
+        seed=args.seed,
     )
     print(result.to_json() if args.json else result.format())
     return 0
