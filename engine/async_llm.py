@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from linrec.engine.config import EngineConfig
 from linrec.engine.core import EngineCore
 from linrec.engine.output import SampleDelta
+from linrec.engine.request import RequestStatus
 from linrec.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ class AsyncLLM:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason == RequestStatus.FINISHED_ERROR.value:
+                    raise RequestFailedError(
+                        f"request {request_id} failed inside the engine and was ended; the server log has "
+                        "the details, and other requests were not affected"
+                    )
                 if item.finish_reason is not None:
                     num_open -= 1
                 yield item

@@ -21,7 +21,15 @@ class EngineConfig:
     # min(budget // state_bytes_per_request, max_num_seqs) slots, whatever the context length.
     state_memory: int | float = 0.5
     max_waiting_requests: int = 4096  # beyond this add_request raises QueueFullError (HTTP 429)
-    max_model_len: int | None = None  # longest prompt + output accepted; None = no limit (states do not grow)
+    # Longest prompt + output accepted. None: the checkpoint's max_position_embeddings, else 32768. States do
+    # not grow with length, but a request's time does; raise it as far as you like.
+    max_model_len: int | None = None
+    # Fair admission (see engine/scheduler.py): a prompt with more than this many tokens left to prefill is
+    # long; while max_long_partial_prefills long prompts prefill, other long ones wait and short ones go
+    # first, and a long prefill takes at most this many tokens a step before everyone else had theirs.
+    # None: max_num_batched_tokens // 4; 0: no prompt is long (strict arrival order).
+    long_prefill_token_threshold: int | None = None
+    max_long_partial_prefills: int = 1
     # Prefix-state cache: snapshots of whole states at exact token positions, reused by later prompts
     # with the same prefix (one row copy per hit). On by default, as in vLLM: a hit is exact (the state
     # after the same tokens), so outputs do not change, and without sharing it costs a row copy at the
@@ -64,5 +72,11 @@ class EngineConfig:
             raise ValueError(f"expected state_memory >= 1 byte, got {self.state_memory}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"expected max_model_len >= 2 or None, got {self.max_model_len}")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                f"expected long_prefill_token_threshold >= 0 or None, got {self.long_prefill_token_threshold}"
+            )
+        if self.max_long_partial_prefills < 1:
+            raise ValueError(f"expected max_long_partial_prefills >= 1, got {self.max_long_partial_prefills}")
         if self.max_cached_states < 0:
             raise ValueError(f"expected max_cached_states >= 0, got {self.max_cached_states}")

@@ -61,12 +61,33 @@ class EngineStats:
     prefix_cache_rows_total: int = 0  # snapshot rows in the pool
     prefix_cache_saves: int = 0  # snapshots taken
     prefix_cache_evictions: int = 0  # snapshots evicted
+    # Fault isolation (cumulative, but num_quarantined): see EngineCore.step.
+    num_step_failures: int = 0  # engine steps that raised and were recovered from
+    num_failed_requests: int = 0  # samples ended with an error (500) because a failure was traced to them
+    num_quarantined: int = 0  # requests whose state is being rebuilt after a failed step (now)
+
+
+# A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
+# max_model_len. States do not grow with length, but prefill time does: the default bounds one request's
+# work, and --max-model-len raises it without limit.
+DEFAULT_MAX_MODEL_LEN = 32768
+
+
+def resolve_max_model_len(configured: int | None, hf_config: dict) -> int:
+    """The engine's max_model_len: the configured one, else the checkpoint's max_position_embeddings (what
+    it was trained for, vLLM's default too), else DEFAULT_MAX_MODEL_LEN."""
+    if configured is not None:
+        return configured
+    trained = hf_config.get("max_position_embeddings")
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained >= 2:
+        return trained
+    return DEFAULT_MAX_MODEL_LEN
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, progress: bool = False):
         from linrec.models.demo import default_model_path
-        from linrec.models.loader import load_model
+        from linrec.models.loader import load_model, read_hf_config
         from linrec.models.tokenizer import load_tokenizer
 
         self.config = config
@@ -83,7 +104,7 @@ class EngineCore:
         )
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = self.model.config.vocab_size
-        self.max_model_len = config.max_model_len  # prompt + output tokens at most; None = no limit
+        self.max_model_len = resolve_max_model_len(config.max_model_len, read_hf_config(self.model_path))
         bytes_per_request = self.bytes_per_request = self.model.state_bytes_per_request()
         # One budget buys rows: running slots first, snapshot rows from what is left.
         num_rows = num_slots_for_budget(config.state_memory, bytes_per_request, self.device)
@@ -91,20 +112,12 @@ class EngineCore:
         num_snapshot_rows = min(num_rows - num_slots, config.max_cached_states) if config.enable_prefix_caching else 0
         self.pool = StatePool(self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows)
         self.eos_token_ids = eos_token_ids_of(self.tokenizer, self.model)
-        self.prefix_cache = (
-            PrefixCache(self.pool.snapshot_rows, bytes_per_request) if config.enable_prefix_caching else None
-        )
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.model_key = f"{self.model_path}|{dtype}|{config.linearize}|{config.merge_lora}"
-        self.scheduler = Scheduler(
-            num_slots=num_slots,
-            max_num_seqs=min(config.max_num_seqs, num_slots),
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_waiting_requests=config.max_waiting_requests,
-            eos_token_ids=self.eos_token_ids,
-            prefix_cache=self.prefix_cache,
-            group_prefixes=config.prefix_grouping,
-        )
+        self.num_slots = num_slots
+        self.num_step_failures = 0  # steps whose execution raised (each recovered from)
+        self.num_failed_requests = 0  # requests ended with an error (traced to them, or lost in a reset)
+        self._new_scheduler()
         decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             decode_graphs = DecodeGraphs(self.model, self.pool, self.device, min(config.max_num_seqs, num_slots))
@@ -112,7 +125,6 @@ class EngineCore:
         self.runner = Runner(
             self.model, self.pool, self.device, self.vocab_size, self.eos_token_ids, config.seed, decode_graphs
         )
-        self.outputs = OutputProcessor(self.tokenizer)
         logger.info(
             "linrec engine: %s on %s, %d state slots + %d prefix snapshot rows x %d bytes (constant per request)",
             self.model_path,
@@ -121,6 +133,25 @@ class EngineCore:
             num_snapshot_rows,
             bytes_per_request,
         )
+
+    def _new_scheduler(self) -> None:
+        """A scheduler, prefix cache and output processor with nothing in them (start-up, or a reset)."""
+        config = self.config
+        self.prefix_cache = (
+            PrefixCache(self.pool.snapshot_rows, self.bytes_per_request) if config.enable_prefix_caching else None
+        )
+        self.scheduler = Scheduler(
+            num_slots=self.num_slots,
+            max_num_seqs=min(config.max_num_seqs, self.num_slots),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_waiting_requests=config.max_waiting_requests,
+            eos_token_ids=self.eos_token_ids,
+            prefix_cache=self.prefix_cache,
+            group_prefixes=config.prefix_grouping,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
+            max_long_partial_prefills=config.max_long_partial_prefills,
+        )
+        self.outputs = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Validate and queue one prompt (with its n-1 forks). Raises InvalidRequestError or QueueFullError."""
@@ -131,8 +162,13 @@ class EngineCore:
             Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key)
             for i in range(1, params.n)
         ]
-        self.scheduler.add_request(parent)
+        # Outputs first: a request the scheduler holds always has somewhere to stream to.
         self.outputs.add(parent)
+        try:
+            self.scheduler.add_request(parent)
+        except BaseException:
+            self.outputs.abort([parent.request_id, *(c.request_id for c in parent.children)])
+            raise
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
         """Check everything an engine step will index or size for this request, so that no step can fail on
@@ -145,7 +181,7 @@ class EngineCore:
         if bad:
             raise InvalidRequestError(f"expected token ids in [0, {vocab}), got {bad[0]}", "prompt")
         limit = self.max_model_len
-        if limit is not None and len(prompt) + params.max_tokens > limit:
+        if len(prompt) + params.max_tokens > limit:
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={limit}",
                 "max_tokens" if len(prompt) < limit else "prompt",
@@ -189,13 +225,59 @@ class EngineCore:
             prefix_cache_rows_total=cache.num_rows if cache else 0,
             prefix_cache_saves=cache.num_saves if cache else 0,
             prefix_cache_evictions=cache.num_evictions if cache else 0,
+            num_step_failures=self.num_step_failures,
+            num_failed_requests=self.num_failed_requests,
+            num_quarantined=self.scheduler.num_suspects,
         )
 
     def step(self) -> list[SampleDelta]:
+        """One schedule -> execute -> update. When execute raises, only the requests the failure can be
+        traced to end (finish_reason "error"); the others' states are rebuilt and they go on (see
+        Scheduler.recover). A raise from the engine's own bookkeeping (schedule, update, outputs) fails
+        every unfinished request and resets the engine, which goes on serving."""
+        try:
+            return self._step()
+        except Exception:
+            logger.exception("linrec: the engine's bookkeeping failed")
+            return self.reset()
+
+    def _step(self) -> list[SampleDelta]:
         out = self.scheduler.schedule()
-        result = self.runner.execute(out)
+        try:
+            result = self.runner.execute(out)
+        except Exception:
+            self.num_step_failures += 1
+            names = [s.request.request_id for s in out.sequences]
+            logger.exception(
+                "linrec: an engine step failed (%s step, %d sequence(s): %s); recovering",
+                "quarantine" if out.is_quarantine else "batched",
+                len(names),
+                ", ".join(names[:16]),
+            )
+            return self._fail_requests(self.scheduler.recover(out))
         updates = self.scheduler.update(out, result)
         deltas, stopped = self.outputs.process(updates)
         for request, stop_string in stopped:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, stop_reason=stop_string)
         return deltas
+
+    def reset(self) -> list[SampleDelta]:
+        """Fail every unfinished request and start over with an empty scheduler and prefix cache (after a
+        bug in the engine's own bookkeeping, whose state can no longer be trusted). The model and the pool
+        stay: every row is zeroed or overwritten before it is read again."""
+        requests = list(self.scheduler.requests.values())
+        logger.error("linrec: resetting the engine; %d unfinished request(s) fail", len(requests))
+        for request in requests:
+            request.status = RequestStatus.FINISHED_ERROR
+        self.runner.forget([r.request_id for r in requests])
+        self._new_scheduler()
+        return self._fail_requests(requests)
+
+    def _fail_requests(self, requests: list[Request]) -> list[SampleDelta]:
+        """Deltas that end these samples with finish_reason "error" (the server answers 500)."""
+        self.num_failed_requests += len(requests)
+        self.outputs.abort([r.request_id for r in requests])
+        return [
+            SampleDelta(r.parent_id or r.request_id, r.sample_index, "", [], [], RequestStatus.FINISHED_ERROR.value)
+            for r in requests
+        ]

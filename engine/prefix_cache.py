@@ -327,6 +327,26 @@ class PrefixCache:
         self.num_saves += 1
         return node
 
+    def discard_rows(self, rows: set[int]) -> list[RadixNode]:
+        """Drop the snapshots held in `rows` whatever their state (a failed step may have half written them);
+        returns their nodes. Pins on them become harmless: a load is planned only from a node with a row."""
+        dropped = [node for node in self._snapshots if node.row in rows]
+        for node in dropped:
+            self._free_rows.append(node.row)
+            node.row = None
+            node.is_ready = False
+            del self._snapshots[node]
+            self.release_path(node)
+        return dropped
+
+    def hit_depth(self, key: PrefixKey, tokens: list[int], limit: int) -> int:
+        """Depth of the deepest ready snapshot on tokens[:limit] (0: none); reads the tree only."""
+        depth = 0
+        for node in self.walk(key, tokens, limit):
+            if node.row is not None and node.is_ready:
+                depth = node.depth
+        return depth
+
     def mark_ready(self, node: RadixNode) -> None:
         node.is_ready = True
 

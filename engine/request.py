@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens reached
     FINISHED_ABORTED = "abort"  # cancelled by the caller
+    FINISHED_ERROR = "error"  # an engine step failed on it (traced to this request); the engine went on
 
     @property
     def is_finished(self) -> bool:
@@ -42,6 +43,7 @@ class Request:
     first_scheduled_time: float | None = None  # time.monotonic() when it got a slot (queue time ends)
     cache_key: PrefixKey | None = None  # prefix-cache namespace (model, adapter, route, salt); None = not cached
     num_cached_tokens: int = 0  # prompt tokens loaded from a prefix snapshot instead of prefilled
+    num_failed_steps: int = 0  # engine steps that failed while running this request (see Scheduler.recover)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -55,13 +57,21 @@ class Request:
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
 
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens not yet folded into the state: the prompt's rest while prefilling, 1 while decoding (the
+        last sampled token), every token when the state is rebuilt after a failed step. The request
+        samples again once they are all fed."""
+        return self.num_tokens - self.num_computed_tokens
+
     def token_ids_to_compute(self, num_tokens: int) -> list[int]:
-        """The next `num_tokens` tokens not yet folded into the state."""
-        start = self.num_computed_tokens
-        if start < self.num_prompt_tokens:
-            return self.prompt_token_ids[start : start + num_tokens]
-        out_start = start - self.num_prompt_tokens
-        return self.output_token_ids[out_start : out_start + num_tokens]
+        """The next `num_tokens` tokens not yet folded into the state (they may span prompt and output)."""
+        start, end, num_prompt = self.num_computed_tokens, self.num_computed_tokens + num_tokens, self.num_prompt_tokens
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     @property
     def finish_reason(self) -> str | None:

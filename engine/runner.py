@@ -35,10 +35,14 @@ class Runner:
         # captured decode forwards (CUDA only, unless enforce_eager); None runs every step eagerly
         self.decode_graphs = decode_graphs
 
+    def forget(self, request_ids: list[str]) -> None:
+        """Drop what the runner keeps per request (seeded generators) for requests that ended."""
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        for request_id in out.finished_request_ids:
-            self._generators.pop(request_id, None)
+        self.forget(out.finished_request_ids)
         # Order matters: end states leave their freed slots before those slots are reset or loaded.
         self.pool.copy_rows(out.end_saves)
         self.pool.reset(out.slots_to_reset)

@@ -14,6 +14,30 @@ With a PrefixCache the scheduler also decides where states are saved and loaded 
   it arrives: the first of a group to be admitted claims the shared branch points and prefills them
   once, the others wait (blocked, holding nothing) for those snapshots and run right after, and the
   queue is ordered by decode-to-prefill ratio (max_tokens x n over uncached prompt tokens), largest first.
+
+Fair admission (no head-of-line blocking behind a long prompt). A prompt is long while more than
+`long_prefill_token_threshold` of its tokens remain to prefill (after its prefix hit). Each step's budget goes:
+1. one token to every decoding request;
+2. to the prompts already prefilling, oldest first: a short one gets all it needs, a long one at most the
+   threshold, and at most `max_long_partial_prefills` long ones get tokens in this pass;
+3. to waiting prompts, in queue order, while slots and budget last; a long one is passed over (keeping its
+   place) while `max_long_partial_prefills` long prompts are prefilling, so short prompts behind it go first;
+4. whatever is left, to the long prefills of this step, oldest first.
+Bounds: a short prompt that finds a free slot is admitted at the next step, since pass 2 leaves at least
+budget - decodes - max_long_partial_prefills x threshold - (short prefills, each done within a step); a long
+prompt, once prefilling, gets at least min(threshold, budget - decodes) tokens every step whatever arrives
+(no starvation), and a waiting long prompt waits only for the long prefills ahead of it (FIFO). With the
+threshold at 0 every prompt is short: pure arrival order, the oldest prefill taking all the budget.
+
+Failed steps. The runner only computes, so when it raises, the states of that step's requests (and the
+snapshot rows it wrote) are unknown, while everything else is intact. `recover` drops the step's snapshots
+and puts the step's requests in quarantine, as one group: before anything else runs, the group rebuilds its
+states from its own tokens (a recurrent state is a function of them) and then takes one more step (so a fault
+tied to a decode shows again). A group that fails again is split in two halves, each tried the same way
+(bisection: about 2 log2(n) quarantine rounds find one culprit among n); a request that fails alone is the
+cause and ends with FINISHED_ERROR, and everyone else goes on with the tokens it would have had anyway.
+A transient fault costs one rebuild and changes no output. A request in MAX_FAILED_STEPS failed batches that
+no quarantine caught (a fault that needs company) ends with an error too, so the engine always moves on.
 """
 
 from __future__ import annotations
@@ -36,10 +60,18 @@ MIN_SNAPSHOT_TOKENS = 16
 # Chunk ends, prompt ends and end states are saved (a row copy, no wait) from this many new tokens on;
 # the eviction by value sorts out which of them stay.
 MIN_SAVE_TOKENS = 4
+# A request in this many failed batched steps ends with an error even if no quarantine step caught it: a
+# fault that needs company to strike must not make the engine rebuild the same states forever.
+MAX_FAILED_STEPS = 3
 
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+def default_long_prefill_threshold(max_num_batched_tokens: int) -> int:
+    """A quarter of the step budget: one long prefill leaves three quarters to everyone else."""
+    return max(1, max_num_batched_tokens // 4)
 
 
 @dataclass
@@ -69,6 +101,9 @@ class SchedulerOutput:
     end_saves: list[tuple[int, int]] = field(default_factory=list)
     loads: list[tuple[int, int]] = field(default_factory=list)
     saves: list[tuple[int, int]] = field(default_factory=list)
+    # A quarantine step: one request rebuilding its state alone after a failed step; if this step fails
+    # too, that request is the cause.
+    is_quarantine: bool = False
 
     @property
     def num_batched_tokens(self) -> int:
@@ -108,6 +143,10 @@ class PrefixStats:
     num_prefill_tokens: int = 0  # prompt tokens actually fed to the model (with or without a cache)
 
 
+# A suspect is cleared once its rebuilt state sampled and one more step ran and sampled.
+QUARANTINE_SAMPLES = 2
+
+
 @dataclass
 class _PrefixPlan:
     """The scheduler's prefix bookkeeping for one prompt (the parent of its n samples)."""
@@ -132,15 +171,26 @@ class Scheduler:
         group_prefixes: bool = False,
         min_snapshot_tokens: int = MIN_SNAPSHOT_TOKENS,
         min_save_tokens: int = MIN_SAVE_TOKENS,
+        long_prefill_token_threshold: int | None = None,
+        max_long_partial_prefills: int = 1,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"expected max_num_batched_tokens >= max_num_seqs so every running request can decode each step, "
                 f"got {max_num_batched_tokens} < {max_num_seqs}"
             )
+        if long_prefill_token_threshold is None:
+            long_prefill_token_threshold = default_long_prefill_threshold(max_num_batched_tokens)
+        if long_prefill_token_threshold < 0 or max_long_partial_prefills < 1:
+            raise ValueError(
+                "expected long_prefill_token_threshold >= 0 and max_long_partial_prefills >= 1, got "
+                f"{long_prefill_token_threshold} and {max_long_partial_prefills}"
+            )
         self.allocator = SlotAllocator(num_slots)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: no prompt counts as long
+        self.max_long_partial_prefills = max_long_partial_prefills
         self.max_waiting_requests = max_waiting_requests
         self.eos_token_ids = frozenset(eos_token_ids)
         # Admission order: arrival, or (group_prefixes) decode-to-prefill ratio. A list, for bisect.
@@ -160,6 +210,11 @@ class Scheduler:
         self._end_saves: list[tuple[int, int]] = []  # end states to copy at the start of the next step
         self._step_pins: list[RadixNode] = []  # snapshots loaded this step: unpinned in update()
         self._step_saves: list[RadixNode] = []  # snapshots written this step: ready in update()
+        # Failed-step recovery: groups of requests in quarantine, the first one running; samples each
+        # suspect still owes (rebuild + one more step); slots to zero at the next schedule().
+        self._quarantine: deque[list[Request]] = deque()
+        self._samples_owed: dict[str, int] = {}  # suspect request id -> samples left before it is cleared
+        self._pending_resets: list[int] = []
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -167,8 +222,11 @@ class Scheduler:
         """Queue a prompt; an n > 1 prompt must arrive as one parent with its children attached."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if self.num_waiting >= self.max_waiting_requests:
-            raise QueueFullError(f"waiting queue is full ({self.max_waiting_requests} requests)")
+        # Free slots take waiting requests at the next step: a burst may fill them as well as the waiting places.
+        if self.num_waiting >= self.max_waiting_requests + self.num_free_places:
+            raise QueueFullError(
+                f"waiting queue is full ({self.max_waiting_requests} waiting places, every state slot taken)"
+            )
         if 1 + len(request.children) > min(self.max_num_seqs, self.allocator.num_slots):
             raise InvalidRequestError(
                 f"n={1 + len(request.children)} samples need that many state slots at once, but at most "
@@ -207,6 +265,9 @@ class Scheduler:
         """End a request (stop string found by the output processor, abort, or update's own checks)."""
         if request.status.is_finished:
             return
+        is_suspect = self._samples_owed.pop(request.request_id, None) is not None
+        if is_suspect:
+            self._leave_quarantine(request)
         if request.status is RequestStatus.WAITING:
             self._unqueue(request)
         elif request in self.running:
@@ -215,7 +276,9 @@ class Scheduler:
         if plan is not None:
             self._drop_plan(request, plan)
         if request.slot_id:
-            if request.status is RequestStatus.RUNNING and request.num_computed_tokens > 0:
+            # A failed or quarantined request's state is unknown or half rebuilt: never a snapshot.
+            is_state_sound = status is not RequestStatus.FINISHED_ERROR and not is_suspect
+            if request.status is RequestStatus.RUNNING and request.num_computed_tokens > 0 and is_state_sound:
                 self._save_end_state(request)
             self.allocator.free(request.slot_id)
             request.slot_id = 0
@@ -239,30 +302,55 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_free_places(self) -> int:
+        """Requests that could start running now: free slots, within max_num_seqs."""
+        return max(0, min(self.allocator.num_free, self.max_num_seqs - len(self.running) - self._num_reserved()))
+
+    @property
+    def num_suspects(self) -> int:
+        """Requests in quarantine after a failed step (their states being rebuilt)."""
+        return len(self._samples_owed)
+
     # -- one step ----------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        slots_to_reset, self._pending_resets = self._pending_resets, []
+        if self._quarantine:
+            # The first quarantine group rebuilds its states and takes one more step; everything else waits.
+            budget = self.max_num_batched_tokens
+            chunks: list[list] = []
+            for request in self._quarantine[0]:
+                if self._samples_owed[request.request_id] and budget > 0:
+                    chunks.append([request, self._chunk_len(request, budget)])
+                    budget -= chunks[-1][1]
+            return self._output(chunks, slots_to_reset, [], is_quarantine=True)
         budget = self.max_num_batched_tokens
-        sequences: list[ScheduledSequence] = []
-        slots_to_reset: list[int] = []
-        # Every decoding request gets its one token first: decode latency never waits on prefills.
+        threshold = self.long_prefill_token_threshold
+        chunks: list[list] = []  # [request, tokens to feed], in batch order
+        # Pass 1: every decoding request gets its one token first: decode latency never waits on prefills.
         for request in self.running:
             if not request.is_prefilling:
-                sequences.append(self._sequence(request, 1))
+                chunks.append([request, 1])
                 budget -= 1
-        # Then the prompts already started, oldest first, chunked to what the budget leaves.
+        # Pass 2: the prompts already started, oldest first; a long one at most `threshold` tokens for now.
+        num_long = 0
         for request in self.running:
-            if budget <= 0:
-                break
-            if request.is_prefilling:
-                num_tokens = self._chunk_len(request, budget)
-                sequences.append(self._sequence(request, num_tokens))
-                budget -= num_tokens
-        # Then admit waiting prompts while there are slots (n of them for an n-sample prompt).
+            if not request.is_prefilling:
+                continue
+            cap = request.num_pending_tokens
+            if self._is_long(cap):
+                num_long += 1
+                cap = threshold if num_long <= self.max_long_partial_prefills else 0
+            num_tokens = self._chunk_len(request, min(budget, cap)) if budget > 0 else 0
+            chunks.append([request, num_tokens])
+            budget -= num_tokens
+        # Pass 3: admit waiting prompts while there are slots (n of them for an n-sample prompt). A long one
+        # is passed over while the long prefills are at their bound; it keeps its place in the queue.
         loads: list[tuple[int, int]] = []
-        while budget > 0:
-            request = self._ready[0] if self._ready else (self.waiting[0] if self.waiting else None)
-            if request is None:
+        candidates = [*self._ready, *self.waiting] if budget > 0 and self.num_free_places else []
+        for request in candidates:
+            if budget <= 0:
                 break
             num_samples = 1 + len(request.children)
             if (
@@ -271,6 +359,9 @@ class Scheduler:
             ):
                 break
             plan = self._plans.get(request.request_id)
+            is_long = self._is_long(request.num_prompt_tokens - self._hit_depth(request, plan))
+            if is_long and num_long >= self.max_long_partial_prefills:
+                continue
             hit: RadixNode | None = None
             if plan is not None:
                 hit, wait_on = self._plan_admission(request, plan)
@@ -290,10 +381,26 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            num_tokens = self._chunk_len(request, budget)
-            sequences.append(self._sequence(request, num_tokens))
+            num_long += is_long
+            num_tokens = self._chunk_len(request, min(budget, threshold if is_long else budget))
+            chunks.append([request, num_tokens])
             budget -= num_tokens
+        # Pass 4: what is left goes to the long prefills of this step, oldest first.
+        for chunk in chunks:
+            if budget <= 0:
+                break
+            request, num_tokens = chunk
+            if request.is_prefilling and self._is_long(request.num_pending_tokens):
+                chunk[1] = self._chunk_len(request, num_tokens + budget)
+                budget -= chunk[1] - num_tokens
+        return self._output([c for c in chunks if c[1] > 0], slots_to_reset, loads)
 
+    def _output(
+        self, chunks: list[list], slots_to_reset: list[int], loads: list[tuple[int, int]], is_quarantine: bool = False
+    ) -> SchedulerOutput:
+        """The step's plain-data output for chunks of [request, tokens to feed] in batch order: the
+        sequences, snapshot saves, n > 1 forks and the rows to sample."""
+        sequences = [self._sequence(request, num_tokens) for request, num_tokens in chunks]
         saves = self._plan_saves(sequences) if self.cache is not None else []
         for seq in sequences:
             if seq.start_position < seq.request.num_prompt_tokens:
@@ -310,10 +417,82 @@ class Scheduler:
                 samples.extend((child, index) for child in children)
         finished, self._finished_since_step = self._finished_since_step, []
         end_saves, self._end_saves = self._end_saves, []
-        return SchedulerOutput(sequences, slots_to_reset, forks, samples, finished, end_saves, loads, saves)
+        return SchedulerOutput(
+            sequences, slots_to_reset, forks, samples, finished, end_saves, loads, saves, is_quarantine
+        )
+
+    def _is_long(self, num_prefill_tokens: int) -> bool:
+        return 0 < self.long_prefill_token_threshold < num_prefill_tokens
+
+    def _hit_depth(self, request: Request, plan: _PrefixPlan | None) -> int:
+        """Prompt tokens a waiting request would load from a snapshot if admitted now (read only)."""
+        if plan is None or not self.long_prefill_token_threshold:
+            return 0
+        return self.cache.hit_depth(plan.key, request.prompt_token_ids, request.num_prompt_tokens - 1)
+
+    def recover(self, output: SchedulerOutput) -> list[Request]:
+        """The runner raised while executing `output` (instead of update()). Drops the snapshots the step
+        may have half written, and quarantines the step's requests, whose states may be half updated: each
+        will rebuild its state alone (see the module docstring). Returns the requests found to be the
+        cause (the request of a failed quarantine step), finished with FINISHED_ERROR."""
+        if self.cache is not None:
+            self._drop_step_snapshots(output)
+        if output.is_quarantine:
+            group = self._quarantine.popleft()
+            if len(group) == 1:
+                self.finish(group[0], RequestStatus.FINISHED_ERROR)
+                return group
+            half = len(group) // 2
+            self._quarantine.extendleft([group[half:], group[:half]])  # bisect: the first half runs next
+        else:
+            group = [s.request for s in output.sequences if not s.request.status.is_finished]  # one each
+            failed = []
+            for request in group:
+                request.num_failed_steps += 1
+                if request.num_failed_steps >= MAX_FAILED_STEPS:
+                    failed.append(request)  # in every failing batch, never caught alone: give up on it too
+            for request in failed:
+                self.finish(request, RequestStatus.FINISHED_ERROR)
+            group = [r for r in group if not r.status.is_finished]
+            if group:
+                self._quarantine.append(group)
+            if failed:
+                return failed
+        for request in group:
+            request.num_computed_tokens = 0
+            self._pending_resets.append(request.slot_id)
+            self._samples_owed[request.request_id] = QUARANTINE_SAMPLES
+        return []
+
+    def _leave_quarantine(self, request: Request) -> None:
+        for group in self._quarantine:
+            group[:] = [r for r in group if r is not request]
+        while self._quarantine and not self._quarantine[0]:
+            self._quarantine.popleft()
+
+    def _drop_step_snapshots(self, output: SchedulerOutput) -> None:
+        """Forget every snapshot row the failed step was to write (end states, chunk ends) and the step's pins."""
+        for node in self._step_pins:
+            node.pins -= 1
+        self._step_pins = []
+        for node in self._step_saves:
+            node.claimed_by = None
+            self._release_followers(node, pin=False)  # they plan their admission again
+        self._step_saves = []
+        self.cache.discard_rows({row for _, row in output.end_saves} | {row for _, row in output.saves})
 
     def update(self, output: SchedulerOutput, result: StepResult) -> list[RequestUpdate]:
         """Fold the step's results in: advance states, append tokens, check stops, free slots."""
+        if output.is_quarantine:
+            for request, _index in output.samples:
+                if request.request_id in self._samples_owed:  # forked children are not suspects
+                    self._samples_owed[request.request_id] -= 1
+            group = self._quarantine[0] if self._quarantine else []
+            if all(not self._samples_owed.get(r.request_id) for r in group):
+                # Rebuilt, and one more step ran: the group rejoins the others.
+                for request in group:
+                    self._samples_owed.pop(request.request_id, None)
+                self._quarantine.popleft()
         if self.cache is not None:
             self._land_snapshots()
         for seq in output.sequences:
@@ -357,8 +536,8 @@ class Scheduler:
     @staticmethod
     def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
         token_ids = request.token_ids_to_compute(num_tokens)
-        ends_prompt = request.num_computed_tokens + num_tokens >= request.num_prompt_tokens
-        return ScheduledSequence(request, request.slot_id, token_ids, request.num_computed_tokens, ends_prompt)
+        feeds_all = num_tokens >= request.num_pending_tokens  # the prompt's end, a decode, a rebuilt state
+        return ScheduledSequence(request, request.slot_id, token_ids, request.num_computed_tokens, feeds_all)
 
     def _num_reserved(self) -> int:
         """Slots held by children that have not forked yet (they count against max_num_seqs)."""
@@ -367,8 +546,8 @@ class Scheduler:
     # -- prefix-state cache ------------------------------------------------------------------------
 
     def _chunk_len(self, request: Request, budget: int) -> int:
-        """Prompt tokens to feed this step: what the budget allows, cut at the next claimed branch point."""
-        num_tokens = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
+        """Tokens to feed this step: what the budget allows, cut at the next claimed branch point."""
+        num_tokens = min(request.num_pending_tokens, budget)
         plan = self._plans.get(request.request_id)
         if plan is not None and plan.claims:
             next_point = min(plan.claims)  # claims lie beyond num_computed_tokens: landed ones are removed
@@ -414,9 +593,10 @@ class Scheduler:
         for seq in sequences:
             request = seq.request
             plan = self._plans.get(request.request_id)
-            if plan is None or seq.start_position >= request.num_prompt_tokens:
-                continue
             end = seq.start_position + len(seq.token_ids)
+            # Snapshots are of prompt prefixes only (a rebuilt state's chunk may run into the output).
+            if plan is None or end > request.num_prompt_tokens:
+                continue
             tokens = request.prompt_token_ids[:end]
             node = plan.claims.pop(end, None)
             if node is not None:

@@ -55,7 +55,7 @@ def test_cancelled_consumer_aborts_and_frees_its_slot(engine):
     scheduler = engine.engine.scheduler
 
     async def run():
-        gen = engine.generate([1, 2, 3], SamplingParams(max_tokens=100000, ignore_eos=True))
+        gen = engine.generate([1, 2, 3], SamplingParams(max_tokens=4000, ignore_eos=True))
         await gen.__anext__()
         assert scheduler.allocator.num_used == 1
         await gen.aclose()  # what a disconnected HTTP client does
@@ -81,7 +81,7 @@ def test_caller_cancelled_before_the_engine_accepts_leaves_the_engine_running(en
         return step()
 
     async def run():
-        holder = engine.generate([1, 2], SamplingParams(max_tokens=100000, ignore_eos=True))
+        holder = engine.generate([1, 2], SamplingParams(max_tokens=4000, ignore_eos=True))
         await holder.__anext__()  # the engine thread now steps in a loop
         monkeypatch.setattr(core, "step", blocked_step)
         assert await asyncio.to_thread(entered.wait, 10)  # ... and is stuck in a step: commands wait

@@ -49,3 +49,143 @@ def test_sampling_params_limits_name_the_field(kwargs, param):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(**kwargs)
     assert info.value.param == param
+
+
+# -- a step that raises ------------------------------------------------------------------------------
+
+MARKER = [201, 202, 203]  # a prompt holding this run of tokens is the "poisoned" one
+
+
+def is_poisoned(request) -> bool:
+    ids = request.prompt_token_ids
+    return any(ids[i : i + len(MARKER)] == MARKER for i in range(len(ids)))
+
+
+class Faults:
+    """Wraps the runner's forward: a step raises when `should_fail(sequences)` says so, after the forward
+    already ran (so the step's states are left half updated, as a real fault would leave them)."""
+
+    def __init__(self, engine, should_fail):
+        self.engine, self.should_fail, self.num_raised = engine, should_fail, 0
+        self._forward = engine.runner._forward
+        engine.runner._forward = self
+
+    def __call__(self, seqs):
+        hidden = self._forward(seqs)
+        if self.should_fail(seqs):
+            self.num_raised += 1
+            raise RuntimeError(f"injected fault #{self.num_raised}")
+        return hidden
+
+
+def prompts_for(num: int, seed: int, shared_prefix: list[int] | None = None) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    prefix = shared_prefix or []
+    return [prefix + [rng.randrange(1, 200) for _ in range(rng.randint(3, 20))] for _ in range(num)]
+
+
+def run(engine, prompts: dict[str, list[int]], params: SamplingParams) -> dict[str, dict[int, tuple]]:
+    """Every prompt through EngineCore directly: request id -> sample index -> (token ids, finish reason)."""
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, params)
+    out: dict[str, dict[int, tuple]] = {rid: {} for rid in prompts}
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        for delta in engine.step():
+            tokens, _ = out[delta.request_id].get(delta.index, ([], None))
+            out[delta.request_id][delta.index] = (tokens + delta.token_ids, delta.finish_reason)
+    assert not engine.has_unfinished()
+    return out
+
+
+def assert_clean(engine) -> None:
+    assert engine.scheduler.allocator.num_used == 0 and engine.scheduler.num_suspects == 0
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.check()
+
+
+@pytest.mark.parametrize("family", ["liger_gla", "mamba2"])
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_a_request_that_makes_steps_fail_fails_alone_and_others_are_untouched(demo_model_dir, family, phase):
+    params = greedy(max_tokens=12)  # each quarantine round lets the culprit sample once more: room for 4 rounds
+    prompts = {f"r{i}": p for i, p in enumerate(prompts_for(6, seed=1))}
+    clean = run(LLM(demo_model_dir(family), max_num_seqs=8).engine, prompts, params)
+
+    llm = LLM(demo_model_dir(family), max_num_seqs=8, max_num_batched_tokens=64)
+    engine = llm.engine
+    poisoned_prompt = [5, 6, *MARKER, 7]
+
+    def should_fail(seqs):
+        # prefill: the poisoned prompt's first chunk; decode: once it has generated 2 tokens
+        for s in seqs:
+            if is_poisoned(s.request) and (phase == "prefill" or s.start_position >= len(poisoned_prompt) + 1):
+                return True
+        return False
+
+    faults = Faults(engine, should_fail)
+    got = run(engine, {**prompts, "poison": poisoned_prompt}, params)
+    assert got["poison"][0][1] == "error"
+    assert {rid: got[rid] for rid in prompts} == clean  # every other request: the same tokens, as if nothing happened
+    # Once in the batch, then once per bisection round of the 7 quarantined requests, the last one alone.
+    assert 2 <= faults.num_raised <= 2 + 3
+    stats = engine.stats()
+    assert (stats.num_step_failures, stats.num_failed_requests, stats.num_quarantined) == (faults.num_raised, 1, 0)
+    assert_clean(engine)
+    # The engine goes on serving.
+    assert run(engine, {"after": prompts["r0"]}, params)["after"] == clean["r0"]
+
+
+def test_a_transient_fault_fails_nobody(demo_model_dir):
+    params = greedy(max_tokens=6, n=2)
+    prompts = {f"r{i}": p for i, p in enumerate(prompts_for(5, seed=2))}
+    clean = run(LLM(demo_model_dir(), max_num_seqs=16).engine, prompts, params)
+    engine = LLM(demo_model_dir(), max_num_seqs=16, max_num_batched_tokens=32).engine
+    faults = Faults(engine, lambda seqs: len(seqs) >= 4 and engine.stats().num_step_failures == 0)
+    got = run(engine, prompts, params)
+    assert faults.num_raised == 1 and got == clean
+    assert engine.stats().num_failed_requests == 0
+    assert_clean(engine)
+
+
+def test_faults_with_the_prefix_cache_keep_it_consistent(demo_model_dir):
+    """Shared prefixes, branch-point snapshots and end states in flight when steps fail: the snapshots the
+    failed steps wrote are dropped, nobody loads a half-written row, outputs match a clean run."""
+    params = greedy(max_tokens=5)
+    shared = list(range(1, 41))
+    prompts = {f"r{i}": p for i, p in enumerate(prompts_for(8, seed=3, shared_prefix=shared))}
+    clean = run(LLM(demo_model_dir(), max_num_seqs=4, enable_prefix_caching=False).engine, prompts, params)
+    engine = LLM(demo_model_dir(), max_num_seqs=4, max_num_batched_tokens=24, max_cached_states=8).engine
+    step_index = iter(range(10_000))
+    Faults(engine, lambda seqs: next(step_index) % 5 == 2)  # every fifth step fails, whatever it holds
+    got = run(engine, {**prompts, "poison": [*shared, *MARKER]}, params)
+    # Faults that strike a batch are transient here: a quarantine step holds one request, and some of those
+    # fail too; whoever fails, everyone else's tokens are exact.
+    failed = {rid for rid, samples in got.items() if samples[0][1] == "error"}
+    assert {rid: got[rid] for rid in prompts if rid not in failed} == {
+        rid: clean[rid] for rid in prompts if rid not in failed
+    }
+    assert engine.stats().num_failed_requests == len(failed)
+    assert_clean(engine)
+
+
+def test_a_fault_in_the_engines_own_bookkeeping_resets_it_and_it_goes_on(demo_model_dir):
+    engine = LLM(demo_model_dir(), max_num_seqs=4).engine
+    params = greedy(max_tokens=4)
+    engine.add_request("a", [1, 2, 3], params)
+    engine.add_request("b", [4, 5, 6], params)
+    engine.step()
+    update = engine.scheduler.update
+
+    def broken_update(*args):
+        raise KeyError("injected bookkeeping bug")
+
+    engine.scheduler.update = broken_update
+    deltas = engine.step()
+    assert sorted((d.request_id, d.finish_reason) for d in deltas) == [("a", "error"), ("b", "error")]
+    assert engine.scheduler.update is not broken_update and update is not None  # a new scheduler
+    assert not engine.has_unfinished()
+    assert_clean(engine)
+    assert run(engine, {"c": [1, 2, 3]}, params)["c"][0][1] == "length"

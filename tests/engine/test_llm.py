@@ -123,7 +123,7 @@ def test_seeded_sampling_reproduces_whatever_the_batch(demo_model_dir):
 
 
 def test_state_bytes_do_not_grow_with_context(demo_model_dir):
-    llm = LLM(demo_model_dir(), max_num_seqs=2, max_num_batched_tokens=1024)
+    llm = LLM(demo_model_dir(), max_num_seqs=2, max_num_batched_tokens=1024, max_model_len=8192)
     pool = llm.engine.pool
     per_request, total = pool.bytes_per_request, pool.total_bytes
     llm.generate(random_prompts(1, 16, 16)[0:1], greedy(max_tokens=2))

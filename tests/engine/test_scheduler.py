@@ -145,11 +145,30 @@ def test_abort_parent_before_fork_releases_children():
 
 
 def test_waiting_queue_is_bounded():
-    sched = make_scheduler(max_waiting_requests=2)
-    sched.add_request(make_request("a", 2))
-    sched.add_request(make_request("b", 2))
+    sched = make_scheduler(max_waiting_requests=2)  # 4 free slots + 2 waiting places
+    for i in range(6):
+        sched.add_request(make_request(f"r{i}", 2))
     with pytest.raises(QueueFullError):
-        sched.add_request(make_request("c", 2))
+        sched.add_request(make_request("one-too-many", 2))
+    step(sched)  # 4 run, 2 wait: the bound is the waiting places now
+    assert sched.num_running == 4 and sched.num_waiting == 2
+    with pytest.raises(QueueFullError):
+        sched.add_request(make_request("still-too-many", 2))
+
+
+def test_a_burst_fills_free_slots_as_well_as_waiting_places():
+    # Found by a burst of 12 against 2 slots and 3 waiting places: 9 were refused while slots sat free.
+    sched = make_scheduler(num_slots=2, max_num_seqs=2, max_waiting_requests=3)
+    accepted = 0
+    for i in range(12):
+        try:
+            sched.add_request(make_request(f"r{i}", 2))
+            accepted += 1
+        except QueueFullError:
+            pass
+    assert accepted == 5
+    out, _ = step(sched)
+    assert len(out.sequences) == 2 and sched.num_waiting == 3
 
 
 def test_bad_configuration_and_requests_are_rejected():
@@ -170,3 +189,72 @@ def test_max_num_seqs_caps_running_even_with_free_slots():
     out, _ = step(sched)
     assert len(out.sequences) == 2 and sched.num_running == 2
     assert sched.requests["c"].status is RequestStatus.WAITING
+
+
+# -- fair admission: short prompts are never stuck behind a long prefill -----------------------------
+
+
+def tokens_of(out, rid: str) -> int:
+    return sum(len(s.token_ids) for s in out.sequences if s.request.request_id == rid)
+
+
+def test_a_short_prompt_is_admitted_at_the_next_step_while_a_long_one_prefills():
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    sched.add_request(make_request("long", 100_000))
+    out, _ = step(sched)
+    assert tokens_of(out, "long") == 64  # alone, it takes the whole budget
+    sched.add_request(make_request("short", 8))
+    out, updates = step(sched)
+    # The short prompt runs whole in the very next step; the long one keeps the rest of the budget.
+    assert tokens_of(out, "short") == 8 and tokens_of(out, "long") == 56
+    assert [u.request.request_id for u in updates] == ["short"]  # its first token: TTFT of one step
+
+
+def test_a_long_prefill_is_never_starved_by_a_flood_of_short_prompts():
+    sched = make_scheduler(
+        num_slots=64,
+        max_num_seqs=64,
+        max_num_batched_tokens=64,
+        max_waiting_requests=1000,
+        long_prefill_token_threshold=16,
+    )
+    sched.add_request(make_request("long", 1000))
+    steps = 0
+    while sched.requests["long"].is_prefilling:
+        for i in range(4):  # more short prompt tokens arrive each step than the budget can take
+            sched.add_request(make_request(f"s{steps}-{i}", 15, max_tokens=1))
+        remaining = sched.requests["long"].num_pending_tokens
+        out, _ = step(sched)
+        assert tokens_of(out, "long") >= min(16, remaining)
+        steps += 1
+    assert steps <= -(-1000 // 16)
+
+
+def test_a_second_long_prompt_waits_for_the_first_while_short_ones_pass_it():
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    sched.add_request(make_request("long-1", 200))
+    sched.add_request(make_request("long-2", 200))
+    sched.add_request(make_request("short", 4))
+    out, _ = step(sched)
+    assert tokens_of(out, "long-2") == 0 and tokens_of(out, "short") == 4
+    assert sched.requests["long-2"].status is RequestStatus.WAITING and sched.requests["long-2"].slot_id == 0
+    while sched.requests["long-1"].is_prefilling:
+        step(sched)
+    out, _ = step(sched)
+    assert tokens_of(out, "long-2") > 0
+
+
+def test_with_the_threshold_off_a_long_prefill_blocks_admission_as_before():
+    sched = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=0)
+    sched.add_request(make_request("long", 1000))
+    step(sched)
+    sched.add_request(make_request("short", 8))
+    out, _ = step(sched)
+    assert tokens_of(out, "short") == 0 and tokens_of(out, "long") == 64
+
+
+def test_bad_fairness_settings_are_rejected():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        make_scheduler(long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="max_long_partial_prefills"):
+        make_scheduler(max_long_partial_prefills=0)
