@@ -475,7 +475,10 @@ class Tally:
     started_at: float
     counts: Counter = field(default_factory=Counter)  # (kind, outcome status) -> requests
     features: Counter = field(default_factory=Counter)  # feature -> requests sent with it
-    failure_reasons: Counter = field(default_factory=Counter)
+    failure_reasons: Counter = field(default_factory=Counter)  # "kind: reason" -> requests
+    # "kind: reason" -> its first request. Kept apart from `failures` because when one request kills the
+    # engine, the requests in flight fail first and the culprit may come after the first twenty.
+    first_by_reason: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_FAILURES_KEPT
     latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds, complete answers only
     num_disconnects_planned: int = 0
@@ -488,16 +491,17 @@ class Tally:
         if outcome.status == "ok":
             self.latencies.setdefault(plan.kind, []).append(latency)
         if outcome.is_failure:
-            self.failure_reasons[f"{plan.kind}: {outcome.reason}"] += 1
+            key = f"{plan.kind}: {outcome.reason}"
+            self.failure_reasons[key] += 1
+            failure = {
+                "sent_s": round(sent_at - self.started_at, 3),
+                "kind": plan.kind,
+                "request": plan.describe(),
+                "reason": outcome.reason,
+            }
+            self.first_by_reason.setdefault(key, failure)
             if len(self.failures) < MAX_FAILURES_KEPT:
-                self.failures.append(
-                    {
-                        "sent_s": round(sent_at - self.started_at, 3),
-                        "kind": plan.kind,
-                        "request": plan.describe(),
-                        "reason": outcome.reason,
-                    }
-                )
+                self.failures.append(failure)
 
 
 def parse_duration(text: str) -> float:
@@ -753,7 +757,10 @@ def _summary(
         "features": dict(tally.features.most_common()),
         "not_sent": not_sent,
         "failures": tally.failures,
-        "failure_reasons": dict(tally.failure_reasons.most_common(20)),
+        "failure_reasons": {
+            key: {"count": count, "first": tally.first_by_reason[key]}
+            for key, count in tally.failure_reasons.most_common(MAX_FAILURES_KEPT)
+        },
         "slots": slots,
         "rss": rss,
         "checks": checks,
@@ -794,7 +801,8 @@ def format_soak_table(summary: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(-1, "-" * len(lines[0]))
     out = [
-        f"soak: {config['users']} users for {summary['duration_s']:.1f}s, seed {config['seed']}, "
+        f"soak: {config['users']} users sending for {config['run_time_s']:g}s (the last answer came at "
+        f"{summary['duration_s']:.1f}s), seed {config['seed']}, "
         f"model {config['model_name']}, {summary['num_requests']} requests (latencies of complete answers, ms)",
         *lines,
     ]
@@ -827,11 +835,9 @@ def format_soak_table(summary: dict[str, Any]) -> str:
         )
     else:
         out.append(f"RSS: {rss['problem']}  {_verdict(checks['rss_flat'])}")
-    for reason, count in summary["failure_reasons"].items():
-        out.append(f"failure x{count}: {reason}")
-    if summary["failures"]:
-        first = summary["failures"][0]
-        out.append(f"first failure (sent at {first['sent_s']}s): {first['request']}")
+    for reason, seen in summary["failure_reasons"].items():
+        out.append(f"failure x{seen['count']}: {reason}")
+        out.append(f"    first sent at {seen['first']['sent_s']}s: {seen['first']['request']}")
     out.append(f"soak {_verdict(summary['passed'])}")
     return "\n".join(out)
 

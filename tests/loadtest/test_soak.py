@@ -338,7 +338,9 @@ def test_a_broken_server_fails_every_check(tmp_path: Path, capsys: pytest.Captur
     assert summary["slots"]["settled"] is False and summary["slots"]["linrec:state_slots_used"] == 1
     assert summary["rss"]["growth_bytes"] > 64 * 2**20 and summary["rss"]["source"].startswith("/metrics")
     table = capsys.readouterr().out
-    assert "soak FAIL" in table and "failure x" in table and "first failure" in table
+    assert "soak FAIL" in table and "failure x" in table and "first sent at" in table
+    first_500 = summary["failure_reasons"]["chat: HTTP 500: the engine stopped"]
+    assert first_500["count"] >= 1 and first_500["first"]["request"].startswith("POST /v1/chat/completions {")
 
 
 def test_a_sound_server_passes_with_deliberate_disconnects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
