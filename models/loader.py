@@ -12,6 +12,7 @@ an error.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ __all__ = ["load_model", "load_tokenizer", "read_hf_config", "checkpoint_files",
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# transformers 5 writes the floats JSON cannot hold as {"__float__": tag} objects (4.x wrote bare tokens).
+FLOAT_TAG = "__float__"
+TAGGED_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 
 # Accepted `dtype` strings -> torch dtype attribute name. "auto" reads config.json.
 DTYPE_NAMES = {
@@ -98,14 +102,32 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 
 def read_json_object(file: Path) -> dict[str, Any]:
-    """A JSON file holding one object, with a one-line error naming the file when it is not."""
+    """A JSON file holding one object, with a one-line error naming the file when it is not.
+
+    Non-finite floats come back as floats in every spelling transformers has written them: bare
+    Infinity / -Infinity / NaN tokens (4.x; Python's json reads them) and {"__float__": "Infinity"}
+    objects (5.x), so that no config reader meets either encoding.
+    """
     try:
-        value = json.loads(file.read_text())
-    except ValueError as exc:
+        value = json.loads(file.read_text(), object_hook=_decode_tagged_float)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"invalid JSON in {str(file)!r}: {exc}") from None
+    except ValueError as exc:  # a tagged float we do not know
+        raise ValueError(f"in {str(file)!r}: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object in {str(file)!r}, got {type(value).__name__}")
     return value
+
+
+def _decode_tagged_float(obj: dict[str, Any]) -> Any:
+    """json object_hook: {"__float__": "Infinity"} -> inf (likewise -Infinity, NaN); other objects unchanged."""
+    if len(obj) != 1 or FLOAT_TAG not in obj:
+        return obj
+    tag = obj[FLOAT_TAG]
+    if not isinstance(tag, str) or tag not in TAGGED_FLOATS:
+        expected = " | ".join(json.dumps(t) for t in TAGGED_FLOATS)
+        raise ValueError(f"expected a tagged float {{{json.dumps(FLOAT_TAG)}: {expected}}}, got {json.dumps(obj)}")
+    return TAGGED_FLOATS[tag]
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

@@ -98,8 +98,14 @@ class Mamba2Config:
             value = hf_config[field.name]
             default = field.default
             if field.name == "time_step_limit":
-                if not isinstance(value, (list, tuple)) or len(value) != 2:
-                    raise ValueError(f"expected time_step_limit as [lo, hi], got {value!r}")
+                # Non-finite bounds arrive as floats whichever way transformers spelled them: the config.json
+                # reader (loader.read_json_object) decodes both 4.x's bare Infinity and 5.x's {"__float__": ...}.
+                if (
+                    not isinstance(value, (list, tuple))
+                    or len(value) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
+                ):
+                    raise ValueError(f"expected time_step_limit as [lo, hi] numbers, got {value!r}")
                 value = (float(value[0]), float(value[1]))
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
