@@ -117,14 +117,14 @@ def load_tokenizer(path: str | Path):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer in {str(path)!r}: expected tokenizer.json or tokenizer_config.json")
 
-    from transformers import AutoTokenizer, PreTrainedConfig
+    from transformers import AutoTokenizer, PretrainedConfig  # the spelling transformers 4.x and 5.x both have
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     kwargs: dict[str, Any] = {}
     if _read_model_type(path) not in CONFIG_MAPPING:
         # A model_type transformers does not know (liger_gla, ...): let AutoTokenizer go by
         # tokenizer_config.json alone instead of parsing config.json as some other model's config.
-        kwargs["config"] = PreTrainedConfig()
+        kwargs["config"] = PretrainedConfig()
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as exc:
