@@ -77,6 +77,8 @@ ENGINE_ARG_FIELDS = (
     "state_memory",
     "max_waiting_requests",
     "max_model_len",
+    "long_prefill_token_threshold",
+    "max_long_partial_prefills",
     "enable_prefix_caching",
     "prefix_grouping",
     "max_cached_states",
@@ -104,7 +106,29 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="memory for request states: a fraction of free memory (0.5) or bytes (2GiB)",
     )
     group.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=int, default=4096)
-    group.add_argument("--max-model-len", dest="max_model_len", type=int, default=None, help="prompt + output limit")
+    group.add_argument(
+        "--max-model-len",
+        dest="max_model_len",
+        type=int,
+        default=None,
+        help="prompt + output tokens at most (default: the checkpoint's max_position_embeddings, else 32768; "
+        "states do not grow, so raise it as far as time allows)",
+    )
+    group.add_argument(
+        "--long-prefill-token-threshold",
+        dest="long_prefill_token_threshold",
+        type=int,
+        default=None,
+        help="a prompt with more tokens left to prefill is long: it takes at most this many tokens a step before "
+        "short prompts had theirs (default: max-num-batched-tokens / 4; 0: strict arrival order)",
+    )
+    group.add_argument(
+        "--max-long-partial-prefills",
+        dest="max_long_partial_prefills",
+        type=int,
+        default=1,
+        help="long prompts prefilling at once; others wait while short prompts pass them",
+    )
     group.add_argument(
         "--enable-prefix-caching",
         dest="enable_prefix_caching",

@@ -118,7 +118,7 @@ def wait_until(predicate, timeout: float = 5.0) -> float:
 
 
 def long_body(stream: bool) -> dict:
-    return {"model": MODEL, "prompt": "go", "max_tokens": 5000, "ignore_eos": True, "stream": stream}
+    return {"model": MODEL, "prompt": "go", "max_tokens": 4000, "ignore_eos": True, "stream": stream}
 
 
 def test_disconnect_frees_the_slot(make_server) -> None:
