@@ -601,7 +601,11 @@ def add_serve_command(commands) -> None:
     group.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for every interface)")
     group.add_argument("--port", type=int, default=8000)
     group.add_argument(
-        "--api-key", dest="api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or LINREC_API_KEY)"
+        "--api-key",
+        dest="api_key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every route but /health, /version, /openapi.json and "
+        "/metrics (or LINREC_API_KEY)",
     )
     group.add_argument(
         "--served-model-name", dest="served_model_name", default=None, help="the model name clients send"
@@ -610,10 +614,43 @@ def add_serve_command(commands) -> None:
         "--drain-timeout", dest="drain_timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM"
     )
     group.add_argument("--log-level", dest="log_level", default="info", choices=("debug", "info", "warning", "error"))
+
+    def byte_count(text: str) -> int:
+        try:
+            value = parse_state_memory(text)  # '1' comes back as the fraction 1.0
+        except (argparse.ArgumentTypeError, OverflowError):  # OverflowError: 'inf'
+            value = 0
+        if not 1 <= value < float("inf") or value != int(value):
+            raise argparse.ArgumentTypeError(f"expected a byte count such as 16MiB or 1000000, got {text!r}")
+        return int(value)
+
+    group.add_argument(
+        "--max-request-body-bytes",
+        dest="max_request_body_bytes",
+        type=byte_count,
+        default=16 * 2**20,
+        help="larger request bodies get 413 before they are parsed (bytes, or 16MiB, 1GB; default 16MiB)",
+    )
+    group.add_argument(
+        "--metrics-require-api-key",
+        dest="metrics_require_api_key",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="put /metrics behind --api-key too (Prometheus: `authorization: {credentials: KEY}`)",
+    )
     serve.set_defaults(handler=_run_serve)
 
 
-SERVER_ARG_FIELDS = ("host", "port", "api_key", "served_model_name", "drain_timeout", "log_level")
+SERVER_ARG_FIELDS = (
+    "host",
+    "port",
+    "api_key",
+    "served_model_name",
+    "drain_timeout",
+    "log_level",
+    "max_request_body_bytes",
+    "metrics_require_api_key",
+)
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """Wiring: URL -> handler, error rendering, and the middleware every request passes through
-(request id, drain refusal, API key, in-flight count, HTTP metrics)."""
+(request id, drain refusal, API key, body size limit, in-flight count, HTTP metrics)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from linrec.server.serving import APIError, ClientDisconnected, OpenAIServing
 
 logger = logging.getLogger(__name__)
 UNTRACKED_PATHS = ("/metrics",)  # scrapes neither count as in-flight work nor get refused while draining
+# Everything else needs the API key when one is set (unknown paths too: no route probing without it). Probes
+# and the API's description stay open; /metrics too unless metrics_require_api_key.
+OPEN_PATHS = frozenset({"/health", "/version", "/openapi.json"})
 
 
 class ServerState:
@@ -117,12 +120,21 @@ class ServerMiddleware:
     """Pure ASGI so that streaming bodies stay in flight until their last byte."""
 
     def __init__(
-        self, app: ASGIApp, state: ServerState, metrics: Metrics, api_key: str | None, route_paths: frozenset[str]
+        self,
+        app: ASGIApp,
+        state: ServerState,
+        metrics: Metrics,
+        api_key: str | None,
+        route_paths: frozenset[str],
+        max_request_body_bytes: int,
+        is_metrics_protected: bool = False,
     ):
         self.app = app
         self.state = state
         self.metrics = metrics
         self.api_key = api_key
+        self.max_request_body_bytes = max_request_body_bytes
+        self.open_paths = OPEN_PATHS if is_metrics_protected else OPEN_PATHS | {"/metrics"}
         # Requests refused here (401, 503) never reach the router, which sets scope["route"]; their
         # label is still the route's path. Anything else unrouted is "unmatched" (bounded label values).
         self.route_paths = route_paths
@@ -150,14 +162,23 @@ class ServerMiddleware:
             if tracked and self.state.is_draining:
                 error = APIError(503, "the server is shutting down", type="ServiceUnavailableError")
                 await _send_response(error.response(), scope, receive, send_with_id)
-            elif self.api_key is not None and path.startswith("/v1") and not self._authorized(headers):
+            elif self.api_key is not None and path not in self.open_paths and not self._authorized(headers):
                 error = APIError(401, "invalid or missing API key", type="AuthenticationError", code="invalid_api_key")
                 await _send_response(error.response(), scope, receive, send_with_id)
             else:
                 if tracked:
                     self.state.num_inflight += 1
                 try:
-                    await self.app(scope, receive, send_with_id)
+                    await self.app(scope, await self._bounded_body(headers, receive), send_with_id)
+                except _BodyTooLarge as exc:
+                    error = APIError(
+                        413,
+                        f"expected a request body of at most {self.max_request_body_bytes} bytes "
+                        f"(--max-request-body-bytes), got {exc.size}",
+                        code="request_too_large",
+                        headers={"Connection": "close"},  # stop the upload rather than read what we refuse
+                    )
+                    await _send_response(error.response(), scope, receive, send_with_id)
                 finally:
                     if tracked:
                         self.state.num_inflight -= 1
@@ -168,9 +189,45 @@ class ServerMiddleware:
             self.metrics.http_requests.labels(method, route_path, str(status["code"])).inc()
             self.metrics.http_request_duration.labels(method, route_path).observe(time.monotonic() - start)
 
+    async def _bounded_body(self, headers: dict[str, str], receive: Receive) -> Receive:
+        """`receive` for the app; raises _BodyTooLarge before the app reads a byte over the limit. A declared
+        Content-Length is checked before any byte is read (the HTTP server holds the client to it); a chunked
+        body is read here, counted as it comes, and replayed, so that no more than the limit is buffered."""
+        limit = self.max_request_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()) or int(declared) > limit:
+                raise _BodyTooLarge(f"Content-Length: {declared}")
+            return receive
+        if "chunked" not in headers.get("transfer-encoding", "").lower():
+            return receive
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client went away: the app hears it too
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _BodyTooLarge(f"a chunked body of more than {limit} bytes")
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
+
     def _authorized(self, headers: dict[str, str]) -> bool:
         given = headers.get("authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, size: str):
+        super().__init__(size)
+        self.size = size
 
 
 async def _send_response(response: Response, scope: Scope, receive: Receive, send: Send) -> None:

@@ -71,9 +71,11 @@ def run_app(app: FastAPI) -> Iterator[str]:
         thread.join(10)
 
 
-def app_over(llm: AsyncLLM, api_key: str | None = None) -> FastAPI:
-    """A fresh app (own metrics registry, own drain state) over an engine that may serve others too."""
-    return build_app(llm, ServerConfig(api_key=api_key, served_model_name=MODEL_NAME), MODEL_NAME)
+def app_over(llm: AsyncLLM, api_key: str | None = None, **server_config) -> FastAPI:
+    """A fresh app (own metrics registry, own drain state) over an engine that may serve others too;
+    `server_config`: further ServerConfig fields."""
+    config = ServerConfig(api_key=api_key, served_model_name=MODEL_NAME, **server_config)
+    return build_app(llm, config, MODEL_NAME)
 
 
 @contextlib.contextmanager

@@ -173,3 +173,26 @@ def test_engine_flags_map_onto_engine_config() -> None:
     assert cli.parse_state_memory("0.25") == 0.25 and cli.parse_state_memory("1000") == 1000
     with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
         cli.parse_state_memory("lots")
+
+
+def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from linrec.server.app import ServerConfig
+
+    parser = cli.build_parser()
+    assert set(cli.SERVER_ARG_FIELDS) == {f.name for f in dataclasses.fields(ServerConfig)}
+
+    def config(*flags: str) -> ServerConfig:
+        args = parser.parse_args(["serve", *flags])
+        return ServerConfig(**{name: getattr(args, name) for name in cli.SERVER_ARG_FIELDS})
+
+    assert config() == ServerConfig()  # the flags' defaults are the config's
+    limited = config("--max-request-body-bytes", "1MiB", "--metrics-require-api-key", "--api-key", "k")
+    assert (limited.max_request_body_bytes, limited.metrics_require_api_key) == (2**20, True)
+    assert config("--max-request-body-bytes", "4096").max_request_body_bytes == 4096
+    for bad in ("0", "0.5", "-1", "inf", "lots"):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(["serve", "--max-request-body-bytes", bad])
+        assert info.value.code == 2
+        assert "--max-request-body-bytes" in capsys.readouterr().err

@@ -4,11 +4,14 @@ reported, histogram counts equal request counts, gauges come back to zero."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
+import textwrap
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -137,18 +140,18 @@ def test_requests_refused_by_the_middleware_keep_their_route_label(live_server, 
     assert value(s, "http_requests_total", method="POST", route="unmatched", status="401") == 1
 
 
-@pytest.mark.skipif(
+needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None, reason="needs Debian's `prometheus` binary (.ci/run installs it)"
 )
-def test_a_real_prometheus_server_scrapes_linrec(fresh_app, tools, tmp_path) -> None:
-    out = httpx.post(f"{fresh_app.v1}/completions", json={"model": MODEL, "prompt": "scrape me", "max_tokens": 3})
-    expected = out.json()["usage"]
-    target = fresh_app.base_url.removeprefix("http://")
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path, tools, jobs: dict[str, str]) -> Iterator[Callable[[str], list]]:
+    """A real Prometheus server scraping every second, one job per {name: YAML lines of its scrape config};
+    yields query(promql) -> result vector."""
     config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: linrec\n    static_configs:\n      - targets: ['{target}']\n"
-    )
+    scrape = "".join(f"  - job_name: {name}\n" + textwrap.indent(body, "    ") for name, body in jobs.items())
+    config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{scrape}")
     port = tools.free_port()
     command = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}"]
     command += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
@@ -156,6 +159,7 @@ def test_a_real_prometheus_server_scrapes_linrec(fresh_app, tools, tmp_path) -> 
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def query(promql: str) -> list:
+        assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
         url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(promql)}"
         response = httpx.get(url, timeout=5)
         assert response.status_code == 200, response.text
@@ -163,24 +167,61 @@ def test_a_real_prometheus_server_scrapes_linrec(fresh_app, tools, tmp_path) -> 
 
     try:
         deadline = time.monotonic() + 60
-        while True:
+        while True:  # 503 until its storage is open
             assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
             try:
-                prompt = query('linrec:prompt_tokens_total{job="linrec"}')
-                generated = query("linrec:generation_tokens_total")
-                if prompt and generated:
+                if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass  # not listening yet
-            assert time.monotonic() < deadline, "Prometheus never stored a linrec sample"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline, "Prometheus never became ready"
+            time.sleep(0.1)
+        yield query
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def wait_for(query: Callable[[str], list], *promql: str, timeout: float = 60) -> list[list]:
+    """Each query's result once every one of them is non-empty (Prometheus has scraped and stored)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        results = [query(q) for q in promql]
+        if all(results):
+            return results
+        assert time.monotonic() < deadline, f"Prometheus never stored {promql}"
+        time.sleep(0.2)
+
+
+@needs_prometheus
+def test_a_real_prometheus_server_scrapes_linrec(fresh_app, tools, tmp_path) -> None:
+    out = httpx.post(f"{fresh_app.v1}/completions", json={"model": MODEL, "prompt": "scrape me", "max_tokens": 3})
+    expected = out.json()["usage"]
+    target = fresh_app.base_url.removeprefix("http://")
+    with prometheus(tmp_path, tools, {"linrec": f"static_configs:\n  - targets: ['{target}']\n"}) as query:
+        prompt, generated = wait_for(
+            query, 'linrec:prompt_tokens_total{job="linrec"}', "linrec:generation_tokens_total"
+        )
         assert prompt[0]["metric"]["model_name"] == MODEL
         assert float(prompt[0]["value"][1]) == expected["prompt_tokens"]
         assert float(generated[0]["value"][1]) == expected["completion_tokens"]
         assert float(query('up{job="linrec"}')[0]["value"][1]) == 1
         ttft = query("linrec:time_to_first_token_seconds_count")
         assert float(ttft[0]["value"][1]) == 1
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+
+
+@needs_prometheus
+def test_prometheus_scrapes_a_protected_metrics_endpoint_with_the_key_only(live_server, tools, tmp_path) -> None:
+    app = tools.app_over(live_server.llm, api_key="scrape-key", metrics_require_api_key=True)
+    with tools.run_app(app) as base:
+        target = f"static_configs:\n  - targets: ['{base.removeprefix('http://')}']\n"
+        jobs = {"with_key": "authorization:\n  credentials: scrape-key\n" + target, "without_key": target}
+        with prometheus(tmp_path, tools, jobs) as query:
+            with_key, without_key = wait_for(query, 'up{job="with_key"}', 'up{job="without_key"}')
+            assert float(with_key[0]["value"][1]) == 1
+            assert float(without_key[0]["value"][1]) == 0  # the scrape was refused (401)
+            assert wait_for(query, 'linrec:state_slots_total{job="with_key"}')[0]
+            assert query('linrec:state_slots_total{job="without_key"}') == []
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer scrape-key"}).text
+    assert 'route="/metrics",status="401"' in metrics and 'route="/metrics",status="200"' in metrics
