@@ -335,8 +335,8 @@ BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of engine.benchmark.BEN
 
 
 def add_bench_commands(commands) -> None:
-    """`linrec bench throughput`, `kernels`, `decode`, `prefix` and `stop-strings`: contenders side by side, in one
-    run."""
+    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness` and `stop-strings`: contenders side by
+    side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -423,6 +423,7 @@ def add_bench_commands(commands) -> None:
     stop_strings.add_argument("--seed", type=int, default=0, help="workload RNG")
     stop_strings.add_argument("--json", action="store_true", help="print the result as JSON")
     stop_strings.set_defaults(handler=_run_bench_stop_strings)
+    add_fairness_bench_command(kinds)
     add_decode_bench_commands(kinds)
     add_bench_serve_command(kinds)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
@@ -451,6 +452,51 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
 
 
 BENCH_SIZES = ("small", "1.3b")  # literal copy of engine.decode_benchmark.SIZES
+
+
+def add_fairness_bench_command(kinds) -> None:
+    """`linrec bench fairness` (engine/bench_fairness.py)."""
+    fairness = kinds.add_parser(
+        "fairness",
+        help="short requests arriving while 100k-token prompts prefill: fair admission vs arrival order",
+        description="Long prompts arrive at t=0 and short ones at a steady rate while they prefill (open loop, "
+        "greedy); the same workload runs with fair admission (the default) and with strict arrival order "
+        "(--long-prefill-token-threshold 0): short-request TTFT p50/p90/p99/max, the long prompts' TTFT, wall time.",
+    )
+    fairness.add_argument("--model", default=None, metavar="DIR", help="a checkpoint instead of the demo model")
+    fairness.add_argument("--family", default="mamba2", choices=DEMO_FAMILIES, help="demo model without --model")
+    fairness.add_argument("--num-long", dest="num_long", type=int, default=2, help="long prompts, all at t=0")
+    fairness.add_argument("--long-len", dest="long_len", type=int, default=100_000, help="tokens per long prompt")
+    fairness.add_argument("--long-output", dest="long_output", type=int, default=4)
+    fairness.add_argument("--num-short", dest="num_short", type=int, default=64, help="short prompts")
+    fairness.add_argument("--short-len", dest="short_len", type=int, default=16, help="tokens per short prompt")
+    fairness.add_argument("--short-output", dest="short_output", type=int, default=8)
+    fairness.add_argument("--short-start", dest="short_start", type=float, default=0.1, help="first short arrival (s)")
+    fairness.add_argument(
+        "--short-interval", dest="short_interval", type=float, default=0.25, help="seconds between short arrivals"
+    )
+    fairness.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64)
+    fairness.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
+    fairness.add_argument("--device", default="auto")
+    fairness.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    fairness.add_argument("--modes", default="fifo,fair", help="comma-separated subset of fifo, fair (in this order)")
+    fairness.add_argument("--seed", type=int, default=0, help="workload RNG")
+    fairness.add_argument("--json", action="store_true", help="print the result as JSON")
+    fairness.set_defaults(handler=_run_bench_fairness)
+
+
+def _run_bench_fairness(args: argparse.Namespace) -> int:
+    from linrec.engine.bench_fairness import run_fairness_bench
+
+    names = ("family", "num_long", "long_len", "long_output", "num_short", "short_len", "short_output", "short_start")
+    names += ("short_interval", "max_num_seqs", "max_num_batched_tokens", "device", "kernel_backend", "seed")
+    result = run_fairness_bench(
+        args.model,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        **{name: getattr(args, name) for name in names},
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
 
 
 def add_decode_bench_commands(kinds) -> None:
