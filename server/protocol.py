@@ -13,9 +13,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from linrec.engine.sampling_params import MAX_LOGPROBS
+from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
+# Bounds on what one request makes every engine step do (the engine's own limits where it has them), so that a
+# refusal is a 400 naming the field and the limit before any work is done.
 MAX_N = 128  # samples per prompt accepted at the schema level; the engine also caps n at its slot count
+# logit_bias entries: each is a scatter into the request's logits row every step. vLLM sets no bound; 1024 is
+# the stop_token_ids bound (the same per-step cost), and far above what biasing a few words or a class needs.
+MAX_LOGIT_BIAS = 1024
+MAX_CACHE_SALT_CHARS = 1024  # a tenant id or a hash; every prefix snapshot saved under the salt holds it
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 class ErrorInfo(BaseModel):
@@ -44,9 +52,11 @@ class _SamplingRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None
+    ) = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -56,10 +66,10 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     # vLLM's name: prefix-cache states are shared only between requests with the same salt (tenant isolation).
-    cache_salt: Annotated[str, Field(min_length=1)] | None = None
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
 
 
 class CompletionRequest(_SamplingRequest):

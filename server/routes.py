@@ -103,6 +103,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(500, f"internal server error ({type(exc).__name__})", type="InternalServerError").response()
 
 
+# Pydantic names the member of a union it tried in `loc` ('str', 'list[int]', 'constrained-str'): not a field.
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TYPE_NAMES or any(c in part for c in "[-("))
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
@@ -112,8 +120,17 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"expected a JSON body: {first.get('msg', 'malformed JSON')}")
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
-    where = ".".join(loc) or "body"
-    return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param)
+    # A union value fails once per member; the member whose type matched says what is wrong with it
+    # ("at most 64 items"), the others only that the type differs.
+    same_field = [e for e in errors if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]]
+    specific = [e for e in same_field if not str(e.get("type", "")).endswith("_type")]
+    if specific:
+        first = specific[0]
+        msg = first.get("msg", "invalid value")
+    else:
+        msg = " or ".join(dict.fromkeys(e.get("msg", "invalid value") for e in same_field))
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _is_union_tag(x)) or "body"
+    return APIError(400, f"{where}: {msg}", param=param)
 
 
 class ServerMiddleware:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from linrec.server.app import ServerConfig, build_app
+from linrec.server.protocol import MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_N
 
 openai = pytest.importorskip("openai")
 
@@ -106,3 +108,39 @@ def test_server_config_refuses_bad_limits(live_server, monkeypatch: pytest.Monke
     monkeypatch.delenv("LINREC_API_KEY", raising=False)
     with pytest.raises(ValueError, match="metrics_require_api_key needs an API key"):
         build_app(live_server.llm, ServerConfig(metrics_require_api_key=True), MODEL)
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "param", "limit"),
+    [
+        ("completions", {"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop", MAX_STOP_STRINGS),
+        ("completions", {"stop": "s" * (MAX_STOP_STRING_CHARS + 1)}, "stop", MAX_STOP_STRING_CHARS),
+        ("chat/completions", {"stop": ["s", "s" * (MAX_STOP_STRING_CHARS + 1)]}, "stop", MAX_STOP_STRING_CHARS),
+        ("completions", {"stop_token_ids": [1] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids", MAX_STOP_TOKEN_IDS),
+        ("completions", {"logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, "logit_bias", MAX_LOGIT_BIAS),
+        ("chat/completions", {"n": MAX_N + 1}, "n", MAX_N),
+        ("completions", {"logprobs": MAX_LOGPROBS + 1}, "logprobs", MAX_LOGPROBS),
+        ("chat/completions", {"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs", MAX_LOGPROBS),
+        ("completions", {"cache_salt": "s" * (MAX_CACHE_SALT_CHARS + 1)}, "cache_salt", MAX_CACHE_SALT_CHARS),
+    ],
+)
+def test_per_request_lists_over_their_limit_are_400_naming_it(live_server, route, fields, param, limit) -> None:
+    prompt = {"prompt": "x"} if route == "completions" else {"messages": [{"role": "user", "content": "x"}]}
+    body = {"model": MODEL, **prompt, "max_tokens": 2, **fields}
+    error = assert_openai_error(httpx.post(f"{live_server.v1}/{route}", json=body), 400)
+    assert error["param"] == param and str(limit) in error["message"], error
+    assert_still_serving(live_server.base_url)
+
+
+def test_per_request_lists_at_their_limit_are_served(live_server) -> None:
+    client = live_server.client()
+    out = client.completions.create(
+        model=MODEL,
+        prompt="x",
+        max_tokens=2,
+        logprobs=MAX_LOGPROBS,
+        stop=[f"{i:04d}" * (MAX_STOP_STRING_CHARS // 4) for i in range(MAX_STOP_STRINGS)],
+        logit_bias={str(i): 0.5 for i in range(min(MAX_LOGIT_BIAS, live_server.llm.engine.vocab_size))},
+        extra_body={"stop_token_ids": [7] * MAX_STOP_TOKEN_IDS, "cache_salt": "s" * MAX_CACHE_SALT_CHARS},
+    )
+    assert out.choices[0].finish_reason and len(out.choices[0].logprobs.top_logprobs[0]) >= 1
