@@ -86,6 +86,8 @@ class AsyncLLM:
         self._streams[request_id] = (loop, stream)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, accepted))
+        if self.errored is not None:  # the engine died after the check above: nobody will take the add
+            self._refuse_queued_commands()
         finished = False
         try:
             await asyncio.wrap_future(accepted)
@@ -137,6 +139,17 @@ class AsyncLLM:
             self.errored = exc
             for request_id in list(self._streams):
                 self._emit(request_id, EngineDeadError(_dead_message(exc)))
+            self._refuse_queued_commands()
+
+    def _refuse_queued_commands(self) -> None:
+        """After the engine died: adds still queued are refused (their callers would wait forever)."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
+                command.accepted.set_exception(EngineDeadError(_dead_message(self.errored)))
 
     def _drain_commands(self, block: bool) -> None:
         try:

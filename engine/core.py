@@ -256,10 +256,12 @@ class EngineCore:
             )
             return self._fail_requests(self.scheduler.recover(out))
         updates = self.scheduler.update(out, result)
-        deltas, stopped = self.outputs.process(updates)
+        deltas, stopped, failed = self.outputs.process(updates)
         for request, stop_string in stopped:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, stop_reason=stop_string)
-        return deltas
+        for request in failed:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        return deltas + self._fail_requests(failed)
 
     def reset(self) -> list[SampleDelta]:
         """Fail every unfinished request and start over with an empty scheduler and prefix cache (after a

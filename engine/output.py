@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from linrec.engine.detokenizer import IncrementalDetokenizer
 from linrec.engine.request import Logprob, Request
 from linrec.engine.scheduler import RequestUpdate
 from linrec.engine.stop_strings import StopStringMatcher
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,43 +58,59 @@ class OutputProcessor:
                 )
             )
 
-    def process(self, updates: list[RequestUpdate]) -> tuple[list[SampleDelta], list[tuple[Request, str]]]:
-        """Returns the deltas, and the requests a stop string ended (the caller tells the scheduler)."""
+    def process(
+        self, updates: list[RequestUpdate]
+    ) -> tuple[list[SampleDelta], list[tuple[Request, str]], list[Request]]:
+        """Returns the deltas, the requests a stop string ended (the caller tells the scheduler), and the
+        requests whose text could not be made (a tokenizer error on their tokens: they alone fail)."""
         deltas: list[SampleDelta] = []
         stopped: list[tuple[Request, str]] = []
+        failed: list[Request] = []
         for update in updates:
             request = update.request
             state = self._samples.get(request.request_id)
             if state is None:
                 continue
-            text = ""
-            for token_id in update.new_token_ids:
-                text += state.detokenizer.append(token_id)
-                if state.detokenizer.stop_reason is not None:
-                    break
-            finish_reason, stop_reason = request.finish_reason, request.stop_reason
-            if state.detokenizer.stop_reason is not None and not update.finished:
-                stopped.append((request, state.detokenizer.stop_reason))
-                finish_reason, stop_reason = "stop", state.detokenizer.stop_reason
-            elif state.detokenizer.stop_reason is not None:
-                finish_reason, stop_reason = "stop", state.detokenizer.stop_reason
-            elif finish_reason is not None:
-                text += state.detokenizer.flush()
-            deltas.append(
-                SampleDelta(
-                    request.parent_id or request.request_id,
-                    request.sample_index,
-                    text,
-                    list(update.new_token_ids),
-                    list(update.new_logprobs),
-                    finish_reason,
-                    stop_reason,
-                    request.first_scheduled_time if request.parent_id is None else None,
-                )
-            )
-            if finish_reason is not None:
+            try:
+                delta, stop_string = self._delta(update, state)
+            except Exception:
+                logger.exception("linrec: detokenizing request %s failed; it alone ends", request.request_id)
                 del self._samples[request.request_id]
-        return deltas, stopped
+                failed.append(request)
+                continue
+            deltas.append(delta)
+            if stop_string is not None:
+                stopped.append((request, stop_string))
+            if delta.finish_reason is not None:
+                del self._samples[request.request_id]
+        return deltas, stopped, failed
+
+    @staticmethod
+    def _delta(update: RequestUpdate, state: _SampleState) -> tuple[SampleDelta, str | None]:
+        """One update's delta, and the stop string that ended a request the scheduler still runs (or None)."""
+        request, detokenizer = update.request, state.detokenizer
+        text = ""
+        for token_id in update.new_token_ids:
+            text += detokenizer.append(token_id)
+            if detokenizer.stop_reason is not None:
+                break
+        finish_reason, stop_reason = request.finish_reason, request.stop_reason
+        if detokenizer.stop_reason is not None:
+            finish_reason, stop_reason = "stop", detokenizer.stop_reason
+        elif finish_reason is not None:
+            text += detokenizer.flush()
+        delta = SampleDelta(
+            request.parent_id or request.request_id,
+            request.sample_index,
+            text,
+            list(update.new_token_ids),
+            list(update.new_logprobs),
+            finish_reason,
+            stop_reason,
+            request.first_scheduled_time if request.parent_id is None else None,
+        )
+        stop_string = detokenizer.stop_reason if detokenizer.stop_reason is not None and not update.finished else None
+        return delta, stop_string
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -424,6 +424,6 @@ def test_output_processor_builds_one_matcher_for_the_n_samples_of_a_request(toke
     updates = [
         RequestUpdate(request, list(texts[request.request_id]), [], False) for request in (parent, *parent.children)
     ]
-    deltas, stopped = processor.process(updates)
+    deltas, stopped, _failed = processor.process(updates)
     assert [(d.index, d.text, d.stop_reason) for d in deltas] == [(0, "x ", "STOP"), (1, "yy ", "ab"), (2, "z", None)]
     assert [(request.request_id, stop) for request, stop in stopped] == [("r", "STOP"), ("r#1", "ab")]

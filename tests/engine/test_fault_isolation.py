@@ -189,3 +189,76 @@ def test_a_fault_in_the_engines_own_bookkeeping_resets_it_and_it_goes_on(demo_mo
     assert not engine.has_unfinished()
     assert_clean(engine)
     assert run(engine, {"c": [1, 2, 3]}, params)["c"][0][1] == "length"
+
+
+def test_a_detokenizer_error_fails_only_its_request(demo_model_dir):
+    params = greedy(max_tokens=5)
+    prompts = {f"r{i}": p for i, p in enumerate(prompts_for(4, seed=4))}
+    clean = run(LLM(demo_model_dir(), max_num_seqs=8).engine, prompts, params)
+    engine = LLM(demo_model_dir(), max_num_seqs=8).engine
+    tokenizer = engine.outputs.tokenizer
+    decode = tokenizer.decode
+
+    def broken_decode(token_ids, *args, **kwargs):
+        # The decode window holds the last prompt tokens: only the poisoned prompt's text breaks.
+        if any(list(token_ids[i : i + len(MARKER)]) == MARKER for i in range(len(token_ids))):
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "injected")
+        return decode(token_ids, *args, **kwargs)
+
+    tokenizer.decode = broken_decode
+    try:
+        got = run(engine, {**prompts, "poison": [9, *MARKER]}, params)
+    finally:
+        tokenizer.decode = decode
+    assert got["poison"][0][1] == "error" and {rid: got[rid] for rid in prompts} == clean
+    assert engine.stats().num_failed_requests == 1
+    assert_clean(engine)
+
+
+def test_async_callers_of_a_failed_request_get_an_error_that_quotes_nobody(demo_model_dir):
+    import asyncio
+
+    from linrec.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
+    from linrec.engine.config import EngineConfig
+
+    llm = AsyncLLM(EngineConfig(model=demo_model_dir(), max_num_seqs=8))
+    try:
+        Faults(llm.engine, lambda seqs: any(is_poisoned(s.request) for s in seqs))
+        secret = [150, 151, 152, 153]  # another user's prompt: must appear in no error
+
+        async def collect(prompt):
+            return [d async for d in llm.generate(prompt, greedy(max_tokens=6))]
+
+        async def main():
+            others = [asyncio.ensure_future(collect(secret + [i])) for i in range(3)]
+            with pytest.raises(RequestFailedError) as info:
+                await collect([1, *MARKER])
+            return info.value, await asyncio.gather(*others)
+
+        error, others = asyncio.run(main())
+        assert all(deltas[-1].finish_reason == "length" for deltas in others)
+        assert "150" not in str(error) and "201" not in str(error)
+        llm.check_health()
+    finally:
+        llm.shutdown()
+
+    # When the engine thread itself dies, queued and later callers hear of it at once, and health says so.
+    dead = AsyncLLM(EngineConfig(model=demo_model_dir(), max_num_seqs=2))
+    try:
+
+        def crash():
+            raise SystemExit("injected: the engine thread dies")
+
+        dead.engine.step = crash
+
+        async def ask():
+            return [d async for d in dead.generate([1, 2], greedy(max_tokens=2))]
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(asyncio.wait_for(ask(), timeout=30))
+        with pytest.raises(EngineDeadError):
+            asyncio.run(asyncio.wait_for(ask(), timeout=30))
+        with pytest.raises(EngineDeadError, match="SystemExit"):
+            dead.check_health()
+    finally:
+        dead.shutdown()
