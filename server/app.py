@@ -144,6 +144,7 @@ def run_server(engine_config: EngineConfig, config: ServerConfig) -> int:
         )
         server = DrainingServer(uv_config, app.state.server, config.drain_timeout)
         server.run()
+        app.state.serving.close()
     finally:
         llm.shutdown()
     return 0

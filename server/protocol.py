@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
@@ -23,7 +23,40 @@ MAX_N = 128  # samples per prompt accepted at the schema level; the engine also 
 MAX_LOGIT_BIAS = 1024
 MAX_CACHE_SALT_CHARS = 1024  # a tenant id or a hash; every prefix snapshot saved under the salt holds it
 
+# Prompts per completions request: each is an engine request that every scheduler step considers. 2048 is
+# half the engine's default waiting queue (--max-waiting-requests 4096): one request cannot fill it alone.
+MAX_PROMPTS = 2048
+
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+
+
+def _prompt_kind(value: Any) -> str | None:
+    """Which form a prompt takes, from its first element, so that only that form is validated: trying every
+    member of the union validated (and collected an error for) every element of a million-token list
+    several times over, seconds on the event loop. The tags read as types: error locations drop them."""
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else 0
+    if isinstance(first, str):
+        return "list[str]"
+    return "list[list[int]]" if isinstance(first, list) else "list[int]"
+
+
+# fail_fast: the first bad element ends validation (a list of a million bad ids is one error, not a million).
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+Prompt = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Tag("list[str]"), Field(max_length=MAX_PROMPTS, fail_fast=True)]
+    | Annotated[TokenIds, Tag("list[int]")]
+    | Annotated[list[TokenIds], Tag("list[list[int]]"), Field(max_length=MAX_PROMPTS, fail_fast=True)],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt_type",
+        custom_error_message="expected a string, a list of strings, a list of token ids or a list of such lists",
+    ),
+]
 
 
 class ErrorInfo(BaseModel):
@@ -73,7 +106,7 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
@@ -119,10 +152,20 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 # -- responses -------------------------------------------------------------------------------------
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class UsageInfo(BaseModel):

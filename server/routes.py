@@ -69,12 +69,12 @@ def build_router(serving: OpenAIServing) -> APIRouter:
         return await serving.create_chat_completion(body, raw, raw.state.request_id)
 
     @router.post("/tokenize")
-    async def tokenize(body: p.TokenizeRequest) -> dict[str, Any]:
-        return serving.tokenize(body)
+    async def tokenize(body: p.TokenizeRequest):
+        return await serving.tokenize(body)
 
     @router.post("/detokenize")
-    async def detokenize(body: p.DetokenizeRequest) -> dict[str, Any]:
-        return serving.detokenize(body)
+    async def detokenize(body: p.DetokenizeRequest):
+        return await serving.detokenize(body)
 
     return router
 

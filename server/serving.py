@@ -4,15 +4,25 @@ OpenAI responses (whole or as server-sent events).
 A prompt list becomes one engine request per prompt; choice index = prompt index * n + sample index.
 A client that goes away (closed stream, or a non-streaming request whose connection drops) cancels
 its engine requests, which frees their slots before the next engine step.
+
+Tokenizing, chat templates, detokenizing and whole-response rendering run in a small thread pool of their
+own, never on the event loop: a megabyte prompt must not stall every other request. That helps because a
+fast tokenizer's encode (transformers calls encode_batch) releases the GIL while it works (measured: the
+loop ticked every few ms beside a 10 s encode; `Tokenizer.encode` alone holds it throughout). decode holds
+the GIL for its whole call, so what is decoded in one call is bounded instead (max_model_len tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 import time
+import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +40,10 @@ from linrec.server.metrics import Metrics, RequestTimer
 T = TypeVar("T")
 DEFAULT_CHAT_MAX_TOKENS = 512  # chat without max_tokens and without --max-model-len
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+# Threads for tokenizer work. A normal prompt tokenizes in well under a millisecond, so a few threads keep up
+# with any engine; the bound is what a burst of huge prompts may take from the engine thread, which shares
+# the CPU and, for its Python, the GIL. Four let a big job run while small ones still find a free thread.
+NUM_TOKENIZER_THREADS = 4
 
 
 class APIError(Exception):
@@ -82,6 +96,16 @@ class OpenAIServing:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.vocab_size = llm.engine.vocab_size
+        # None where this tokenizer's kind gives no such bound (see max_chars_per_token).
+        self.max_chars_per_token = max_chars_per_token(self.tokenizer)
+        self._pool = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="linrec-tokenizer")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the tokenizer pool; the event loop serves others meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
     # -- shared pieces ------------------------------------------------------------------------------
 
@@ -151,13 +175,33 @@ class OpenAIServing:
         if bad:
             raise APIError(400, f"expected token ids in [0, {self.vocab_size}), got {bad[0]}", param="prompt")
         if self.max_model_len is not None and len(prompt_ids) >= self.max_model_len:
-            raise APIError(
-                400,
-                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
-                f"{self.max_model_len} tokens (prompt plus at least one generated token)",
-                param="prompt",
-                code="context_length_exceeded",
-            )
+            raise self._too_long(f"{len(prompt_ids)} tokens")
+
+    def _too_long(self, size: str, param: str = "prompt", generates: bool = True) -> APIError:
+        need = " (prompt plus at least one generated token)" if generates else ""
+        return APIError(
+            400,
+            f"the prompt has {size}; this model's maximum context length is {self.max_model_len} tokens{need}",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    def _encode(self, text: str, param: str, generates: bool = True, **kwargs: Any) -> list[int]:
+        """Tokenize `text` (in the pool), refusing first what its length alone proves too long for the model:
+        no token spans more than max_chars_per_token characters, so a text that long has at least
+        len(text) / max_chars_per_token tokens, and tokenizing it would be wasted work."""
+        _check_text(text, param)
+        max_tokens = None if self.max_model_len is None else self.max_model_len - (1 if generates else 0)
+        if max_tokens is not None and self.max_chars_per_token is not None:
+            if len(text) > max_tokens * self.max_chars_per_token:
+                at_least = math.ceil(len(text) / self.max_chars_per_token)
+                raise self._too_long(
+                    f"{len(text)} characters, so at least {at_least} tokens (no token of this tokenizer spans more "
+                    f"than {self.max_chars_per_token} characters)",
+                    param,
+                    generates,
+                )
+        return self.tokenizer.encode(text, **kwargs)
 
     def _default_max_tokens(self, prompt_len: int) -> int:
         if self.max_model_len is not None:
@@ -208,14 +252,12 @@ class OpenAIServing:
             raise APIError(400, f"best_of must equal n (got best_of={req.best_of}, n={req.n})", param="best_of")
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which linrec does not compute", param="echo")
-        prompts = self._completion_prompts(req.prompt)
-        for ids in prompts:
-            self._check_prompt(ids)
+        prompts = await self._offload(self._completion_prompts, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else self._default_max_tokens(max(map(len, prompts)))
         params = self._sampling_params(req, max_tokens, req.logprobs)
         response_id = f"cmpl-{request_id}"
         created = int(time.time())
-        echo_texts = [self.tokenizer.decode(ids, skip_special_tokens=True) if req.echo else "" for ids in prompts]
+        echo_texts = await self._offload(self._echo_texts, prompts) if req.echo else [""] * len(prompts)
         merged = self._generate(prompts, params, f"cmpl-{uuid.uuid4().hex}")
         first = await self._first(merged, raw)
         num_prompt_tokens = sum(map(len, prompts))
@@ -242,6 +284,20 @@ class OpenAIServing:
             raise _engine_error(exc) from None
         finally:
             await merged.aclose()
+        return await self._offload(
+            self._completion_response, req, choices, echo_texts, response_id, created, num_prompt_tokens
+        )
+
+    def _completion_response(
+        self,
+        req: p.CompletionRequest,
+        choices: list[_Choice],
+        echo_texts: list[str],
+        response_id: str,
+        created: int,
+        num_prompt_tokens: int,
+    ) -> JSONResponse:
+        """The whole response, rendered to bytes (in the pool: logprob texts and JSON grow with the output)."""
         out = []
         for index, choice in enumerate(choices):
             echo = echo_texts[index // req.n]
@@ -266,15 +322,23 @@ class OpenAIServing:
         return JSONResponse(p.dump(body))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Every prompt as checked token ids (in the pool)."""
         if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt)]
-        if not prompt:
+            prompts = [self._encode(prompt, "prompt")]
+        elif not prompt:
             raise APIError(400, "expected a non-empty prompt, got an empty list", param="prompt")
-        if all(isinstance(x, str) for x in prompt):
-            return [self.tokenizer.encode(x) for x in prompt]
-        if all(isinstance(x, int) for x in prompt):
-            return [list(prompt)]
-        return [list(x) for x in prompt]
+        elif all(isinstance(x, str) for x in prompt):
+            prompts = [self._encode(x, "prompt") for x in prompt]
+        elif all(isinstance(x, int) for x in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [list(x) for x in prompt]
+        for ids in prompts:
+            self._check_prompt(ids)
+        return prompts
+
+    def _echo_texts(self, prompts: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
 
     def _completion_logprobs(self, logprobs: list[Logprob], offset: int) -> p.CompletionLogprobs:
         out = p.CompletionLogprobs()
@@ -349,7 +413,10 @@ class OpenAIServing:
 
     # -- /v1/chat/completions -----------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[p.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(
+        self, messages: list[p.ChatMessage], add_generation_prompt: bool = True, generates: bool = True
+    ) -> list[int]:
+        """The conversation through the chat template, as token ids (in the pool: templates are Python)."""
         if not messages:
             raise APIError(400, "expected at least one message, got an empty list", param="messages")
         conversation = []
@@ -362,6 +429,7 @@ class OpenAIServing:
                         raise APIError(400, f"expected text content parts, got {part.type!r}", param="messages")
                     texts.append(part.text or "")
                 content = "".join(texts)
+            _check_text(content or "", "messages")
             conversation.append({"role": message.role, "content": content or ""})
         if self.tokenizer.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
@@ -371,12 +439,11 @@ class OpenAIServing:
             )
         except Exception as exc:  # jinja's TemplateError and raise_exception(): the messages broke the template
             raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._encode(text, "messages", generates, add_special_tokens=False)
 
     async def create_chat_completion(self, req: p.ChatCompletionRequest, raw: Request, request_id: str):
         self.check_model(req.model)
-        prompt_ids = self.chat_prompt(req.messages, req.add_generation_prompt)
-        self._check_prompt(prompt_ids)
+        prompt_ids = await self._offload(self._checked_chat_prompt, req.messages, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = self._default_max_tokens(len(prompt_ids))
@@ -405,6 +472,22 @@ class OpenAIServing:
             raise _engine_error(exc) from None
         finally:
             await merged.aclose()
+        return await self._offload(self._chat_response, req, choices, response_id, created, len(prompt_ids))
+
+    def _checked_chat_prompt(self, messages: list[p.ChatMessage], add_generation_prompt: bool) -> list[int]:
+        prompt_ids = self.chat_prompt(messages, add_generation_prompt)
+        self._check_prompt(prompt_ids)
+        return prompt_ids
+
+    def _chat_response(
+        self,
+        req: p.ChatCompletionRequest,
+        choices: list[_Choice],
+        response_id: str,
+        created: int,
+        num_prompt_tokens: int,
+    ) -> JSONResponse:
+        """The whole response, rendered to bytes (in the pool, as _completion_response)."""
         out = [
             p.ChatChoice(
                 index=index,
@@ -417,7 +500,9 @@ class OpenAIServing:
         ]
         num_generated = sum(len(c.token_ids) for c in choices)
         usage = p.UsageInfo(
-            prompt_tokens=len(prompt_ids), completion_tokens=num_generated, total_tokens=len(prompt_ids) + num_generated
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=num_generated,
+            total_tokens=num_prompt_tokens + num_generated,
         )
         body = p.ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name, choices=out, usage=usage
@@ -490,22 +575,144 @@ class OpenAIServing:
 
     # -- /tokenize, /detokenize ---------------------------------------------------------------------
 
-    def tokenize(self, req: p.TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(self, req: p.TokenizeRequest) -> JSONResponse:
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "expected exactly one of prompt or messages")
-        if req.messages is not None:
-            ids = self.chat_prompt(req.messages, req.add_generation_prompt)
-        else:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+        return await self._offload(self._tokenize, req)
 
-    def detokenize(self, req: p.DetokenizeRequest) -> dict[str, Any]:
+    def _tokenize(self, req: p.TokenizeRequest) -> JSONResponse:
+        # More than max_model_len tokens is no prompt this server could run (vLLM answers it anyway); the bound
+        # keeps one request's tokenizer work, and its response, in proportion to what the model can take.
+        if req.messages is not None:
+            ids = self.chat_prompt(req.messages, req.add_generation_prompt, generates=False)
+            param = "messages"
+        else:
+            ids = self._encode(req.prompt, "prompt", generates=False, add_special_tokens=req.add_special_tokens)
+            param = "prompt"
+        if self.max_model_len is not None and len(ids) > self.max_model_len:
+            raise self._too_long(f"{len(ids)} tokens", param, generates=False)
+        return JSONResponse(p.dump(p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)))
+
+    async def detokenize(self, req: p.DetokenizeRequest) -> JSONResponse:
         self.check_model(req.model)
+        # decode holds the GIL for its whole call: the token count bounds how long the loop waits on it.
+        if self.max_model_len is not None and len(req.tokens) > self.max_model_len:
+            raise APIError(
+                400,
+                f"expected at most max_model_len={self.max_model_len} tokens, got {len(req.tokens)}",
+                param="tokens",
+                code="context_length_exceeded",
+            )
         bad = [t for t in req.tokens if not 0 <= t < self.vocab_size]
         if bad:
             raise APIError(400, f"expected token ids in [0, {self.vocab_size}), got {bad[0]}", param="tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        return await self._offload(self._detokenize, req.tokens)
+
+    def _detokenize(self, tokens: list[int]) -> JSONResponse:
+        return JSONResponse(p.dump(p.DetokenizeResponse(prompt=self.tokenizer.decode(tokens))))
+
+
+def _check_text(text: str, param: str) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode (it raised a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(
+            400,
+            f"expected valid Unicode text, got a lone surrogate {text[exc.start]!r} at character {exc.start}",
+            param=param,
+        ) from None
+
+
+@functools.cache
+def _max_nfd_chars() -> int:
+    """The most characters one character's canonical decomposition has: NFC merges at most that many into one."""
+    return max(len(unicodedata.normalize("NFD", chr(c))) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+
+
+def max_chars_per_token(tokenizer: Any) -> int | None:
+    """The most characters of input text one token can stand for, or None where that is not bounded.
+
+    Bounded for BPE tokenizers that never drop text and never let one token swallow a run: byte-level
+    (every character becomes bytes in the vocabulary) or byte_fallback with all 256 byte tokens; normalizers
+    that only add or map 1:1 (Prepend, Replace without shrinking) or NFC (which merges at most _max_nfd_chars
+    characters into one); pre-tokenizers that keep every character (ByteLevel, Metaspace, Digits, Split and
+    Punctuation unless they remove); added tokens without lstrip/rstrip (which absorb whitespace). Then a
+    token covers at most as many characters as its vocabulary string has (a byte-level string has one
+    character per byte; '<0x41>' covers one byte), times the NFC factor. Anything else (WordPiece's and
+    Unigram's unknown tokens, whitespace-removing pre-tokenizers, slow tokenizers) gives None.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, TypeError, AttributeError):
+        return None
+    factor = _normalizer_factor(spec.get("normalizer"))
+    if factor is None or not _keeps_every_character(spec.get("pre_tokenizer")):
+        return None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    vocab = backend.get_vocab(with_added_tokens=True)
+    is_byte_level = _has_type(spec.get("pre_tokenizer"), "ByteLevel") or _has_type(spec.get("normalizer"), "ByteLevel")
+    if is_byte_level:
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        if not all(char in vocab for char in ByteLevel.alphabet()):
+            return None
+    elif not (model.get("byte_fallback") and all(f"<0x{b:02X}>" in vocab for b in range(256))):
+        return None
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or []):
+        return None
+    return factor * max(map(len, vocab), default=1)
+
+
+def _has_type(spec: dict | None, kind: str) -> bool:
+    if not spec:
+        return False
+    if spec.get("type") == "Sequence":
+        members = spec.get("normalizers") or spec.get("pretokenizers") or []
+        return any(_has_type(m, kind) for m in members)
+    return spec.get("type") == kind
+
+
+def _normalizer_factor(spec: dict | None) -> int | None:
+    """How many input characters one normalized character can stand for; None if unbounded or unknown."""
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for member in spec.get("normalizers") or []:
+            member_factor = _normalizer_factor(member)
+            if member_factor is None:
+                return None
+            factor *= member_factor
+        return factor
+    if kind in ("Prepend", "ByteLevel"):
+        return 1
+    if kind == "Replace":
+        pattern = (spec.get("pattern") or {}).get("String")
+        return 1 if pattern is not None and len(spec.get("content") or "") >= len(pattern) else None
+    if kind == "NFC":
+        return _max_nfd_chars()
+    return None
+
+
+def _keeps_every_character(spec: dict | None) -> bool:
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_keeps_every_character(m) for m in spec.get("pretokenizers") or [])
+    if kind in ("ByteLevel", "Metaspace", "Digits"):
+        return True
+    if kind in ("Split", "Punctuation"):
+        return spec.get("behavior") != "Removed"
+    return False
 
 
 def _engine_error(exc: BaseException) -> APIError:
