@@ -1,8 +1,8 @@
 """The app factory and the uvicorn runner with a SIGTERM drain.
 
-SIGTERM: new requests get 503 while the ones in flight finish (up to drain_timeout seconds), then
-uvicorn stops; whatever is still running then is cancelled, which aborts its engine requests. A
-second SIGTERM, or SIGINT, stops at once.
+SIGTERM: new requests get 503 while the ones in flight finish (up to drain_timeout seconds). Those still
+running then end with a 503 in OpenAI's shape (a stream: an error event, then [DONE]) and their engine
+requests are aborted; then uvicorn stops. A second SIGTERM, or SIGINT, stops at once.
 """
 
 from __future__ import annotations
@@ -98,12 +98,17 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     return app
 
 
+# After the drain timeout, how long the requests ended with 503 get to send it before uvicorn cancels them.
+EXPIRED_FLUSH_TIMEOUT = 5.0
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM drains instead of closing the listening socket at once."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, serving: OpenAIServing, drain_timeout: float):
         super().__init__(config)
         self.state = state
+        self.serving = serving
         self.drain_timeout = drain_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -126,7 +131,14 @@ class DrainingServer(uvicorn.Server):
         while self.state.num_inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.state.num_inflight:
-            logger.warning("linrec: drain timeout, cancelling %d request(s)", self.state.num_inflight)
+            logger.warning("linrec: drain timeout, ending %d request(s) with 503", self.state.num_inflight)
+            self.serving.expire_inflight(
+                f"the server is shutting down: this request did not finish within the drain timeout "
+                f"({self.drain_timeout:g}s)"
+            )
+            deadline = time.monotonic() + EXPIRED_FLUSH_TIMEOUT
+            while self.state.num_inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         self.should_exit = True
 
 
@@ -142,7 +154,7 @@ def run_server(engine_config: EngineConfig, config: ServerConfig) -> int:
             timeout_graceful_shutdown=1,  # the drain already waited; this only bounds the cancel
             access_log=False,
         )
-        server = DrainingServer(uv_config, app.state.server, config.drain_timeout)
+        server = DrainingServer(uv_config, app.state.server, app.state.serving, config.drain_timeout)
         server.run()
         app.state.serving.close()
     finally:

@@ -21,6 +21,7 @@ import math
 import time
 import unicodedata
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,13 +100,44 @@ class OpenAIServing:
         # None where this tokenizer's kind gives no such bound (see max_chars_per_token).
         self.max_chars_per_token = max_chars_per_token(self.tokenizer)
         self._pool = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="linrec-tokenizer")
+        # Set by expire_inflight (the drain timed out): why every open and later request ends now.
+        self._expired_message: str | None = None
+        self._open_streams: weakref.WeakSet[_Merged] = weakref.WeakSet()
+        self._offload_waiters: set[asyncio.Future] = set()  # resolved by expire_inflight
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _expired(self) -> APIError:
+        return APIError(503, self._expired_message or "the server is shutting down", type="ServiceUnavailableError")
+
+    def expire_inflight(self, message: str) -> None:
+        """End every request in flight with a 503 (a stream: an error event, then [DONE]), aborting their engine
+        requests; later ones too. Called on the event loop when the drain timeout expires, so that no request
+        is left for the HTTP server to cancel (a plain-text 500, or a stream cut without [DONE])."""
+        self._expired_message = message
+        for stream in list(self._open_streams):
+            stream.fail(self._expired())
+        for waiter in list(self._offload_waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the tokenizer pool; the event loop serves others meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        """fn(*args) in the tokenizer pool; the event loop serves others meanwhile. A thread cannot be stopped:
+        when the drain expires, the request stops waiting for it."""
+        if self._expired_message is not None:
+            raise self._expired()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        expired = loop.create_future()
+        self._offload_waiters.add(expired)
+        try:
+            await asyncio.wait({work, expired}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._offload_waiters.discard(expired)
+        if not work.done():
+            raise self._expired()
+        return work.result()
 
     # -- shared pieces ------------------------------------------------------------------------------
 
@@ -215,12 +247,16 @@ class OpenAIServing:
         self, prompts: list[list[int]], params: SamplingParams, base_id: str
     ) -> AsyncIterator[tuple[int, SampleDelta]]:
         """Every prompt's deltas, merged, tagged with the prompt's index; metrics observed on the way."""
+        if self._expired_message is not None:
+            raise self._expired()
         arrival = time.monotonic()
         gens = [
             self._timed(self.llm.generate(ids, params, f"{base_id}-{i}"), RequestTimer(self.metrics, arrival, len(ids)))
             for i, ids in enumerate(prompts)
         ]
-        return _merge(gens)
+        merged = _merge(gens)
+        self._open_streams.add(merged)
+        return merged
 
     async def _timed(self, gen: AsyncIterator[SampleDelta], timer: RequestTimer) -> AsyncIterator[SampleDelta]:
         async for delta in gen:
@@ -405,8 +441,9 @@ class OpenAIServing:
                     id=response_id, created=created, model=self.model_name, choices=[], usage=usage
                 )
                 yield _event(p.dump(chunk))
-        except EngineError as exc:
-            yield _event(p.dump(_engine_error(exc).response_body()))
+        except (EngineError, APIError) as exc:  # APIError: the drain expired
+            error = exc if isinstance(exc, APIError) else _engine_error(exc)
+            yield _event(p.dump(error.response_body()))
         finally:
             _close_soon(merged)
         yield "data: [DONE]\n\n"
@@ -567,8 +604,9 @@ class OpenAIServing:
                     total_tokens=num_prompt_tokens + num_generated,
                 )
                 yield chunk([], usage)
-        except EngineError as exc:
-            yield _event(p.dump(_engine_error(exc).response_body()))
+        except (EngineError, APIError) as exc:  # APIError: the drain expired
+            error = exc if isinstance(exc, APIError) else _engine_error(exc)
+            yield _event(p.dump(error.response_body()))
         finally:
             _close_soon(merged)
         yield "data: [DONE]\n\n"
@@ -786,6 +824,10 @@ class _Merged:
                 continue
             return index, item
         raise StopAsyncIteration
+
+    def fail(self, exc: BaseException) -> None:
+        """The consumer's next item raises `exc` (then every source is cancelled)."""
+        self._queue.put_nowait((-1, None, exc))
 
     def cancel_all(self) -> None:
         self._num_open = 0

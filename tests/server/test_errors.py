@@ -203,3 +203,51 @@ def test_sigterm_drains_in_flight_requests(server_model_dir: str, tools, tmp_pat
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_drain_timeout_ends_running_requests_with_503_and_frees_their_slots(server_model_dir: str, tools) -> None:
+    import uvicorn
+
+    from linrec.engine.async_llm import AsyncLLM
+    from linrec.engine.config import EngineConfig
+    from linrec.server.app import DrainingServer
+
+    llm = AsyncLLM(EngineConfig(model=server_model_dir, device="cpu", max_num_seqs=4, max_model_len=100_000))
+    try:
+        app = tools.app_over(llm)
+        port = tools.free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        server = DrainingServer(config, app.state.server, app.state.serving, drain_timeout=0.5)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_until(lambda: server.started, timeout=30)
+        v1 = f"http://127.0.0.1:{port}/v1"
+        stats = llm.engine.stats
+        long = {"model": MODEL, "max_tokens": 50_000, "ignore_eos": True}
+        result: dict = {}
+        whole = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{v1}/completions", json={**long, "prompt": "x"}, timeout=60))
+        )
+        with httpx.Client(timeout=60) as http:
+            body = {**long, "messages": CHAT, "stream": True}
+            with http.stream("POST", f"{v1}/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                events = [next(lines)]
+                whole.start()
+                wait_until(lambda: stats().num_running == 2, timeout=30)
+                server.handle_exit(signal.SIGTERM, None)  # what the SIGTERM handler calls
+                events.extend(line for line in lines if line)
+        whole.join(60)
+        # The stream: chunks, then one error event in OpenAI's shape, then [DONE].
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "ServiceUnavailableError" and "drain timeout (0.5s)" in error["message"]
+        assert all("error" not in json.loads(e.removeprefix("data: ")) for e in events[:-2])
+        # The non-streaming request: a 503 in OpenAI's shape, not uvicorn's plain-text 500.
+        assert "drain timeout" in assert_openai_error(result["r"], 503)["message"]
+        # Their engine requests were aborted: both slots are free again.
+        wait_until(lambda: stats().num_slots_used == 0 and stats().num_running == 0, timeout=10)
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        llm.shutdown()
