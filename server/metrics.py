@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -63,6 +70,11 @@ class _EngineCollector(Collector):
             ("prefix_cache_states", "Prefix-cache state snapshots held.", stats.prefix_cache_states),
             ("prefix_cache_state_bytes", "Bytes held by prefix-cache snapshots.", stats.prefix_cache_state_bytes),
             ("prefix_cache_rows_total", "Snapshot rows the prefix cache may use.", stats.prefix_cache_rows_total),
+            (
+                "num_requests_quarantined",
+                "Requests rebuilding their states after a failed engine step.",
+                stats.num_quarantined,
+            ),
         )
         for name, doc, value in rows:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
@@ -82,6 +94,12 @@ class _EngineCollector(Collector):
             ("prefill_tokens_computed", "Prompt tokens fed to the model.", stats.prefill_tokens_computed),
             ("prefix_cache_saves", "Prefix-cache snapshots taken.", stats.prefix_cache_saves),
             ("prefix_cache_evictions", "Prefix-cache snapshots evicted.", stats.prefix_cache_evictions),
+            ("engine_step_failures", "Engine steps that raised and were recovered from.", stats.num_step_failures),
+            (
+                "request_failures",
+                "Samples ended with an error (500) because a failed step was traced to them.",
+                stats.num_failed_requests,
+            ),
         )
         for name, doc, value in counters:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
@@ -95,6 +113,8 @@ class Metrics:
         self.model_name = model_name
         r, m = self.registry, ["model_name"]
         self.registry.register(_EngineCollector(engine_stats, model_name))
+        # process_resident_memory_bytes, open fds, CPU seconds (Linux): what a soak watches for leaks.
+        ProcessCollector(registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefilled prompt tokens.", m, registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", m, registry=r)
         self.request_success = Counter(

@@ -92,3 +92,13 @@ def test_a_failing_request_gets_a_500_and_everyone_else_keeps_streaming(make_ser
         assert httpx.get(f"{server.base_url}/health").status_code == 200
         stats = server.llm.engine.stats()
         assert stats.num_failed_requests == 2 and stats.num_step_failures >= 2 and stats.num_slots_used == 0
+        metrics = scrape(f"{server.base_url}/metrics")
+        assert metrics["linrec:request_failures"] == 2 and metrics["linrec:engine_step_failures"] >= 2
+        assert metrics["linrec:num_requests_quarantined"] == 0 and metrics["process_resident_memory_bytes"] > 0
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Metric family name -> its first sample's value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f.samples[0].value for f in text_string_to_metric_families(httpx.get(url).text) if f.samples}
