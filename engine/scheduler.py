@@ -63,6 +63,8 @@ MIN_SAVE_TOKENS = 4
 # A request in this many failed batched steps ends with an error even if no quarantine step caught it: a
 # fault that needs company to strike must not make the engine rebuild the same states forever.
 MAX_FAILED_STEPS = 3
+# A suspect is cleared once its rebuilt state sampled and one more step ran and sampled.
+QUARANTINE_SAMPLES = 2
 
 
 class QueueFullError(RuntimeError):
@@ -101,8 +103,8 @@ class SchedulerOutput:
     end_saves: list[tuple[int, int]] = field(default_factory=list)
     loads: list[tuple[int, int]] = field(default_factory=list)
     saves: list[tuple[int, int]] = field(default_factory=list)
-    # A quarantine step: one request rebuilding its state alone after a failed step; if this step fails
-    # too, that request is the cause.
+    # A quarantine step: a group of requests rebuilding their states after a failed step, nothing else; if it
+    # fails too, the group is split (a group of one is the cause).
     is_quarantine: bool = False
 
     @property
@@ -141,10 +143,6 @@ class PrefixStats:
     num_query_tokens: int = 0  # prompt tokens looked up
     num_hit_tokens: int = 0  # prompt tokens loaded from snapshots instead of prefilled (prefill saved)
     num_prefill_tokens: int = 0  # prompt tokens actually fed to the model (with or without a cache)
-
-
-# A suspect is cleared once its rebuilt state sampled and one more step ran and sampled.
-QUARANTINE_SAMPLES = 2
 
 
 @dataclass
@@ -432,37 +430,36 @@ class Scheduler:
 
     def recover(self, output: SchedulerOutput) -> list[Request]:
         """The runner raised while executing `output` (instead of update()). Drops the snapshots the step
-        may have half written, and quarantines the step's requests, whose states may be half updated: each
-        will rebuild its state alone (see the module docstring). Returns the requests found to be the
-        cause (the request of a failed quarantine step), finished with FINISHED_ERROR."""
+        may have half written and quarantines the step's requests, whose states may be half updated (a failed
+        quarantine group is split in two; see the module docstring). Returns the requests found to be the
+        cause, finished with FINISHED_ERROR: a failed group of one, or requests at MAX_FAILED_STEPS."""
         if self.cache is not None:
             self._drop_step_snapshots(output)
+        failed: list[Request] = []
         if output.is_quarantine:
             group = self._quarantine.popleft()
             if len(group) == 1:
-                self.finish(group[0], RequestStatus.FINISHED_ERROR)
-                return group
-            half = len(group) // 2
-            self._quarantine.extendleft([group[half:], group[:half]])  # bisect: the first half runs next
+                failed = group
+                group = []
+            else:
+                half = len(group) // 2
+                self._quarantine.extendleft([group[half:], group[:half]])  # bisect: the first half runs next
         else:
             group = [s.request for s in output.sequences if not s.request.status.is_finished]  # one each
-            failed = []
             for request in group:
                 request.num_failed_steps += 1
                 if request.num_failed_steps >= MAX_FAILED_STEPS:
                     failed.append(request)  # in every failing batch, never caught alone: give up on it too
-            for request in failed:
-                self.finish(request, RequestStatus.FINISHED_ERROR)
-            group = [r for r in group if not r.status.is_finished]
+            group = [r for r in group if all(r is not f for f in failed)]
             if group:
                 self._quarantine.append(group)
-            if failed:
-                return failed
+        for request in failed:
+            self.finish(request, RequestStatus.FINISHED_ERROR)
         for request in group:
             request.num_computed_tokens = 0
             self._pending_resets.append(request.slot_id)
             self._samples_owed[request.request_id] = QUARANTINE_SAMPLES
-        return []
+        return failed
 
     def _leave_quarantine(self, request: Request) -> None:
         for group in self._quarantine:

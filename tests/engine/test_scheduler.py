@@ -258,3 +258,79 @@ def test_bad_fairness_settings_are_rejected():
         make_scheduler(long_prefill_token_threshold=-1)
     with pytest.raises(ValueError, match="max_long_partial_prefills"):
         make_scheduler(max_long_partial_prefills=0)
+
+
+# -- failed steps: quarantine, bisection, the cause alone fails ----------------------------------------
+
+
+def run_with_faults(sched: Scheduler, fails, max_steps: int = 500) -> tuple[int, list[str]]:
+    """Step until nothing is left; a step for which fails(out) is true is recovered instead of updated.
+    Returns (failed steps, ids that ended with an error)."""
+    num_failed, errors = 0, []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return num_failed, errors
+        out = sched.schedule()
+        if fails(out):
+            num_failed += 1
+            errors += [r.request_id for r in sched.recover(out)]
+        else:
+            sched.update(out, StepResult({req.request_id: 7 for req, _ in out.samples}))
+    raise AssertionError("the scheduler did not finish")
+
+
+def ids_of(out) -> set[str]:
+    return {s.request.request_id for s in out.sequences}
+
+
+def test_a_failed_step_is_bisected_down_to_its_cause():
+    sched = make_scheduler(num_slots=8, max_num_seqs=8, max_num_batched_tokens=64)
+    requests = [make_request(f"r{i}", 5, max_tokens=12) for i in range(8)]
+    for request in requests:
+        sched.add_request(request)
+    for _ in range(3):
+        step(sched)
+    # r5 breaks every step it is in once it decodes; a rebuild (from position 0) passes, its next step does not.
+    num_failed, errors = run_with_faults(
+        sched, lambda out: any(s.request.request_id == "r5" and s.start_position > 5 for s in out.sequences)
+    )
+    assert errors == ["r5"] and requests[5].status is RequestStatus.FINISHED_ERROR
+    assert num_failed <= 2 + 3  # the batch, the whole group again, then one failed group per halving of 8
+    assert all(r.status is RequestStatus.FINISHED_LENGTH for r in requests if r.request_id != "r5")
+    assert all(len(r.output_token_ids) == 12 for r in requests if r.request_id != "r5")
+    assert sched.allocator.num_used == 0 and sched.num_suspects == 0
+
+
+def test_quarantine_rebuilds_from_the_first_token_and_runs_nothing_else():
+    sched = make_scheduler(num_slots=4, max_num_seqs=4, max_num_batched_tokens=16)
+    a, b, c = make_request("a", 6, max_tokens=8), make_request("b", 3, max_tokens=8), make_request("c", 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)
+    step(sched)
+    out = sched.schedule()
+    assert ids_of(out) == {"a", "b"}
+    assert sched.recover(out) == []
+    sched.add_request(c)  # arrives during the trouble: waits until the quarantine is over
+    out = sched.schedule()
+    assert out.is_quarantine and ids_of(out) == {"a", "b"}
+    assert sorted(out.slots_to_reset) == sorted([a.slot_id, b.slot_id])
+    # Rebuilt from position 0: the prompt and every token generated so far, then a sample.
+    by_id = {s.request.request_id: s for s in out.sequences}
+    assert by_id["a"].start_position == 0 and by_id["a"].token_ids == a.prompt_token_ids + a.output_token_ids
+    assert by_id["a"].needs_sample and [r.request_id for r, _ in out.samples] == ["a", "b"]
+    sched.update(out, StepResult({"a": 7, "b": 7}))
+    out, _ = step(sched)  # the one more step each owes
+    assert out.is_quarantine and ids_of(out) == {"a", "b"}
+    out, _ = step(sched)
+    assert not out.is_quarantine and ids_of(out) == {"a", "b", "c"}
+
+
+def test_a_fault_that_needs_company_ends_after_max_failed_steps():
+    sched = make_scheduler(num_slots=4, max_num_seqs=4, max_num_batched_tokens=16)
+    for rid in ("a", "b"):
+        sched.add_request(make_request(rid, 3, max_tokens=50))
+    # Fails whenever a and b share a batched step, never in quarantine: no bisection can catch it.
+    num_failed, errors = run_with_faults(sched, lambda out: not out.is_quarantine and ids_of(out) >= {"a", "b"})
+    assert sorted(errors) == ["a", "b"] and num_failed == 3
+    assert sched.allocator.num_used == 0 and sched.num_suspects == 0
