@@ -22,7 +22,13 @@ from linrec import envs
 from linrec.engine.async_llm import AsyncLLM
 from linrec.engine.config import EngineConfig
 from linrec.server.metrics import Metrics
-from linrec.server.routes import ServerMiddleware, ServerState, build_router, install_error_handlers
+from linrec.server.routes import (
+    ServerMiddleware,
+    ServerState,
+    build_router,
+    install_error_handlers,
+    install_openapi,
+)
 from linrec.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -80,6 +86,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     api_key = config.api_key if config.api_key is not None else envs.api_key()
+    install_openapi(app, model_name, llm.engine.vocab_size, api_key is not None, config.metrics_require_api_key)
     if config.metrics_require_api_key and api_key is None:
         raise ValueError("metrics_require_api_key needs an API key (--api-key or LINREC_API_KEY), got none")
     route_paths = frozenset(route.path for route in router.routes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
@@ -22,6 +22,25 @@ MAX_N = 128  # samples per prompt accepted at the schema level; the engine also 
 # the stop_token_ids bound (the same per-step cost), and far above what biasing a few words or a class needs.
 MAX_LOGIT_BIAS = 1024
 MAX_CACHE_SALT_CHARS = 1024  # a tenant id or a hash; every prefix snapshot saved under the salt holds it
+
+# Requests: unknown fields ignored (OpenAI's retired ones), types strict as documented: "16" is no integer and
+# 0 no boolean (OpenAI refuses both; the lax default let the document and the server disagree).
+REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's integer includes 16.0 (JSON has one number type); strict mode alone would refuse it.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Request integers: JSON integers, 16.0 included; never "16". Constraints go before it in Annotated (after
+# a validator, pydantic leaves them out of the JSON schema).
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
+# OpenAI's roles; whether a model takes one is its chat template's business (it may refuse with a 400).
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 # Prompts per completions request: each is an engine request that every scheduler step considers. 2048 is
 # half the engine's default waiting queue (--max-waiting-requests 4096): one request cannot fill it alone.
@@ -44,13 +63,19 @@ def _prompt_kind(value: Any) -> str | None:
     return "list[list[int]]" if isinstance(first, list) else "list[int]"
 
 
+# A token id; the served OpenAPI document gets this server's vocabulary size as its maximum (the marker).
+TOKEN_ID_MARKER = "x-linrec-token-id"
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID_MARKER: True}), INTEGRAL]
 # fail_fast: the first bad element ends validation (a list of a million bad ids is one error, not a million).
-TokenIds = Annotated[list[int], Field(fail_fast=True)]
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
+NonEmptyTokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 Prompt = Annotated[
     Annotated[str, Tag("str")]
-    | Annotated[list[str], Tag("list[str]"), Field(max_length=MAX_PROMPTS, fail_fast=True)]
-    | Annotated[TokenIds, Tag("list[int]")]
-    | Annotated[list[TokenIds], Tag("list[list[int]]"), Field(max_length=MAX_PROMPTS, fail_fast=True)],
+    | Annotated[list[str], Tag("list[str]"), Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+    | Annotated[NonEmptyTokenIds, Tag("list[int]")]
+    | Annotated[
+        list[NonEmptyTokenIds], Tag("list[list[int]]"), Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)
+    ],
     Discriminator(
         _prompt_kind,
         custom_error_type="prompt_type",
@@ -71,16 +96,18 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST_CONFIG
+
     include_usage: bool = False
 
 
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
@@ -88,18 +115,18 @@ class _SamplingRequest(BaseModel):
     logit_bias: (
         Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)] | None
     ) = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extras (vLLM's names).
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1), INTEGRAL] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     ignore_eos: bool = False
-    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     # vLLM's name: prefix-cache states are shared only between requests with the same salt (tenant isolation).
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
@@ -107,49 +134,49 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_tokens: Int | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
-    role: str
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both work
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both work
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     add_generation_prompt: bool = True
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
     tokens: TokenIds

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +27,7 @@ UNTRACKED_PATHS = ("/metrics",)  # scrapes neither count as in-flight work nor g
 # Everything else needs the API key when one is set (unknown paths too: no route probing without it). Probes
 # and the API's description stay open; /metrics too unless metrics_require_api_key.
 OPEN_PATHS = frozenset({"/health", "/version", "/openapi.json"})
+FASTAPI_BODY_ERROR = "There was an error parsing the body"  # FastAPI's 400 when json.loads fails oddly
 
 
 class ServerState:
@@ -36,10 +38,39 @@ class ServerState:
         self.num_inflight = 0
 
 
+# What each status means here, for the OpenAPI document (every error body is OpenAI's ErrorResponse).
+_ERROR_MEANINGS = {
+    400: "Invalid request: the message names the field (`param`) and what was expected",
+    401: "Missing or wrong API key",
+    404: "Unknown model",
+    413: "Request body over --max-request-body-bytes",
+    429: "The engine's waiting queue is full; retry after Retry-After seconds",
+    500: "The engine failed (never the client's input)",
+    503: "Shutting down (draining)",
+}
+
+
+def _responses(*codes: int, ok: type | None = None, stream: bool = False, **ok_content: Any) -> dict[int | str, Any]:
+    out: dict[int | str, Any] = {
+        code: {"model": p.ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in codes
+    }
+    if ok is not None:
+        out[200] = {"model": ok, "description": "Success"}
+        if stream:  # stream: true answers with server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`
+            event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+            out[200]["content"] = {"text/event-stream": {"schema": event}}
+    elif ok_content:
+        out[200] = {"description": "Success", **ok_content}
+    return out
+
+
+_BODY_ERRORS = (400, 401, 404, 413, 503)  # every route that reads a JSON body
+
+
 def build_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.get("/health", response_class=Response, responses=_responses(500, 503))
     async def health() -> Response:
         try:
             serving.llm.check_health()
@@ -51,32 +82,76 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     async def version() -> dict[str, str]:
         return {"version": linrec.__version__}
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses=_responses(401, content={"text/plain": {"schema": {"type": "string"}}}),
+    )
     async def metrics() -> Response:
         body, content_type = serving.metrics.render()
         return Response(body, media_type=content_type)
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", response_model=p.ModelList, responses=_responses(401, 503))
     async def models() -> dict[str, Any]:
         return serving.models()
 
-    @router.post("/v1/completions")
-    async def completions(body: p.CompletionRequest, raw: Request):
+    @router.post(
+        "/v1/completions",
+        response_model=None,
+        responses=_responses(*_BODY_ERRORS, 429, 500, ok=p.CompletionResponse, stream=True),
+    )
+    async def completions(body: p.CompletionRequest, raw: Request) -> Response:
         return await serving.create_completion(body, raw, raw.state.request_id)
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: p.ChatCompletionRequest, raw: Request):
+    @router.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses=_responses(*_BODY_ERRORS, 429, 500, ok=p.ChatCompletionResponse, stream=True),
+    )
+    async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
         return await serving.create_chat_completion(body, raw, raw.state.request_id)
 
-    @router.post("/tokenize")
-    async def tokenize(body: p.TokenizeRequest):
+    @router.post("/tokenize", response_model=None, responses=_responses(*_BODY_ERRORS, ok=p.TokenizeResponse))
+    async def tokenize(body: p.TokenizeRequest) -> Response:
         return await serving.tokenize(body)
 
-    @router.post("/detokenize")
-    async def detokenize(body: p.DetokenizeRequest):
+    @router.post("/detokenize", response_model=None, responses=_responses(*_BODY_ERRORS, ok=p.DetokenizeResponse))
+    async def detokenize(body: p.DetokenizeRequest) -> Response:
         return await serving.detokenize(body)
 
     return router
+
+
+def install_openapi(
+    app: FastAPI, model_name: str, vocab_size: int, has_api_key: bool, is_metrics_protected: bool = False
+) -> None:
+    """FastAPI's document, less its 422 responses (this server answers validation errors with 400 in OpenAI's
+    shape), with the one `model` this server serves and its token id range, and with the bearer scheme when
+    an API key is set."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+                    if has_api_key and path not in OPEN_PATHS and (path != "/metrics" or is_metrics_protected):
+                        operation["security"] = [{"bearer": []}]
+            components = schema.setdefault("components", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.get("schemas", {}).pop(name, None)
+            for name in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"):
+                model = components.get("schemas", {}).get(name, {}).get("properties", {}).get("model")
+                if model is not None:  # any other name is a 404
+                    model.clear()
+                    model.update({"anyOf": [{"const": model_name}, {"type": "null"}], "title": "Model"})
+            if has_api_key:
+                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            _bound_token_ids(schema, vocab_size)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -85,13 +160,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        whole_body = [e for e in exc.errors() if tuple(e.get("loc", ())) == ("body",)]
+        if whole_body and "json" not in content_type.lower():  # FastAPI parses JSON bodies only
+            got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+            return APIError(400, f"expected a JSON body with Content-Type: application/json, got {got}").response()
         return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        message = str(exc.detail)
+        if message == FASTAPI_BODY_ERROR and exc.__cause__ is not None:
+            # Say why: not UTF-8, nested too deep, an integer of too many digits (the client's own input).
+            cause = str(exc.__cause__).strip().splitlines()
+            message = f"expected a JSON body: {cause[0] if cause else type(exc.__cause__).__name__}"
+        return APIError(exc.status_code, message, type=kind, headers=exc.headers).response()  # 405: Allow
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(_: Request, exc: ClientDisconnected) -> Response:
@@ -109,6 +194,17 @@ _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in _TYPE_NAMES or any(c in part for c in "[-("))
+
+
+def _bound_token_ids(node: Any, vocab_size: int) -> None:
+    if isinstance(node, dict):
+        if node.pop(p.TOKEN_ID_MARKER, False):
+            node["maximum"] = vocab_size - 1
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:

@@ -143,7 +143,7 @@ def test_each_server_error_raises_its_exception_with_the_servers_message(live_se
         assert info.value.code == "context_length_exceeded" and "96" in info.value.message
         with pytest.raises(lc.BadRequestError) as info:
             client.chat_completions([])
-        assert "at least one message" in info.value.message and info.value.param == "messages"
+        assert "at least 1 item" in info.value.message and info.value.param == "messages"  # the schema's bound
         with pytest.raises(lc.BadRequestError, match="max_tokens"):
             client.completions("x", max_tokens=0, stream=True)  # refused before the stream starts
         with pytest.raises(lc.NotFoundError) as info:

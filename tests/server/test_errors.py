@@ -251,3 +251,72 @@ def test_drain_timeout_ends_running_requests_with_503_and_frees_their_slots(serv
         assert not thread.is_alive()
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"prompt": "\xff\xfe"}', "utf-8"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "recursion"),
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
+    ],
+)
+def test_bodies_json_cannot_parse_are_400_saying_why(live_server, content: bytes, reason: str) -> None:
+    headers = {"content-type": "application/json"}
+    error = assert_openai_error(httpx.post(f"{live_server.v1}/completions", content=content, headers=headers), 400)
+    assert error["message"].startswith("expected a JSON body: ") and reason in error["message"].lower(), error
+
+
+@pytest.mark.parametrize(
+    ("headers", "content"),
+    [
+        ({"content-type": "text/plain"}, b'{"prompt": "x"}'),
+        ({}, b'{"prompt": "x"}'),
+        ({"content-type": "application/x-www-form-urlencoded"}, b"prompt=x"),
+        ({"content-type": "multipart/form-data; boundary=b"}, b"--b--"),
+    ],
+)
+def test_a_body_that_is_not_json_is_400_naming_the_content_type(live_server, headers, content) -> None:
+    response = httpx.post(f"{live_server.v1}/completions", content=content, headers=headers)
+    error = assert_openai_error(response, 400)
+    assert "Content-Type: application/json" in error["message"], error
+    assert live_server.client().completions.create(model=MODEL, prompt="ok", max_tokens=2).choices
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": "2"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+        ({"prompt": "x", "echo": 0}, "echo"),
+        ({"prompt": "x", "stream": "true"}, "stream"),
+        ({"prompt": [104, "105"]}, "prompt"),
+        ({"prompt": [104, True]}, "prompt"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+        ({"prompt": "x", "stop_token_ids": ["1"]}, "stop_token_ids"),
+    ],
+)
+def test_types_are_strict_as_the_document_states(live_server, body: dict, param: str) -> None:
+    # pydantic's lax default accepted "2" for an integer and 0 for a boolean, which the document calls invalid.
+    error = assert_openai_error(httpx.post(f"{live_server.v1}/completions", json={"model": MODEL, **body}), 400)
+    assert error["param"] == param
+
+
+def test_integral_floats_are_integers_as_json_schema_says(live_server) -> None:
+    body = {"model": MODEL, "prompt": [104.0, 105], "max_tokens": 2.0, "n": 1.0, "stop_token_ids": [5.0]}
+    response = httpx.post(f"{live_server.v1}/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == 2
+
+
+def test_a_huge_invalid_prompt_is_one_validation_error() -> None:
+    from pydantic import ValidationError
+
+    from linrec.server.protocol import MAX_PROMPTS, CompletionRequest
+
+    # Every member of the prompt union used to be tried on every element, each failure collected: seconds of
+    # event-loop time for a few megabytes of JSON. Now one form is chosen and its first bad element ends it.
+    for prompt in ([1] + ["a"] * 200_000, [[1]] * (MAX_PROMPTS + 1), ["a"] * (MAX_PROMPTS + 1), [[1], *[["b"]] * 1000]):
+        with pytest.raises(ValidationError) as info:
+            CompletionRequest.model_validate({"prompt": prompt})
+        assert info.value.error_count() == 1
