@@ -8,7 +8,7 @@ import pytest
 
 from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from linrec.server.app import ServerConfig, build_app
-from linrec.server.protocol import MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_N
+from linrec.server.protocol import MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS
 
 openai = pytest.importorskip("openai")
 
@@ -122,11 +122,13 @@ def test_server_config_refuses_bad_limits(live_server, monkeypatch: pytest.Monke
         ("completions", {"logprobs": MAX_LOGPROBS + 1}, "logprobs", MAX_LOGPROBS),
         ("chat/completions", {"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs", MAX_LOGPROBS),
         ("completions", {"cache_salt": "s" * (MAX_CACHE_SALT_CHARS + 1)}, "cache_salt", MAX_CACHE_SALT_CHARS),
+        ("completions", {"prompt": [[104]] * (MAX_PROMPTS + 1)}, "prompt", MAX_PROMPTS),
+        ("completions", {"prompt": ["hi"] * (MAX_PROMPTS + 1)}, "prompt", MAX_PROMPTS),
     ],
 )
 def test_per_request_lists_over_their_limit_are_400_naming_it(live_server, route, fields, param, limit) -> None:
     prompt = {"prompt": "x"} if route == "completions" else {"messages": [{"role": "user", "content": "x"}]}
-    body = {"model": MODEL, **prompt, "max_tokens": 2, **fields}
+    body = {"model": MODEL, **prompt, "max_tokens": 2, **fields}  # `fields` may replace the prompt
     error = assert_openai_error(httpx.post(f"{live_server.v1}/{route}", json=body), 400)
     assert error["param"] == param and str(limit) in error["message"], error
     assert_still_serving(live_server.base_url)
