@@ -282,16 +282,19 @@ class ServerMiddleware:
                 if tracked:
                     self.state.num_inflight += 1
                 try:
-                    await self.app(scope, await self._bounded_body(headers, receive), send_with_id)
-                except _BodyTooLarge as exc:
-                    error = APIError(
-                        413,
-                        f"expected a request body of at most {self.max_request_body_bytes} bytes "
-                        f"(--max-request-body-bytes), got {exc.size}",
-                        code="request_too_large",
-                        headers={"Connection": "close"},  # stop the upload rather than read what we refuse
-                    )
-                    await _send_response(error.response(), scope, receive, send_with_id)
+                    try:
+                        body = await self._bounded_body(headers, receive)
+                    except _BodyTooLarge as exc:
+                        error = APIError(
+                            413,
+                            f"expected a request body of at most {self.max_request_body_bytes} bytes "
+                            f"(--max-request-body-bytes), got {exc.size}",
+                            code="request_too_large",
+                            headers={"Connection": "close"},  # stop the upload rather than read what we refuse
+                        )
+                        await _send_response(error.response(), scope, receive, send_with_id)
+                    else:
+                        await self.app(scope, body, send_with_id)
                 finally:
                     if tracked:
                         self.state.num_inflight -= 1

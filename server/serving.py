@@ -136,6 +136,7 @@ class OpenAIServing:
         finally:
             self._offload_waiters.discard(expired)
         if not work.done():
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it any more
             raise self._expired()
         return work.result()
 
