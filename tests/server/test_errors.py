@@ -170,7 +170,8 @@ def test_sigterm_drains_in_flight_requests(server_model_dir: str, tools, tmp_pat
     port = tools.free_port()
     env = {**os.environ, "LINREC_CACHE_DIR": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "linrec.server.cli", "serve", server_model_dir, "--port", str(port)]
-    command += ["--device", "cpu", "--served-model-name", MODEL, "--drain-timeout", "20", "--log-level", "warning"]
+    command += ["--device", "cpu", "--served-model-name", MODEL, "--drain-timeout", "3", "--log-level", "warning"]
+    command += ["--max-model-len", "200000"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -184,20 +185,32 @@ def test_sigterm_drains_in_flight_requests(server_model_dir: str, tools, tmp_pat
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
             time.sleep(0.1)
         events: list[str] = []
+        long_events: list[str] = []
         with httpx.Client(timeout=60) as http:
-            body = {"model": MODEL, "prompt": "drain", "max_tokens": 300, "ignore_eos": True, "stream": True}
-            with http.stream("POST", f"{base}/v1/completions", json=body) as response:
-                lines = response.iter_lines()
+            body = {"model": MODEL, "prompt": "drain", "max_tokens": 100, "ignore_eos": True, "stream": True}
+            long = {**body, "max_tokens": 150_000}  # far beyond the 3 s drain timeout
+            with (
+                http.stream("POST", f"{base}/v1/completions", json=body) as response,
+                http.stream("POST", f"{base}/v1/completions", json=long) as long_response,
+            ):
+                lines, long_lines = response.iter_lines(), long_response.iter_lines()
                 events.append(next(lines))
+                long_events.append(next(long_lines))
                 process.send_signal(signal.SIGTERM)
                 time.sleep(0.3)
                 refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "late"}, timeout=5)
                 assert_openai_error(refused, 503)
                 assert httpx.get(f"{base}/health", timeout=5).status_code == 503
                 events.extend(line for line in lines if line)
+                long_events.extend(line for line in long_lines if line)
+        # The short stream finished within the drain timeout.
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        # The long one got an error event in OpenAI's shape, then [DONE]: not a cut stream.
+        assert long_events[-1] == "data: [DONE]"
+        error = json.loads(long_events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "ServiceUnavailableError" and "drain timeout (3s)" in error["message"]
         assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
