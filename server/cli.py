@@ -10,6 +10,7 @@ handlers so that `linrec --help` stays fast. Bad input ends in one line on stder
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -59,16 +60,18 @@ def parse_state_memory(text: str) -> int | float:
     """'0.5' -> a fraction of free memory; '2GiB', '512MiB', '1e9' or '123456' -> bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
     lowered = text.strip().lower()
-    for suffix, factor in units.items():
+    factor = 1
+    for suffix, unit in units.items():
         if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
+            lowered, factor = lowered[: -len(suffix)], unit
+            break
     try:
-        value = float(lowered)
+        value = float(lowered) * factor
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a fraction in (0, 1] or a byte count such as 2GiB, got {text!r}"
-        ) from None
-    return value if value <= 1.0 else int(value)
+        value = math.nan
+    if not math.isfinite(value):  # 'lots', 'inf', 'nan', '1e400GiB'
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or a byte count such as 2GiB, got {text!r}")
+    return value if factor == 1 and value <= 1.0 else int(value)
 
 
 ENGINE_ARG_FIELDS = (

@@ -70,7 +70,8 @@ _BODY_ERRORS = (400, 401, 404, 413, 503)  # every route that reads a JSON body
 def build_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health", response_class=Response, responses=_responses(500, 503))
+    # HEAD too: load balancers probe with it.
+    @router.api_route("/health", methods=["GET", "HEAD"], response_class=Response, responses=_responses(500, 503))
     async def health() -> Response:
         try:
             serving.llm.check_health()

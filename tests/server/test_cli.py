@@ -173,6 +173,10 @@ def test_engine_flags_map_onto_engine_config() -> None:
     assert cli.parse_state_memory("0.25") == 0.25 and cli.parse_state_memory("1000") == 1000
     with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
         cli.parse_state_memory("lots")
+    assert cli.parse_state_memory("0.5GiB") == 2**29 and cli.parse_state_memory("1KiB") == 1024
+    for bad in ("inf", "nan", "1e400GiB", "-infMiB"):  # 'inf' was an OverflowError traceback
+        with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
+            cli.parse_state_memory(bad)
 
 
 def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) -> None:

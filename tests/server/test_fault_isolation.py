@@ -48,6 +48,7 @@ def test_the_request_that_stopped_the_engine_is_a_400(live_server, route, stop_t
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "stop_token_ids"
     assert httpx.get(f"{live_server.base_url}/health").status_code == 200
+    assert httpx.head(f"{live_server.base_url}/health").status_code == 200  # load balancers probe with HEAD
     ok = httpx.post(f"{live_server.v1}/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200
 
