@@ -39,6 +39,7 @@ def fuzzed_server(live_server, tools):
 
 OPERATIONS = [
     "GET /health",
+    "HEAD /health",
     "GET /version",
     "GET /metrics",
     "GET /v1/models",
