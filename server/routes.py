@@ -70,14 +70,23 @@ _BODY_ERRORS = (400, 401, 404, 413, 503)  # every route that reads a JSON body
 def build_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter()
 
-    # HEAD too: load balancers probe with it.
-    @router.api_route("/health", methods=["GET", "HEAD"], response_class=Response, responses=_responses(500, 503))
+    @router.get("/health", response_class=Response, responses=_responses(500, 503))
     async def health() -> Response:
         try:
             serving.llm.check_health()
         except EngineDeadError as exc:
             return APIError(500, str(exc), type="InternalServerError").response()
         return Response(status_code=200)
+
+    # HEAD too (its own operation in the document): load balancers probe with it.
+    router.add_api_route(
+        "/health",
+        health,
+        methods=["HEAD"],
+        response_class=Response,
+        responses=_responses(500, 503),
+        operation_id="health_head",
+    )
 
     @router.get("/version")
     async def version() -> dict[str, str]:
