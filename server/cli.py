@@ -476,7 +476,7 @@ def add_fairness_bench_command(kinds) -> None:
     fairness.add_argument("--short-output", dest="short_output", type=int, default=8)
     fairness.add_argument("--short-start", dest="short_start", type=float, default=0.1, help="first short arrival (s)")
     fairness.add_argument(
-        "--short-interval", dest="short_interval", type=float, default=0.25, help="seconds between short arrivals"
+        "--short-interval", dest="short_interval", type=float, default=0.1, help="seconds between short arrivals"
     )
     fairness.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64)
     fairness.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
