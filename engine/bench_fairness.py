@@ -25,9 +25,8 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from linrec.engine.bench_prefix import DEMO_FAMILIES, percentile
+from linrec.engine.bench_prefix import bench_model_dir, percentile
 
 MODES = ("fifo", "fair")
 
@@ -207,21 +206,12 @@ def run_fairness_bench(
     from linrec.engine.config import EngineConfig
     from linrec.engine.core import EngineCore
     from linrec.engine.scheduler import default_long_prefill_threshold
-    from linrec.models.loader import read_hf_config
 
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"expected modes among {MODES}, got {mode!r}")
     with tempfile.TemporaryDirectory(prefix="linrec-bench-fairness-") as tmp:
-        if model is None:
-            from linrec.models.demo import write_demo_model
-
-            if family not in DEMO_FAMILIES:
-                raise ValueError(f"expected a demo family in {DEMO_FAMILIES}, got {family!r}")
-            path = write_demo_model(Path(tmp) / "model", family)
-        else:
-            path = Path(model)
-        hf_config = read_hf_config(path)
+        path, hf_config, linearize = bench_model_dir(model, family, tmp)
         model_type = hf_config.get("model_type")
         vocab = int(hf_config["vocab_size"])
         arrivals = make_fairness_workload(
@@ -245,7 +235,7 @@ def run_fairness_bench(
                 model=str(path),
                 device=device,
                 kernel_backend=kernel_backend,
-                linearize="liger-gla" if model_type in ("llama", "qwen2", "mistral") else None,
+                linearize=linearize,
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max(long_len + long_output, short_len + short_output),

@@ -168,6 +168,24 @@ def run_mode(llm, workload: PrefixWorkload) -> tuple[float, list[float], list[li
     return seconds, [first_token[r] for r in order], [token_ids[r] for r in order]
 
 
+def bench_model_dir(model: str | None, family: str, tmp: str) -> tuple[Path, dict, str | None]:
+    """(directory, config.json, linearize) of a bench's model: `model`, or the tiny demo model of `family`
+    written under `tmp`; a Llama/Qwen2/Mistral checkpoint is served linearized to Liger-GLA."""
+    from linrec.models.loader import read_hf_config
+
+    if model is None:
+        from linrec.models.demo import write_demo_model
+
+        if family not in DEMO_FAMILIES:
+            raise ValueError(f"expected a demo family in {DEMO_FAMILIES}, got {family!r}")
+        path = write_demo_model(Path(tmp) / "model", family)
+    else:
+        path = Path(model)
+    hf_config = read_hf_config(path)
+    linearize = "liger-gla" if hf_config.get("model_type") in ("llama", "qwen2", "mistral") else None
+    return path, hf_config, linearize
+
+
 def run_prefix_bench(
     model: str | None = None,
     *,
@@ -192,25 +210,14 @@ def run_prefix_bench(
     """
     import torch
 
-    from linrec.models.loader import read_hf_config
-
     if repeats < 1:
         raise ValueError(f"expected repeats >= 1, got {repeats}")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"expected modes among {MODES}, got {mode!r}")
     with tempfile.TemporaryDirectory(prefix="linrec-bench-prefix-") as tmp:
-        if model is None:
-            from linrec.models.demo import write_demo_model
-
-            if family not in DEMO_FAMILIES:
-                raise ValueError(f"expected a demo family in {DEMO_FAMILIES}, got {family!r}")
-            path = write_demo_model(Path(tmp) / "model", family)
-        else:
-            path = Path(model)
-        hf_config = read_hf_config(path)
+        path, hf_config, linearize = bench_model_dir(model, family, tmp)
         model_type = hf_config.get("model_type")
-        linearize = "liger-gla" if model_type in ("llama", "qwen2", "mistral") else None
         workload = make_prefix_workload(
             num_groups, prompts_per_group, prefix_len, question_len, output_len, int(hf_config["vocab_size"]), seed
         )
