@@ -39,7 +39,6 @@ from linrec.server import protocol as p
 from linrec.server.metrics import Metrics, RequestTimer
 
 T = TypeVar("T")
-DEFAULT_CHAT_MAX_TOKENS = 512  # chat without max_tokens and without --max-model-len
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 # Threads for tokenizer work. A normal prompt tokenizes in well under a millisecond, so a few threads keep up
 # with any engine; the bound is what a burst of huge prompts may take from the engine thread, which shares
@@ -95,7 +94,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.engine.max_model_len
+        self.max_model_len: int = llm.engine.max_model_len  # always set: the engine resolves its default
         self.vocab_size = llm.engine.vocab_size
         # None where this tokenizer's kind gives no such bound (see max_chars_per_token).
         self.max_chars_per_token = max_chars_per_token(self.tokenizer)
@@ -207,7 +206,7 @@ class OpenAIServing:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise APIError(400, f"expected token ids in [0, {self.vocab_size}), got {bad[0]}", param="prompt")
-        if self.max_model_len is not None and len(prompt_ids) >= self.max_model_len:
+        if len(prompt_ids) >= self.max_model_len:
             raise self._too_long(f"{len(prompt_ids)} tokens")
 
     def _too_long(self, size: str, param: str = "prompt", generates: bool = True) -> APIError:
@@ -224,8 +223,8 @@ class OpenAIServing:
         no token spans more than max_chars_per_token characters, so a text that long has at least
         len(text) / max_chars_per_token tokens, and tokenizing it would be wasted work."""
         _check_text(text, param)
-        max_tokens = None if self.max_model_len is None else self.max_model_len - (1 if generates else 0)
-        if max_tokens is not None and self.max_chars_per_token is not None:
+        max_tokens = self.max_model_len - (1 if generates else 0)
+        if self.max_chars_per_token is not None:
             if len(text) > max_tokens * self.max_chars_per_token:
                 at_least = math.ceil(len(text) / self.max_chars_per_token)
                 raise self._too_long(
@@ -237,9 +236,8 @@ class OpenAIServing:
         return self.tokenizer.encode(text, **kwargs)
 
     def _default_max_tokens(self, prompt_len: int) -> int:
-        if self.max_model_len is not None:
-            return max(1, self.max_model_len - prompt_len)
-        return DEFAULT_CHAT_MAX_TOKENS
+        """max_tokens when a request names none: the rest of the context (vLLM's default too)."""
+        return max(1, self.max_model_len - prompt_len)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -629,14 +627,14 @@ class OpenAIServing:
         else:
             ids = self._encode(req.prompt, "prompt", generates=False, add_special_tokens=req.add_special_tokens)
             param = "prompt"
-        if self.max_model_len is not None and len(ids) > self.max_model_len:
+        if len(ids) > self.max_model_len:
             raise self._too_long(f"{len(ids)} tokens", param, generates=False)
         return JSONResponse(p.dump(p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)))
 
     async def detokenize(self, req: p.DetokenizeRequest) -> JSONResponse:
         self.check_model(req.model)
         # decode holds the GIL for its whole call: the token count bounds how long the loop waits on it.
-        if self.max_model_len is not None and len(req.tokens) > self.max_model_len:
+        if len(req.tokens) > self.max_model_len:
             raise APIError(
                 400,
                 f"expected at most max_model_len={self.max_model_len} tokens, got {len(req.tokens)}",
