@@ -186,10 +186,13 @@ class EngineCore:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={limit}",
                 "max_tokens" if len(prompt) < limit else "prompt",
             )
-        for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        for name, what, token_ids in (
+            ("logit_bias", "logit_bias keys", params.logit_bias or {}),
+            ("stop_token_ids", "stop_token_ids", params.stop_token_ids),
+        ):
             bad = [t for t in token_ids if not 0 <= int(t) < vocab]
             if bad:
-                raise InvalidRequestError(f"expected {name} token ids in [0, {vocab}), got {bad[0]}", name)
+                raise InvalidRequestError(f"expected {what} in [0, {vocab}) (token ids), got {bad[0]}", name)
         if params.logprobs is not None and params.logprobs > vocab:
             raise InvalidRequestError(f"expected logprobs <= the vocabulary size {vocab}, got {params.logprobs}")
         return prompt
