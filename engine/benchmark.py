@@ -15,10 +15,7 @@ as useful output. linrec generates exactly the requested tokens per request.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -201,25 +198,12 @@ def bench_model_path(family: str = "liger_gla") -> Path:
     """The bench-sized seeded random checkpoint of `family`, written on first use under linrec's cache dir."""
     from linrec import __version__
     from linrec.envs import cache_dir
+    from linrec.models.staging import cached_dir
 
     if family not in BENCH_FAMILIES:
         raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
-    root = cache_dir() / "models"
-    final = root / f"bench-{family}-{__version__}-v{BENCH_FORMAT_VERSION}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".bench-{family}-", dir=root))
-    try:
-        write_bench_model(staging / "model", family)
-        try:
-            os.replace(staging / "model", final)
-        except OSError:
-            if not (final / "config.json").is_file():  # another process won the race only if it finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    final = cache_dir() / "models" / f"bench-{family}-{__version__}-v{BENCH_FORMAT_VERSION}"
+    return cached_dir(final, lambda staging: write_bench_model(staging, family))
 
 
 def write_bench_model(dst: str | Path, family: str = "liger_gla", overrides: dict[str, Any] | None = None) -> Path:

@@ -23,9 +23,6 @@ times mean nothing: the JSON says so in `note`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -576,26 +573,13 @@ def decode_model_path(family: str, size: str) -> Path:
     """The seeded random checkpoint of `family` at `size`, written on first use under linrec's cache dir."""
     from linrec import __version__
     from linrec.envs import cache_dir
+    from linrec.models.staging import cached_dir
 
     _check_size(size)
     if family not in BENCH_FAMILIES:
         raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
-    root = cache_dir() / "models"
-    final = root / f"decode-{family}-{size}-{__version__}-v{DECODE_FORMAT_VERSION}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".decode-{family}-", dir=root))
-    try:
-        write_bench_model(staging / "model", family, DECODE_MODEL_OVERRIDES[size][family])
-        try:
-            os.replace(staging / "model", final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    final = cache_dir() / "models" / f"decode-{family}-{size}-{__version__}-v{DECODE_FORMAT_VERSION}"
+    return cached_dir(final, lambda staging: write_bench_model(staging, family, DECODE_MODEL_OVERRIDES[size][family]))
 
 
 @dataclass

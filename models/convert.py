@@ -8,12 +8,11 @@ and writes only a new config.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from linrec.models.loader import INDEX_FILE, check_model_dir, checkpoint_files, linearize_config, read_hf_config
+from linrec.models.staging import write_dir_atomically
 from linrec.models.tokenizer import TOKENIZER_FILES
 
 # Copied beside the weights when present: generation defaults and everything a tokenizer needs.
@@ -24,22 +23,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "liger-gla") 
     """Write `dst`: `src`'s weights (files and index unchanged), tokenizer and generation config,
     and the config.json of the linearized model. Returns `dst`.
 
-    Refuses a `dst` that exists and is not an empty directory. The output is assembled in a temporary
-    sibling directory and renamed into place, so an interrupted conversion leaves no half-written dst.
+    Refuses a `dst` that exists and is not an empty directory. The output is written atomically
+    (models/staging.py), so an interrupted conversion leaves no half-written dst.
     """
     src = check_model_dir(src)
     dst = Path(dst).expanduser()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"destination {str(dst)!r} exists and is not an empty directory; refusing to overwrite")
     if dst.resolve() == src.resolve():
         raise ValueError(f"destination {str(dst)!r} is the source directory")
     config = linearize_config(read_hf_config(src), to)
     files = checkpoint_files(src)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    def write(staging: Path) -> None:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if (src / INDEX_FILE).is_file():
             shutil.copy2(src / INDEX_FILE, staging / INDEX_FILE)
@@ -50,10 +44,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "liger-gla") 
         for name in _EXTRA_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
-        if dst.exists():
-            dst.rmdir()  # empty (checked above); rename needs the name free
-        os.replace(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    if not write_dir_atomically(dst, write):
+        raise FileExistsError(f"destination {str(dst)!r} was written by another process meanwhile; not overwriting it")
     return dst

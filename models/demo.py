@@ -7,12 +7,10 @@ uses `default_model_path()`, a Liger-GLA demo created on first use in linrec's c
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
+from linrec.models.staging import cached_dir
 from linrec.models.tokenizer import DEMO_VOCAB_SIZE, demo_special_token_ids, write_byte_tokenizer
 
 DEMO_SEED = 0
@@ -69,29 +67,12 @@ def write_demo_model(dst: str | Path, family: str = DEFAULT_DEMO_FAMILY) -> Path
 def default_model_path() -> Path:
     """Directory of the default demo model (Liger-GLA), written on first use under linrec's cache dir.
 
-    It is built in a temporary sibling and renamed into place, so a reader never sees a half-written
-    model; when several processes race on first use, one rename wins and the others discard theirs.
+    It is written atomically (models/staging.py): a reader never sees a half-written model, and when
+    several processes race on first use, one rename wins and the others discard theirs.
     """
     from linrec import __version__
     from linrec.envs import cache_dir
 
     # Keyed by the package version too: a release may rename parameters or change the init.
-    root = cache_dir() / "models"
-    final = root / f"demo-{DEFAULT_DEMO_FAMILY}-{__version__}-v{DEMO_FORMAT_VERSION}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        staging.chmod(0o755)
-        write_demo_model(staging, DEFAULT_DEMO_FAMILY)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            # Another process renamed its copy first (rename onto a non-empty directory fails).
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return final
+    final = cache_dir() / "models" / f"demo-{DEFAULT_DEMO_FAMILY}-{__version__}-v{DEMO_FORMAT_VERSION}"
+    return cached_dir(final, lambda staging: write_demo_model(staging, DEFAULT_DEMO_FAMILY))
