@@ -1,12 +1,14 @@
-"""EngineConfig: every engine knob in one frozen, validated dataclass (CLI flags map onto its fields)."""
+"""EngineConfig: every engine knob in one frozen, validated dataclass (CLI flags map onto its fields).
+
+Importing it loads no torch (tests/engine/test_config.py checks), so that `linrec --help` stays fast.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from linrec.kernels.backend import BACKENDS
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from linrec.models.loader import DTYPE_CHOICES, LINEARIZE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,12 @@ class EngineConfig:
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"expected dtype in {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"expected dtype in {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.kernel_backend not in BACKENDS:
             raise ValueError(f"expected kernel_backend in {BACKENDS}, got {self.kernel_backend!r}")
+        if self.linearize is not None and self.linearize not in LINEARIZE_CHOICES:
+            raise ValueError(f"expected linearize in {LINEARIZE_CHOICES} or None, got {self.linearize!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"expected device auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):

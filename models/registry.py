@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from linrec.models.base import CausalLM
+if TYPE_CHECKING:  # the names below load without torch (the `linrec` command's choices come from here)
+    from linrec.models.base import CausalLM
 
 # model_type -> (module, class)
 _FAMILIES: dict[str, tuple[str, str]] = {
