@@ -334,7 +334,7 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of engine.benchmark.BENCH_FAMILIES
+BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of bench.throughput.BENCH_FAMILIES
 
 
 def add_bench_commands(commands) -> None:
@@ -433,7 +433,7 @@ def add_bench_commands(commands) -> None:
 
 
 def _run_bench_throughput(args: argparse.Namespace) -> int:
-    from linrec.engine.benchmark import parse_batch_sizes, parse_range, run_throughput
+    from linrec.bench.throughput import parse_batch_sizes, parse_range, run_throughput
 
     result = run_throughput(
         args.model,
@@ -454,11 +454,11 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_SIZES = ("small", "1.3b")  # literal copy of engine.decode_benchmark.SIZES
+BENCH_SIZES = ("small", "1.3b")  # literal copy of bench.decode.SIZES
 
 
 def add_fairness_bench_command(kinds) -> None:
-    """`linrec bench fairness` (engine/bench_fairness.py)."""
+    """`linrec bench fairness` (bench/fairness.py)."""
     fairness = kinds.add_parser(
         "fairness",
         help="short requests arriving while 100k-token prompts prefill: fair admission vs arrival order",
@@ -489,7 +489,7 @@ def add_fairness_bench_command(kinds) -> None:
 
 
 def _run_bench_fairness(args: argparse.Namespace) -> int:
-    from linrec.engine.bench_fairness import run_fairness_bench
+    from linrec.bench.fairness import run_fairness_bench
 
     names = ("family", "num_long", "long_len", "long_output", "num_short", "short_len", "short_output", "short_start")
     names += ("short_interval", "max_num_seqs", "max_num_batched_tokens", "device", "kernel_backend", "seed")
@@ -503,7 +503,7 @@ def _run_bench_fairness(args: argparse.Namespace) -> int:
 
 
 def add_decode_bench_commands(kinds) -> None:
-    """`linrec bench kernels` and `linrec bench decode` (engine/decode_benchmark.py)."""
+    """`linrec bench kernels` and `linrec bench decode` (bench/decode.py)."""
     kernels = kinds.add_parser(
         "kernels",
         help="decode kernels: time and achieved bandwidth vs measured copy bandwidth, beside their peers",
@@ -544,7 +544,7 @@ def add_decode_bench_commands(kinds) -> None:
 
 
 def _run_bench_kernels(args: argparse.Namespace) -> int:
-    from linrec.engine.decode_benchmark import parse_batch_sizes, run_kernels
+    from linrec.bench.decode import parse_batch_sizes, run_kernels
 
     sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
     result = run_kernels(size=args.size, batch_sizes=sizes, device=args.device, repeats=args.repeats)
@@ -553,7 +553,7 @@ def _run_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def _run_bench_decode(args: argparse.Namespace) -> int:
-    from linrec.engine.decode_benchmark import parse_batch_sizes, run_decode
+    from linrec.bench.decode import parse_batch_sizes, run_decode
 
     result = run_decode(
         args.model,
@@ -599,7 +599,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _run_bench_prefix(args: argparse.Namespace) -> int:
-    from linrec.engine.bench_prefix import run_prefix_bench
+    from linrec.bench.prefix import run_prefix_bench
 
     result = run_prefix_bench(
         args.model,
@@ -622,7 +622,7 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
 
 
 def _run_bench_stop_strings(args: argparse.Namespace) -> int:
-    from linrec.engine.bench_stop_strings import run_stop_string_bench
+    from linrec.bench.stop_strings import run_stop_string_bench
 
     result = run_stop_string_bench(
         num_stops=args.num_stops,

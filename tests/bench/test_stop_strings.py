@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from linrec.engine.bench_stop_strings import make_stop_string_workload
+from linrec.bench.stop_strings import make_stop_string_workload
 from linrec.server.cli import main
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from linrec.engine.bench_fairness import make_fairness_workload
+from linrec.bench.fairness import make_fairness_workload
 from linrec.server import cli
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from linrec.engine.bench_prefix import count_distinct_tokens, make_prefix_workload, percentile
+from linrec.bench.prefix import count_distinct_tokens, make_prefix_workload, percentile
 from linrec.server.cli import main
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from linrec.engine.decode_benchmark import KERNEL_SHAPES, KernelRow, KernelsResult, parse_batch_sizes
+from linrec.bench.decode import KERNEL_SHAPES, KernelRow, KernelsResult, parse_batch_sizes
 from linrec.envs import triton_interpreter
 from linrec.server.cli import main
 

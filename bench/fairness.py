@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from linrec.engine.bench_prefix import bench_model_dir, percentile
+from linrec.bench.prefix import bench_model_dir, percentile
 
 MODES = ("fifo", "fair")
 

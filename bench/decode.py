@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from linrec.engine.benchmark import BENCH_FAMILIES, Workload, _hf_peer, run_hf, run_linrec, write_bench_model
+from linrec.bench.throughput import BENCH_FAMILIES, Workload, _hf_peer, run_hf, run_linrec, write_bench_model
 
 SIZES = ("small", "1.3b")
 DEFAULT_BATCH_SIZES = {"small": (1, 2), "1.3b": (1, 8, 64, 256)}
@@ -68,7 +68,7 @@ KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
     },
 }
 
-# Model overrides of engine.benchmark's bench configs: 1.3B-class (random weights, written once) and tiny.
+# Model overrides of bench.throughput's bench configs: 1.3B-class (random weights, written once) and tiny.
 DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "1.3b": {
         # ~1.2B parameters: Llama shape with GQA (served as Liger-GLA, peer: this Llama under HF generate)
@@ -690,7 +690,7 @@ def run_decode(
 
     import torch
 
-    from linrec.engine.benchmark import _LINEARIZABLE
+    from linrec.bench.throughput import _LINEARIZABLE
     from linrec.engine.core import resolve_device
     from linrec.models.loader import read_hf_config
 
