@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from linrec.bench.prefix import bench_model_dir, percentile
+from linrec.bench.common import bench_model_dir, percentile
 
 MODES = ("fifo", "fair")
 

@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEMO_FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
+from linrec.bench.common import bench_model_dir, percentile
+
 MODES = ("off", "radix", "global")
 
 
@@ -140,13 +141,6 @@ class PrefixBenchResult:
         return "\n".join(rows)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100])."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
 def run_mode(llm, workload: PrefixWorkload) -> tuple[float, list[float], list[list[int]]]:
     """Queue every prompt, step the engine to the end; (seconds, TTFT per request, tokens per request)."""
     from linrec.engine.sampling_params import SamplingParams
@@ -166,24 +160,6 @@ def run_mode(llm, workload: PrefixWorkload) -> tuple[float, list[float], list[li
     seconds = time.perf_counter() - start
     order = [str(i) for i in range(len(workload.prompts))]
     return seconds, [first_token[r] for r in order], [token_ids[r] for r in order]
-
-
-def bench_model_dir(model: str | None, family: str, tmp: str) -> tuple[Path, dict, str | None]:
-    """(directory, config.json, linearize) of a bench's model: `model`, or the tiny demo model of `family`
-    written under `tmp`; a Llama/Qwen2/Mistral checkpoint is served linearized to Liger-GLA."""
-    from linrec.models.loader import read_hf_config
-
-    if model is None:
-        from linrec.models.demo import write_demo_model
-
-        if family not in DEMO_FAMILIES:
-            raise ValueError(f"expected a demo family in {DEMO_FAMILIES}, got {family!r}")
-        path = write_demo_model(Path(tmp) / "model", family)
-    else:
-        path = Path(model)
-    hf_config = read_hf_config(path)
-    linearize = "liger-gla" if hf_config.get("model_type") in ("llama", "qwen2", "mistral") else None
-    return path, hf_config, linearize
 
 
 def run_prefix_bench(

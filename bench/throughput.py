@@ -16,74 +16,21 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-# Bench-sized seeded random checkpoints (`--family` without `--model`): a few layers, hidden 512, GQA.
-BENCH_FAMILIES = ("liger_gla", "mamba2")
-BENCH_FORMAT_VERSION = 1
-BENCH_SEED = 0
-BENCH_VOCAB_SIZE = 32000
-_BENCH_CONFIGS: dict[str, dict[str, Any]] = {
-    # Written as a plain Llama: linrec loads it with linearize="liger-gla", HF as LlamaForCausalLM.
-    "liger_gla": {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 512,
-        "intermediate_size": 1408,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-    },
-    "mamba2": {
-        "model_type": "mamba2",
-        "architectures": ["Mamba2ForCausalLM"],
-        "hidden_size": 512,
-        "num_hidden_layers": 4,
-        "num_heads": 16,
-        "head_dim": 64,
-        "expand": 2,
-        "state_size": 64,
-        "n_groups": 1,
-        "conv_kernel": 4,
-        "chunk_size": 64,
-        "use_bias": False,
-        "use_conv_bias": True,
-        "hidden_act": "silu",
-        "layer_norm_epsilon": 1e-5,
-        "residual_in_fp32": True,
-        "tie_word_embeddings": True,
-        # finite: transformers 5 writes the default (0, inf) as {"__float__": "Infinity"}, which
-        # models/mamba2.py does not read yet; no dt comes near 1e9, so the clamp is the same
-        "time_step_limit": [0.0, 1e9],
-    },
-}
-_LINEARIZABLE = ("llama", "qwen2", "mistral")
-# Liger model_type -> the base transformer whose weights it keeps (the HF peer)
-_LIGER_BASE = {"liger_gla": "llama", "liger_qwen2_gla": "qwen2", "liger_mistral_gla": "mistral"}
-
-
-@dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]  # token ids per request
-    output_lens: list[int]  # tokens requested per request (greedy, EOS ignored)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
+from linrec.bench.common import (
+    BENCH_FORMAT_VERSION,
+    LIGER_BASE,
+    LINEARIZABLE,
+    Workload,
+    cached_bench_model,
+    hf_peer,
+    run_hf,
+    run_linrec,
+    served_model_type,
+)
 
 
 def make_workload(
@@ -197,111 +144,8 @@ class ThroughputResult:
 def bench_model_path(family: str = "liger_gla") -> Path:
     """The bench-sized seeded random checkpoint of `family`, written on first use under linrec's cache dir."""
     from linrec import __version__
-    from linrec.envs import cache_dir
-    from linrec.models.staging import cached_dir
 
-    if family not in BENCH_FAMILIES:
-        raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
-    final = cache_dir() / "models" / f"bench-{family}-{__version__}-v{BENCH_FORMAT_VERSION}"
-    return cached_dir(final, lambda staging: write_bench_model(staging, family))
-
-
-def write_bench_model(dst: str | Path, family: str = "liger_gla", overrides: dict[str, Any] | None = None) -> Path:
-    """Write a seeded random transformers checkpoint (Llama for liger_gla, Mamba2 for mamba2) with the
-    byte-level tokenizer; `overrides` changes config fields (tests use it for a tiny model)."""
-    import torch
-    import transformers
-
-    from linrec.models.tokenizer import demo_special_token_ids, write_byte_tokenizer
-
-    if family not in BENCH_FAMILIES:
-        raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
-    fields = {**_BENCH_CONFIGS[family], "vocab_size": BENCH_VOCAB_SIZE, **demo_special_token_ids()}
-    fields.update(overrides or {})
-    model_type = fields.pop("model_type")
-    fields.pop("architectures")
-    config = transformers.AutoConfig.for_model(model_type, **fields)
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.manual_seed(BENCH_SEED)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    dst = Path(dst)
-    model.save_pretrained(dst)
-    write_byte_tokenizer(dst)
-    return dst
-
-
-def _hf_peer(path: Path, hf_config: dict[str, Any], dtype, device):
-    """The transformers model a user would run instead: the base transformer of a Liger or linearized
-    checkpoint, or Mamba2ForCausalLM for mamba2."""
-    import transformers
-
-    model_type = hf_config.get("model_type")
-    if model_type in _LIGER_BASE:
-        fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures", "window_size")}
-        config = transformers.AutoConfig.for_model(_LIGER_BASE[model_type], **fields)
-    elif model_type in (*_LINEARIZABLE, "mamba2"):
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    else:
-        raise ValueError(
-            f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger or "
-            "mamba2 checkpoint"
-        )
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
-    return model.to(device).eval()
-
-
-def run_linrec(llm, workload: Workload) -> tuple[float, float, list[list[int]]]:
-    """Wall and CPU seconds to generate the workload through LLM.generate, and the tokens of each request."""
-    from linrec.engine.sampling_params import SamplingParams
-
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    outputs = llm.generate(workload.prompts, params)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
-    for i, (ids, n) in enumerate(zip(token_ids, workload.output_lens)):
-        if len(ids) != n:
-            raise RuntimeError(f"linrec generated {len(ids)} tokens for request {i}, expected {n}")
-    return seconds, cpu_seconds, token_ids
-
-
-def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int) -> tuple[float, float, int, list[list[int]]]:
-    """Wall and CPU seconds for HF generate over the workload in batches of `batch_size` (in workload order,
-    left-padded), the tokens computed, and each request's first output_lens[i] generated tokens."""
-    import torch
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    token_ids: list[list[int]] = []
-    num_generated = 0
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
-        for lo in range(0, len(workload.prompts), batch_size):
-            prompts = workload.prompts[lo : lo + batch_size]
-            longest = max(workload.output_lens[lo : lo + batch_size])
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.int64)
-            attention_mask = torch.zeros((len(prompts), width), dtype=torch.int64)
-            for row, p in enumerate(prompts):
-                input_ids[row, width - len(p) :] = torch.tensor(p)
-                attention_mask[row, width - len(p) :] = 1
-            # eos_token_id=None: no stopping and no EOS masking, so greedy equals linrec's ignore_eos greedy
-            config = GenerationConfig(
-                max_new_tokens=longest,
-                min_new_tokens=longest,
-                do_sample=False,
-                pad_token_id=pad_token_id,
-                eos_token_id=None,
-                bos_token_id=None,
-            )
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-            )
-            generated = out[:, width:].tolist()
-            num_generated += sum(len(g) for g in generated)
-            token_ids.extend(g[:n] for g, n in zip(generated, workload.output_lens[lo : lo + batch_size]))
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    return seconds, cpu_seconds, num_generated, token_ids
+    return cached_bench_model(f"bench-{family}-{__version__}-v{BENCH_FORMAT_VERSION}", family)
 
 
 def run_throughput(
@@ -360,12 +204,12 @@ def _measure(
     path = Path(model) if model is not None else bench_model_path(family)
     hf_config = read_hf_config(path)
     model_type = hf_config.get("model_type")
-    if model_type not in (*_LINEARIZABLE, *_LIGER_BASE, "mamba2"):
+    if model_type not in (*LINEARIZABLE, *LIGER_BASE, "mamba2"):
         raise ValueError(
             f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger or "
             "mamba2 checkpoint"
         )
-    linearize = "liger-gla" if model_type in _LINEARIZABLE else None
+    linearize = "liger-gla" if model_type in LINEARIZABLE else None
     torch_dtype = resolve_dtype(dtype, hf_config)
     torch_device = resolve_device(device)
     workload = make_workload(num_prompts, prompt_len, output_len, int(hf_config["vocab_size"]), seed)
@@ -381,7 +225,7 @@ def _measure(
         linearize=linearize,
         seed=seed,
     )
-    linrec_family = getattr(llm.engine.model.config, "model_type", model_type)
+    linrec_family = served_model_type(hf_config, linearize)
     if warmup:
         run_linrec(llm, warm)
     seconds, cpu_seconds, linrec_ids = run_linrec(llm, workload)
@@ -398,7 +242,7 @@ def _measure(
         pad_token_id = 0
     del llm
 
-    hf_model = _hf_peer(path, hf_config, torch_dtype, torch_device)
+    hf_model = hf_peer(path, hf_config, torch_dtype, torch_device)
     hf_runs: list[tuple[int, SideResult]] = []
     for batch_size in hf_batch_sizes:
         if warmup:
@@ -450,14 +294,3 @@ def parse_range(text: str | Sequence[int]) -> tuple[int, int]:
     if len(values) != 2:
         raise ValueError(f"expected a length N or a range MIN:MAX, got {text!r}")
     return values[0], values[1]
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """'32' or '32,64,128' -> (32,) or (32, 64, 128)."""
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"expected batch sizes as N or N,N,..., got {text!r}") from None
-    if min(sizes) < 1:
-        raise ValueError(f"expected batch sizes >= 1, got {text!r}")
-    return sizes

@@ -208,6 +208,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def can_replay_cuda_graphs(self) -> bool:
+        """Whether decode-only steps replay captured CUDA graphs (on CUDA, unless enforce_eager)."""
+        return self.runner.decode_graphs is not None
+
     def stats(self) -> EngineStats:
         allocator = self.scheduler.allocator
         prefix = self.scheduler.prefix_stats

@@ -334,7 +334,7 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of bench.throughput.BENCH_FAMILIES
+BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of bench.common.BENCH_FAMILIES
 
 
 def add_bench_commands(commands) -> None:
@@ -433,7 +433,8 @@ def add_bench_commands(commands) -> None:
 
 
 def _run_bench_throughput(args: argparse.Namespace) -> int:
-    from linrec.bench.throughput import parse_batch_sizes, parse_range, run_throughput
+    from linrec.bench.common import parse_batch_sizes
+    from linrec.bench.throughput import parse_range, run_throughput
 
     result = run_throughput(
         args.model,
@@ -454,7 +455,7 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_SIZES = ("small", "1.3b")  # literal copy of bench.decode.SIZES
+BENCH_SIZES = ("small", "1.3b")  # literal copy of bench.common.SIZES
 
 
 def add_fairness_bench_command(kinds) -> None:
@@ -503,7 +504,7 @@ def _run_bench_fairness(args: argparse.Namespace) -> int:
 
 
 def add_decode_bench_commands(kinds) -> None:
-    """`linrec bench kernels` and `linrec bench decode` (bench/decode.py)."""
+    """`linrec bench kernels` (bench/kernels.py) and `linrec bench decode` (bench/decode.py)."""
     kernels = kinds.add_parser(
         "kernels",
         help="decode kernels: time and achieved bandwidth vs measured copy bandwidth, beside their peers",
@@ -544,7 +545,8 @@ def add_decode_bench_commands(kinds) -> None:
 
 
 def _run_bench_kernels(args: argparse.Namespace) -> int:
-    from linrec.bench.decode import parse_batch_sizes, run_kernels
+    from linrec.bench.common import parse_batch_sizes
+    from linrec.bench.kernels import run_kernels
 
     sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
     result = run_kernels(size=args.size, batch_sizes=sizes, device=args.device, repeats=args.repeats)
@@ -553,7 +555,8 @@ def _run_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def _run_bench_decode(args: argparse.Namespace) -> int:
-    from linrec.bench.decode import parse_batch_sizes, run_decode
+    from linrec.bench.common import parse_batch_sizes
+    from linrec.bench.decode import run_decode
 
     result = run_decode(
         args.model,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from linrec.bench.prefix import count_distinct_tokens, make_prefix_workload, percentile
+from linrec.bench.common import percentile
+from linrec.bench.prefix import count_distinct_tokens, make_prefix_workload
 from linrec.server.cli import main
 
 

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from linrec.bench.common import parse_batch_sizes, write_bench_model
 from linrec.bench.decode import DECODE_MODEL_OVERRIDES
-from linrec.bench.throughput import make_workload, parse_batch_sizes, parse_range, run_throughput, write_bench_model
+from linrec.bench.throughput import make_workload, parse_range, run_throughput
 from linrec.server.cli import main
 
 # The tiny bench models: the same overrides `linrec bench decode --size small` uses.

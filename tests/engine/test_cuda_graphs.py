@@ -39,6 +39,7 @@ def test_enforce_eager_flag_and_no_graphs_on_cpu(demo_model_dir):
     assert cli.engine_config_from_args(args).enforce_eager is EngineConfig().enforce_eager is False
     llm = LLM(demo_model_dir("mamba2"), device="cpu", max_num_seqs=2)
     assert llm.engine.runner.decode_graphs is None  # graphs are a CUDA thing: off on the CPU automatically
+    assert llm.engine.can_replay_cuda_graphs is False  # what `linrec bench decode` reports
     graphs = DecodeGraphs(llm.engine.model, llm.engine.pool, torch.device("cpu"), 2)
     with pytest.raises(ValueError, match="CUDA device"):
         graphs.capture()
@@ -215,12 +216,12 @@ def test_replay_path_pads_to_buckets_and_matches_eager(demo_model_dir, family, b
 @pytest.mark.parametrize("family", ["liger_gla", "gla", "gated_deltanet", "mamba2"])
 def test_graph_replay_tokens_equal_eager_on_cuda(demo_model_dir, family, monkeypatch):
     eager = LLM(demo_model_dir(family), device="cuda", max_num_seqs=8, enforce_eager=True)
-    assert eager.engine.runner.decode_graphs is None
+    assert eager.engine.runner.decode_graphs is None and not eager.engine.can_replay_cuda_graphs
     expected = [o.outputs[0] for o in eager.generate(PROMPTS, greedy(10))]
 
     llm = LLM(demo_model_dir(family), device="cuda", max_num_seqs=8)
     graphs = llm.engine.runner.decode_graphs
-    assert graphs is not None and graphs.buckets == [1, 2, 4, 8]
+    assert graphs is not None and graphs.buckets == [1, 2, 4, 8] and llm.engine.can_replay_cuda_graphs
     replays = []
     replay = graphs.replay
     monkeypatch.setattr(graphs, "replay", lambda *args: replays.append(len(args[0])) or replay(*args))
