@@ -706,7 +706,8 @@ SERVER_ARG_FIELDS = (
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from linrec.server.app import ServerConfig, run_server
+    from linrec.server.app import run_server
+    from linrec.server.config import ServerConfig
 
     if args.model_path is not None:
         if args.model is not None and args.model != args.model_path:

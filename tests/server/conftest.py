@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from linrec.engine.async_llm import AsyncLLM
 from linrec.engine.config import EngineConfig
 from linrec.models.demo import write_demo_model
-from linrec.server.app import ServerConfig, build_app
+from linrec.server.app import build_app
+from linrec.server.config import ServerConfig
 
 MODEL_NAME = "demo"
 

@@ -182,7 +182,7 @@ def test_engine_flags_map_onto_engine_config() -> None:
 def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) -> None:
     import dataclasses
 
-    from linrec.server.app import ServerConfig
+    from linrec.server.config import ServerConfig
 
     parser = cli.build_parser()
     assert set(cli.SERVER_ARG_FIELDS) == {f.name for f in dataclasses.fields(ServerConfig)}

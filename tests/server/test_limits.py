@@ -7,7 +7,8 @@ import httpx
 import pytest
 
 from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from linrec.server.app import ServerConfig, build_app
+from linrec.server.app import build_app
+from linrec.server.config import ServerConfig
 from linrec.server.protocol import MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS
 
 openai = pytest.importorskip("openai")
