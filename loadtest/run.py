@@ -115,7 +115,7 @@ class StartedServer(NamedTuple):
 def started_server(args: argparse.Namespace, workdir: Path) -> Iterator[StartedServer]:
     """`linrec serve` in a subprocess until /health answers 200; SIGTERM (drain) on the way out."""
     port = args.port or free_port()
-    command = [sys.executable, "-m", "linrec.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "linrec.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--log-level", "warning"]
     if args.model:
         command += ["--model", args.model]

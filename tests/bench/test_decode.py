@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from linrec.server.cli import main
+from linrec.cli import main
 
 
 def test_bench_decode_small_cpu_json(capsys, tmp_path, monkeypatch):

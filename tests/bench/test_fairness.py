@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from linrec import cli
 from linrec.bench.fairness import make_fairness_workload
-from linrec.server import cli
 
 
 def test_bench_fairness_json_smoke(capsys):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from linrec.bench.kernels import KERNEL_SHAPES, KernelRow, KernelsResult
+from linrec.cli import main
 from linrec.envs import triton_interpreter
-from linrec.server.cli import main
 
 
 def test_bench_kernels_small_cpu_json(capsys):

@@ -6,7 +6,7 @@ import json
 
 from linrec.bench.common import percentile
 from linrec.bench.prefix import count_distinct_tokens, make_prefix_workload
-from linrec.server.cli import main
+from linrec.cli import main
 
 
 def test_workload_shape_and_distinct_tokens():

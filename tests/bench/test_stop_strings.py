@@ -7,7 +7,7 @@ import json
 import pytest
 
 from linrec.bench.stop_strings import make_stop_string_workload
-from linrec.server.cli import main
+from linrec.cli import main
 
 
 def test_workload_stop_strings_never_complete_but_overlap_the_text():

@@ -11,7 +11,7 @@ import torch
 from linrec.bench.common import parse_batch_sizes, write_bench_model
 from linrec.bench.decode import DECODE_MODEL_OVERRIDES
 from linrec.bench.throughput import make_workload, parse_range, run_throughput
-from linrec.server.cli import main
+from linrec.cli import main
 
 # The tiny bench models: the same overrides `linrec bench decode --size small` uses.
 TINY = DECODE_MODEL_OVERRIDES["small"]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from linrec import LLM, SamplingParams
+from linrec import LLM, SamplingParams, cli
+from linrec.cli.common import engine_config_from_args
 from linrec.engine.config import EngineConfig
 from linrec.engine.cuda_graphs import DecodeGraphs, batch_size_buckets
-from linrec.server import cli
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8], [7], [200, 1, 64, 64], [9, 9], [31, 4, 15]]
 
@@ -34,9 +34,9 @@ def test_buckets():
 
 def test_enforce_eager_flag_and_no_graphs_on_cpu(demo_model_dir):
     args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--enforce-eager"])
-    assert cli.engine_config_from_args(args).enforce_eager is True
+    assert engine_config_from_args(args).enforce_eager is True
     args = cli.build_parser().parse_args(["generate", "--prompt", "x"])
-    assert cli.engine_config_from_args(args).enforce_eager is EngineConfig().enforce_eager is False
+    assert engine_config_from_args(args).enforce_eager is EngineConfig().enforce_eager is False
     llm = LLM(demo_model_dir("mamba2"), device="cpu", max_num_seqs=2)
     assert llm.engine.runner.decode_graphs is None  # graphs are a CUDA thing: off on the CPU automatically
     assert llm.engine.can_replay_cuda_graphs is False  # what `linrec bench decode` reports

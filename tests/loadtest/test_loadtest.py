@@ -175,7 +175,7 @@ def test_users_report_each_kind_of_failure_with_its_message(tmp_path: Path) -> N
 
 @needs_locust
 def test_linrec_bench_serve_reports_an_unreachable_url_in_one_line(capsys: pytest.CaptureFixture) -> None:
-    from linrec.server.cli import main
+    from linrec.cli import main
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

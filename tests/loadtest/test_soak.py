@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from linrec.cli import main as linrec_main
 from linrec.loadtest.soak import (
     BAD_KINDS,
     PlannedRequest,
@@ -36,7 +37,6 @@ from linrec.loadtest.soak import (
     send,
     shared_prefixes,
 )
-from linrec.server.cli import main as linrec_main
 
 COMPLETION = PlannedRequest(
     "completions", "/v1/completions", b'{"prompt": "hi", "n": 2}', is_stream=False, num_choices=2

@@ -169,7 +169,7 @@ def test_full_queue_is_429_with_retry_after(make_server) -> None:
 def test_sigterm_drains_in_flight_requests(server_model_dir: str, tools, tmp_path) -> None:
     port = tools.free_port()
     env = {**os.environ, "LINREC_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "linrec.server.cli", "serve", server_model_dir, "--port", str(port)]
+    command = [sys.executable, "-m", "linrec.cli", "serve", server_model_dir, "--port", str(port)]
     command += ["--device", "cpu", "--served-model-name", MODEL, "--drain-timeout", "3", "--log-level", "warning"]
     command += ["--max-model-len", "200000"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import linrec
-from linrec.server import cli
+from linrec import cli
+from linrec.cli import common, serve
 
 
 @pytest.fixture()
@@ -29,14 +30,14 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def _linrec(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run the installed console script when it sits beside this interpreter, else `python -m`."""
     script = Path(sys.executable).parent / "linrec"
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "linrec.server.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "linrec.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_version_and_help_import_no_torch(env: dict[str, str]) -> None:
     result = _linrec("--version", env=env)
     assert result.returncode == 0 and result.stdout.strip() == f"linrec {linrec.__version__}"
-    probe = "import sys; from linrec.server import cli; cli.build_parser(); print('torch' in sys.modules)"
+    probe = "import sys; from linrec import cli; cli.build_parser(); print('torch' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert imported.stdout.strip() == "False", "parsing must not import torch (slow `linrec --help`)"
 
@@ -103,7 +104,7 @@ def test_convert_end_to_end(tmp_path: Path, env: dict[str, str]) -> None:
 
 def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_model_args(parser)
+    common.add_model_args(parser)
     args = parser.parse_args(
         [
             "--model",
@@ -120,7 +121,7 @@ def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.Captu
             "adapter",
         ]
     )
-    kwargs = cli.model_kwargs(args)
+    kwargs = common.model_kwargs(args)
     assert kwargs == {
         "model": "m",
         "dtype": "bfloat16",
@@ -129,7 +130,7 @@ def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.Captu
         "linearize": "liger-gla",
         "merge_lora": "adapter",
     }
-    defaults = cli.model_kwargs(parser.parse_args([]))
+    defaults = common.model_kwargs(parser.parse_args([]))
     assert defaults["model"] is None and defaults["dtype"] == "auto" and defaults["device"] == "auto"
     engine_config = pytest.importorskip("linrec.engine.config")
     assert engine_config.EngineConfig(**kwargs).merge_lora == "adapter"
@@ -145,10 +146,10 @@ def test_literal_choices_match_their_sources() -> None:
     from linrec.models.loader import DTYPE_CHOICES, LINEARIZE_CHOICES
     from linrec.models.registry import DEMO_FAMILIES
 
-    assert cli.DTYPE_CHOICES == DTYPE_CHOICES
-    assert cli.KERNEL_BACKENDS == BACKENDS
-    assert cli.DEMO_FAMILIES == DEMO_FAMILIES
-    assert cli.LINEARIZE_CHOICES == LINEARIZE_CHOICES
+    assert common.DTYPE_CHOICES == DTYPE_CHOICES
+    assert common.KERNEL_BACKENDS == BACKENDS
+    assert common.DEMO_FAMILIES == DEMO_FAMILIES
+    assert common.LINEARIZE_CHOICES == LINEARIZE_CHOICES
 
 
 def test_generate_prints_each_sample(tmp_path: Path, env: dict[str, str]) -> None:
@@ -165,18 +166,18 @@ def test_generate_prints_each_sample(tmp_path: Path, env: dict[str, str]) -> Non
 
 def test_engine_flags_map_onto_engine_config() -> None:
     parser = argparse.ArgumentParser()
-    cli.add_model_args(parser)
-    cli.add_engine_args(parser)
+    common.add_model_args(parser)
+    common.add_engine_args(parser)
     args = parser.parse_args(["--max-num-seqs", "8", "--state-memory", "2GiB", "--no-enable-prefix-caching"])
-    config = cli.engine_config_from_args(args)
+    config = common.engine_config_from_args(args)
     assert (config.max_num_seqs, config.state_memory, config.enable_prefix_caching) == (8, 2 * 2**30, False)
-    assert cli.parse_state_memory("0.25") == 0.25 and cli.parse_state_memory("1000") == 1000
+    assert common.parse_state_memory("0.25") == 0.25 and common.parse_state_memory("1000") == 1000
     with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
-        cli.parse_state_memory("lots")
-    assert cli.parse_state_memory("0.5GiB") == 2**29 and cli.parse_state_memory("1KiB") == 1024
+        common.parse_state_memory("lots")
+    assert common.parse_state_memory("0.5GiB") == 2**29 and common.parse_state_memory("1KiB") == 1024
     for bad in ("inf", "nan", "1e400GiB", "-infMiB"):  # 'inf' was an OverflowError traceback
         with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
-            cli.parse_state_memory(bad)
+            common.parse_state_memory(bad)
 
 
 def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,11 +186,11 @@ def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) 
     from linrec.server.config import ServerConfig
 
     parser = cli.build_parser()
-    assert set(cli.SERVER_ARG_FIELDS) == {f.name for f in dataclasses.fields(ServerConfig)}
+    assert set(serve.SERVER_ARG_FIELDS) == {f.name for f in dataclasses.fields(ServerConfig)}
 
     def config(*flags: str) -> ServerConfig:
         args = parser.parse_args(["serve", *flags])
-        return ServerConfig(**{name: getattr(args, name) for name in cli.SERVER_ARG_FIELDS})
+        return ServerConfig(**{name: getattr(args, name) for name in serve.SERVER_ARG_FIELDS})
 
     assert config() == ServerConfig()  # the flags' defaults are the config's
     limited = config("--max-request-body-bytes", "1MiB", "--metrics-require-api-key", "--api-key", "k")

@@ -1,0 +1,38 @@
+"""The layering of docs/structure.md: the core (models, kernels, engine, server) and the load test import
+neither the benches nor the command line, and the benches do not import the command line."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> packages its modules may not import
+FORBIDDEN = {
+    "models": ("linrec.bench", "linrec.cli"),
+    "kernels": ("linrec.bench", "linrec.cli"),
+    "engine": ("linrec.bench", "linrec.cli"),
+    "server": ("linrec.bench", "linrec.cli"),
+    "loadtest": ("linrec.bench", "linrec.cli"),
+    "bench": ("linrec.cli",),
+}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_inner_layers_import_no_outer_one() -> None:
+    offenders = []
+    for folder, forbidden in FORBIDDEN.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name in _imported_modules(path):
+                if any(name == outer or name.startswith(outer + ".") for outer in forbidden):
+                    offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, offenders
