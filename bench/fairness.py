@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from linrec.bench.common import bench_model_dir, percentile
+from linrec.engine.config import EngineConfig
 
 MODES = ("fifo", "fair")
 
@@ -192,8 +193,8 @@ def run_fairness_bench(
     short_output: int = 8,
     short_start: float = 0.1,
     short_interval: float = 0.1,
-    max_num_seqs: int = 64,
-    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = EngineConfig.max_num_seqs,
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
     device: str = "auto",
     kernel_backend: str = "auto",
     seed: int = 0,
@@ -203,7 +204,6 @@ def run_fairness_bench(
     Qwen2 or Mistral are linearized to Liger-GLA); None writes the tiny demo model of `family`."""
     import torch
 
-    from linrec.engine.config import EngineConfig
     from linrec.engine.core import EngineCore
     from linrec.engine.scheduler import default_long_prefill_threshold
 

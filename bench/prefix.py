@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from linrec.bench.common import bench_model_dir, percentile
+from linrec.engine.config import EngineConfig
 
 MODES = ("off", "radix", "global")
 
@@ -171,8 +172,8 @@ def run_prefix_bench(
     prefix_len: int = 2048,
     question_len: int = 32,
     output_len: int = 8,
-    max_num_seqs: int = 64,
-    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = EngineConfig.max_num_seqs,
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
     device: str = "auto",
     kernel_backend: str = "auto",
     seed: int = 0,

@@ -31,6 +31,11 @@ from linrec.bench.common import (
     run_linrec,
     served_model_type,
 )
+from linrec.engine.config import EngineConfig
+
+# linrec's max_num_seqs in this bench: wider than EngineConfig's default (64), because offline throughput comes
+# from wide continuous batches; the figures in docs/benchmarks.md were measured with it.
+THROUGHPUT_MAX_NUM_SEQS = 256
 
 
 def make_workload(
@@ -159,8 +164,8 @@ def run_throughput(
     prompt_len: tuple[int, int] = (16, 256),
     output_len: tuple[int, int] = (16, 256),
     hf_batch_size: int | Sequence[int] = 32,
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = THROUGHPUT_MAX_NUM_SEQS,
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
     seed: int = 0,
     threads: int | None = None,
     warmup: bool = True,

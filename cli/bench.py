@@ -6,9 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from linrec.cli.common import DEMO_FAMILIES, DTYPE_CHOICES, KERNEL_BACKENDS
+from linrec.bench.common import BENCH_FAMILIES, SIZES
+from linrec.bench.throughput import THROUGHPUT_MAX_NUM_SEQS
+from linrec.cli.common import add_config_args
+from linrec.engine.config import EngineConfig
+from linrec.models.registry import DEMO_FAMILIES
 
-BENCH_FAMILIES = ("liger_gla", "mamba2")  # literal copy of bench.common.BENCH_FAMILIES
+# The engine flags of the benches are EngineConfig's (same defaults and choices) unless a bench says otherwise.
+SCHEDULING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
 
 
 def add_parser(commands) -> None:
@@ -33,9 +38,12 @@ def add_parser(commands) -> None:
         "checkpoint (default: a seeded random bench model of --family, written once under the cache dir)",
     )
     throughput.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
-    throughput.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="both sides load in this dtype")
-    throughput.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (both sides)")
-    throughput.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    add_config_args(
+        throughput,
+        EngineConfig,
+        ("dtype", "device", "kernel_backend"),
+        helps={"dtype": "both sides load in this dtype", "device": "auto, cpu, cuda, cuda:N (both sides)"},
+    )
     throughput.add_argument("--num-prompts", dest="num_prompts", type=int, default=128)
     throughput.add_argument("--prompt-len", dest="prompt_len", default="16:256", metavar="MIN:MAX")
     throughput.add_argument("--output-len", dest="output_len", default="16:256", metavar="MIN:MAX")
@@ -46,8 +54,18 @@ def add_parser(commands) -> None:
         metavar="N[,N...]",
         help="rows per HF batch; several sizes run one after another and the fastest is the peer",
     )
-    throughput.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=256, help="linrec")
-    throughput.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
+    add_config_args(
+        throughput,
+        EngineConfig,
+        SCHEDULING_FIELDS,
+        # Deliberately wider than EngineConfig's 64: linrec's throughput comes from wide continuous batches,
+        # and the figures in docs/benchmarks.md were measured with 256.
+        defaults={"max_num_seqs": THROUGHPUT_MAX_NUM_SEQS},
+        helps={
+            "max_num_seqs": f"linrec's requests running at once; {THROUGHPUT_MAX_NUM_SEQS} here, not EngineConfig's "
+            f"{EngineConfig.max_num_seqs}: throughput comes from wide batches (docs/benchmarks.md)"
+        },
+    )
     throughput.add_argument("--seed", type=int, default=0, help="workload RNG")
     throughput.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads for both sides (default: torch's choice)"
@@ -74,10 +92,7 @@ def add_parser(commands) -> None:
     prefix.add_argument("--prefix-len", dest="prefix_len", type=int, default=2048, help="shared system prompt tokens")
     prefix.add_argument("--question-len", dest="question_len", type=int, default=32, help="unique tokens per prompt")
     prefix.add_argument("--output-len", dest="output_len", type=int, default=8)
-    prefix.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64)
-    prefix.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
-    prefix.add_argument("--device", default="auto")
-    prefix.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    add_config_args(prefix, EngineConfig, (*SCHEDULING_FIELDS, "device", "kernel_backend"))
     prefix.add_argument(
         "--modes", default="off,radix,global", help="comma-separated subset of off, radix, global (in this order)"
     )
@@ -129,9 +144,6 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_SIZES = ("small", "1.3b")  # literal copy of bench.common.SIZES
-
-
 def add_fairness_bench_command(kinds) -> None:
     """`linrec bench fairness` (bench/fairness.py)."""
     fairness = kinds.add_parser(
@@ -153,10 +165,7 @@ def add_fairness_bench_command(kinds) -> None:
     fairness.add_argument(
         "--short-interval", dest="short_interval", type=float, default=0.1, help="seconds between short arrivals"
     )
-    fairness.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=64)
-    fairness.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=2048)
-    fairness.add_argument("--device", default="auto")
-    fairness.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
+    add_config_args(fairness, EngineConfig, (*SCHEDULING_FIELDS, "device", "kernel_backend"))
     fairness.add_argument("--modes", default="fifo,fair", help="comma-separated subset of fifo, fair (in this order)")
     fairness.add_argument("--seed", type=int, default=0, help="workload RNG")
     fairness.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -188,9 +197,9 @@ def add_decode_bench_commands(kinds) -> None:
         "bandwidth as a share of a large tensor copy's, beside linrec's torch path, fla-core's fused_recurrent "
         "(CUDA) and transformers' torch step, each with the gather/scatter of states the in-place kernel avoids.",
     )
-    kernels.add_argument("--size", default="1.3b", choices=BENCH_SIZES, help="small: a tiny CPU smoke test")
+    kernels.add_argument("--size", default="1.3b", choices=SIZES, help="small: a tiny CPU smoke test")
     kernels.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")
-    kernels.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_config_args(kernels, EngineConfig, ("device",), helps={"device": "auto, cpu, cuda, cuda:N"})
     kernels.add_argument("--repeats", type=int, default=None, help="timed calls per point (50 on CUDA, 2 on CPU)")
     kernels.add_argument("--json", action="store_true", help="print the result as JSON")
     kernels.set_defaults(handler=_run_bench_kernels)
@@ -204,14 +213,20 @@ def add_decode_bench_commands(kinds) -> None:
     )
     decode.add_argument("--model", default=None, metavar="DIR", help="a checkpoint instead of the random model")
     decode.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="random model without --model")
-    decode.add_argument("--size", default="1.3b", choices=BENCH_SIZES, help="small: a tiny CPU smoke test")
+    decode.add_argument("--size", default="1.3b", choices=SIZES, help="small: a tiny CPU smoke test")
     decode.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")
     decode.add_argument("--prompt-len", dest="prompt_len", type=int, default=16)
     decode.add_argument("--output-len", dest="output_len", type=int, default=64, help="timed decode tokens/request")
-    decode.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on CUDA, else float32")
-    decode.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (both sides)")
-    decode.add_argument("--kernel-backend", dest="kernel_backend", default="auto", choices=KERNEL_BACKENDS)
-    decode.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", help="linrec without CUDA graphs")
+    add_config_args(
+        decode,
+        EngineConfig,
+        ("dtype", "device", "kernel_backend", "enforce_eager"),
+        helps={
+            "dtype": "auto: bfloat16 on CUDA, else float32 (both sides)",
+            "device": "auto, cpu, cuda, cuda:N (both sides)",
+            "enforce_eager": "linrec without CUDA graphs",
+        },
+    )
     decode.add_argument("--seed", type=int, default=0, help="prompt RNG")
     decode.add_argument("--repeats", type=int, default=3, help="runs per timing; the fastest counts")
     decode.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from linrec.cli.common import LINEARIZE_CHOICES
+from linrec.models.loader import LINEARIZE_CHOICES
 
 
 def add_parser(commands) -> None:

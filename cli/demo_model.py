@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from linrec.cli.common import DEMO_FAMILIES
+from linrec.models.demo import DEFAULT_DEMO_FAMILY
+from linrec.models.registry import DEMO_FAMILIES
 
 
 def add_parser(commands) -> None:
@@ -14,7 +15,9 @@ def add_parser(commands) -> None:
         description="Write a tiny seeded random model of one family, loadable with --model DIR.",
     )
     demo.add_argument("dir", metavar="DIR", help="output directory (must not exist or be empty)")
-    demo.add_argument("--family", default="liger_gla", choices=DEMO_FAMILIES, help="model family (default liger_gla)")
+    demo.add_argument(
+        "--family", default=DEFAULT_DEMO_FAMILY, choices=DEMO_FAMILIES, help="model family (default: %(default)s)"
+    )
     demo.set_defaults(handler=run)
 
 

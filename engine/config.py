@@ -1,55 +1,145 @@
-"""EngineConfig: every engine knob in one frozen, validated dataclass (CLI flags map onto its fields).
+"""EngineConfig: every engine knob in one frozen, validated dataclass.
 
-Importing it loads no torch (tests/engine/test_config.py checks), so that `linrec --help` stays fast.
+Each field carries its command-line help in `metadata` (and, where plain int/float/str conversion is not
+enough, its `parse` function, `choices` or `metavar`): the `linrec` command builds its engine flags from
+these fields (cli/common.py), so a default or a choice is written here and nowhere else. Importing this
+module loads no torch (tests/engine/test_config.py checks), so that `linrec --help` stays fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from linrec.kernels.backend import BACKENDS
 from linrec.models.loader import DTYPE_CHOICES, LINEARIZE_CHOICES
 
+_BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_byte_size(text: str) -> tuple[float, bool]:
+    """'2GiB' -> (2147483648.0, True), '0.5' -> (0.5, False): a finite number and whether it had a unit.
+    ValueError for anything else ('lots', 'inf', 'nan', '1e400GiB')."""
+    lowered = text.strip().lower()
+    factor = 1
+    for suffix, unit in _BYTE_UNITS.items():
+        if lowered.endswith(suffix):
+            lowered, factor = lowered[: -len(suffix)], unit
+            break
+    try:
+        value = float(lowered) * factor
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"expected a number with an optional unit such as 2GiB, got {text!r}")
+    return value, factor != 1
+
+
+def parse_state_memory(text: str) -> int | float:
+    """'0.5' -> a fraction of free memory; '2GiB', '512MiB', '1e9' or '123456' -> bytes."""
+    try:
+        value, has_unit = parse_byte_size(text)
+    except ValueError:
+        raise ValueError(f"expected a fraction in (0, 1] or a byte count such as 2GiB, got {text!r}") from None
+    return value if not has_unit and value <= 1.0 else int(value)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # local HF-format directory; None = the tiny demo model (created on first use)
-    dtype: str = "auto"  # auto = the checkpoint's torch_dtype
-    device: str = "auto"  # auto = cuda when available, else cpu
-    kernel_backend: str = "auto"  # auto | triton | torch
-    max_num_seqs: int = 64  # requests holding a state slot at once
-    max_num_batched_tokens: int = 2048  # tokens per step: decode tokens first, prefill chunks fill the rest
+    # The model: what to load and how.
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "local HF-format model directory (default: a tiny demo Liger-GLA model, created on first use "
+            "under $LINREC_CACHE_DIR or ~/.cache/linrec)",
+            "metavar": "DIR",
+        },
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto = config.json's torch_dtype", "choices": DTYPE_CHOICES})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N"})
+    kernel_backend: str = field(
+        default="auto", metadata={"help": "op implementation (auto: triton on CUDA, else torch)", "choices": BACKENDS}
+    )
+    linearize: str | None = field(
+        default=None,
+        metadata={
+            "help": "load a Llama/Qwen2/Mistral checkpoint as Liger-GLA (same weights, new config)",
+            "choices": LINEARIZE_CHOICES,
+        },
+    )
+    merge_lora: str | None = field(
+        default=None,
+        metadata={"help": "merge a PEFT LoRA adapter directory into the weights at load", "metavar": "DIR"},
+    )
+    # Scheduling and memory.
+    max_num_seqs: int = field(default=64, metadata={"help": "requests running at once, each holding a state slot"})
+    max_num_batched_tokens: int = field(
+        default=2048, metadata={"help": "token budget per step (decode tokens first, then prefill chunks)"}
+    )
     # Memory for request states: bytes (int) or a fraction of free device memory (float). It buys
     # min(budget // state_bytes_per_request, max_num_seqs) slots, whatever the context length.
-    state_memory: int | float = 0.5
-    max_waiting_requests: int = 4096  # beyond this add_request raises QueueFullError (HTTP 429)
-    # Longest prompt + output accepted. None: the checkpoint's max_position_embeddings, else 32768. States do
-    # not grow with length, but a request's time does; raise it as far as you like.
-    max_model_len: int | None = None
+    state_memory: int | float = field(
+        default=0.5,
+        metadata={
+            "help": "memory for request states: a fraction of free memory (0.5) or bytes (2GiB)",
+            "parse": parse_state_memory,
+            "metavar": "FRACTION|BYTES",
+        },
+    )
+    max_waiting_requests: int = field(
+        default=4096, metadata={"help": "queued requests at most; beyond, a request is refused (HTTP 429)"}
+    )
+    # States do not grow with length, but a request's time does.
+    max_model_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "prompt + output tokens at most (default: the checkpoint's max_position_embeddings, else 32768; "
+            "states do not grow, so raise it as far as time allows)"
+        },
+    )
     # Fair admission (see engine/scheduler.py): a prompt with more than this many tokens left to prefill is
     # long; while max_long_partial_prefills long prompts prefill, other long ones wait and short ones go
     # first, and a long prefill takes at most this many tokens a step before everyone else had theirs.
-    # None: max_num_batched_tokens // 4; 0: no prompt is long (strict arrival order).
-    long_prefill_token_threshold: int | None = None
-    max_long_partial_prefills: int = 1
+    long_prefill_token_threshold: int | None = field(
+        default=None,
+        metadata={
+            "help": "a prompt with more tokens left to prefill is long: it takes at most this many tokens a step "
+            "before short prompts had theirs (default: max-num-batched-tokens / 4; 0: strict arrival order)"
+        },
+    )
+    max_long_partial_prefills: int = field(
+        default=1, metadata={"help": "long prompts prefilling at once; others wait while short prompts pass them"}
+    )
     # Prefix-state cache: snapshots of whole states at exact token positions, reused by later prompts
     # with the same prefix (one row copy per hit). On by default, as in vLLM: a hit is exact (the state
     # after the same tokens), so outputs do not change, and without sharing it costs a row copy at the
     # end of a prompt or request and memory the budget leaves after the running slots.
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata={"help": "prefix-state cache: reuse state snapshots of shared prompt prefixes (exact outputs)"},
+    )
     # Global prefix grouping (BatchLLM on states): shared prefixes among all waiting prompts are
     # prefilled once and their groups admitted together, ordered by decode-to-prefill ratio. False
     # keeps arrival order and only reuses what earlier requests left in the cache.
-    prefix_grouping: bool = True
-    # Snapshot rows at most. They come out of state_memory after the max_num_seqs running slots:
+    prefix_grouping: bool = field(
+        default=True,
+        metadata={
+            "help": "prefill each prefix shared by waiting prompts once and run its group together (BatchLLM-style)"
+        },
+    )
+    # Snapshot rows come out of state_memory after the max_num_seqs running slots:
     # rows = min(budget // state_bytes_per_request - slots, max_cached_states).
-    max_cached_states: int = 256
-    seed: int = 0  # the engine's generator for requests without their own seed
-    linearize: str | None = None  # "liger-gla": load a Llama/Qwen2/Mistral checkpoint as Liger-GLA
-    merge_lora: str | None = None  # a PEFT LoRA directory merged into the weights at load
+    max_cached_states: int = field(
+        default=256,
+        metadata={"help": "prefix snapshot rows at most (taken from --state-memory after the running slots)"},
+    )
+    seed: int = field(default=0, metadata={"help": "the engine generator's seed (requests may carry their own)"})
     # True: every step runs eagerly. False: on CUDA, decode-only steps replay CUDA graphs captured per
     # batch-size bucket at start-up (engine/cuda_graphs.py); on the CPU there are no graphs either way.
-    enforce_eager: bool = False
+    enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "no CUDA graphs: run decode steps eagerly (graphs are captured only on CUDA)"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

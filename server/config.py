@@ -1,30 +1,69 @@
-"""ServerConfig: the HTTP server's knobs in one frozen, validated dataclass (`linrec serve` flags map onto its
-fields). Like EngineConfig it loads without torch, fastapi or uvicorn, so that `linrec serve --help` is fast.
+"""ServerConfig: the HTTP server's knobs in one frozen, validated dataclass.
+
+As in EngineConfig, each field carries its command-line help (and parser or choices) in `metadata`, and
+`linrec serve` builds its server flags from these fields. This module loads without torch, fastapi or
+uvicorn, so that `linrec serve --help` is fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from linrec.engine.config import parse_byte_size
 
 # 16 MiB: a prompt far beyond any context linrec serves still fits (a million token ids as JSON take ~7 MB,
 # a 128k-token text ~0.5 MB, or ~3 MB when every character is a JSON \u escape), while one request can no
 # longer hold gigabytes: parsed JSON takes several times its size in Python objects.
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_byte_count(text: str) -> int:
+    """'16MiB', '1GB', '1e6' or '1000000' -> that many bytes (a whole number, at least 1)."""
+    try:
+        value, _ = parse_byte_size(text)
+    except ValueError:
+        value = 0.0
+    if value < 1 or value != int(value):
+        raise ValueError(f"expected a byte count such as 16MiB or 1000000, got {text!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"  # loopback unless asked: 0.0.0.0 exposes the server to the network
-    port: int = 8000
-    # Every route but /health, /version, /openapi.json (and /metrics, see below) demands
-    # `Authorization: Bearer <key>`; None = LINREC_API_KEY, and no key anywhere = no auth.
-    api_key: str | None = None
-    served_model_name: str | None = None  # the `model` clients send; None = the model path (or linrec-demo)
-    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM; then 503
-    log_level: str = "info"
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies get 413 before they are parsed
-    # /metrics behind the API key too; off by default, as Prometheus setups (and vLLM) expect an open scrape.
-    metrics_require_api_key: bool = False
+    # Loopback unless asked: 0.0.0.0 exposes the server to the network.
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address (0.0.0.0 for every interface)"})
+    port: int = field(default=8000, metadata={"help": "TCP port to listen on"})
+    # None = LINREC_API_KEY, and no key anywhere = no auth.
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "require `Authorization: Bearer KEY` on every route but /health, /version, /openapi.json and "
+            "/metrics (or LINREC_API_KEY)"
+        },
+    )
+    served_model_name: str | None = field(
+        default=None,
+        metadata={"help": "the model name clients send (default: the model path, or linrec-demo for the demo)"},
+    )
+    drain_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds in-flight requests get to finish after SIGTERM; those still running get 503"},
+    )
+    log_level: str = field(default="info", metadata={"help": "uvicorn's log level", "choices": LOG_LEVELS})
+    max_request_body_bytes: int = field(
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        metadata={
+            "help": "larger request bodies get 413 before they are parsed (bytes, or 16MiB, 1GB)",
+            "parse": parse_byte_count,
+            "metavar": "BYTES",
+        },
+    )
+    # Off by default, as Prometheus setups (and vLLM) expect an open scrape.
+    metrics_require_api_key: bool = field(
+        default=False,
+        metadata={"help": "put /metrics behind --api-key too (Prometheus: `authorization: {credentials: KEY}`)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -33,6 +72,8 @@ class ServerConfig:
             raise ValueError(f"expected drain_timeout >= 0, got {self.drain_timeout}")
         if self.api_key == "":
             raise ValueError("expected a non-empty api_key or None")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"expected log_level in {LOG_LEVELS}, got {self.log_level!r}")
         if isinstance(self.max_request_body_bytes, bool) or not isinstance(self.max_request_body_bytes, int):
             raise ValueError(f"expected max_request_body_bytes as an int, got {self.max_request_body_bytes!r}")
         if self.max_request_body_bytes < 1:

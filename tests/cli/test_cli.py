@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import linrec
 from linrec import cli
 from linrec.cli import common, serve
+from linrec.engine.config import EngineConfig, parse_state_memory
 
 
 @pytest.fixture()
@@ -37,9 +40,23 @@ def _linrec(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_version_and_help_import_no_torch(env: dict[str, str]) -> None:
     result = _linrec("--version", env=env)
     assert result.returncode == 0 and result.stdout.strip() == f"linrec {linrec.__version__}"
-    probe = "import sys; from linrec import cli; cli.build_parser(); print('torch' in sys.modules)"
+    for argv in ([], ["--help"], ["serve", "--help"], ["bench", "--help"], ["bench", "throughput", "--help"]):
+        result = _linrec(*argv, env=env)
+        assert result.returncode == (2 if not argv else 0) and "usage: linrec" in result.stdout + result.stderr
+    # Parsing, and the help of every subcommand, loads none of the heavy packages (a fast `linrec --help`).
+    probe = (
+        "import sys, contextlib, io\n"
+        "from linrec import cli\n"
+        "for argv in ([], ['--help'], ['serve', '--help'], ['generate', '--help'], ['info', '--help'],\n"
+        "             ['bench', '--help'], ['bench', 'throughput', '--help'], ['bench', 'serve', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        cli.main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules))"
+    )
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
-    assert imported.stdout.strip() == "False", "parsing must not import torch (slow `linrec --help`)"
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]", "building the parser must not import torch (slow `linrec --help`)"
 
 
 def test_errors_are_one_line_without_traceback(tmp_path: Path, env: dict[str, str]) -> None:
@@ -102,26 +119,12 @@ def test_convert_end_to_end(tmp_path: Path, env: dict[str, str]) -> None:
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_flags_map_onto_engine_config(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     common.add_model_args(parser)
-    args = parser.parse_args(
-        [
-            "--model",
-            "m",
-            "--dtype",
-            "bfloat16",
-            "--device",
-            "cpu",
-            "--kernel-backend",
-            "torch",
-            "--linearize",
-            "liger-gla",
-            "--merge-lora",
-            "adapter",
-        ]
-    )
-    kwargs = common.model_kwargs(args)
+    argv = ["--model", "m", "--dtype", "bfloat16", "--device", "cpu", "--kernel-backend", "torch"]
+    args = parser.parse_args([*argv, "--linearize", "liger-gla", "--merge-lora", "adapter"])
+    kwargs = common.config_kwargs(args, common.MODEL_FIELDS)
     assert kwargs == {
         "model": "m",
         "dtype": "bfloat16",
@@ -130,10 +133,7 @@ def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.Captu
         "linearize": "liger-gla",
         "merge_lora": "adapter",
     }
-    defaults = common.model_kwargs(parser.parse_args([]))
-    assert defaults["model"] is None and defaults["dtype"] == "auto" and defaults["device"] == "auto"
-    engine_config = pytest.importorskip("linrec.engine.config")
-    assert engine_config.EngineConfig(**kwargs).merge_lora == "adapter"
+    assert EngineConfig(**kwargs).merge_lora == "adapter"
 
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["--dtype", "float64"])
@@ -141,15 +141,43 @@ def test_model_flags_map_onto_engine_config(tmp_path: Path, capsys: pytest.Captu
     assert "invalid choice: 'float64'" in capsys.readouterr().err
 
 
-def test_literal_choices_match_their_sources() -> None:
-    from linrec.kernels.backend import BACKENDS
-    from linrec.models.loader import DTYPE_CHOICES, LINEARIZE_CHOICES
-    from linrec.models.registry import DEMO_FAMILIES
+def test_every_config_field_is_a_flag_with_the_configs_default_and_choices() -> None:
+    from linrec.server.config import ServerConfig
 
-    assert common.DTYPE_CHOICES == DTYPE_CHOICES
-    assert common.KERNEL_BACKENDS == BACKENDS
-    assert common.DEMO_FAMILIES == DEMO_FAMILIES
-    assert common.LINEARIZE_CHOICES == LINEARIZE_CHOICES
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve"])
+    assert EngineConfig(**common.config_kwargs(args, common.MODEL_FIELDS + common.ENGINE_FIELDS)) == EngineConfig()
+    assert ServerConfig(**common.config_kwargs(args, serve.SERVER_FIELDS)) == ServerConfig()
+    assert set(common.MODEL_FIELDS + common.ENGINE_FIELDS) == {f.name for f in dataclasses.fields(EngineConfig)}
+    assert set(serve.SERVER_FIELDS) == {f.name for f in dataclasses.fields(ServerConfig)}
+    actions = {a.dest: a for a in _subparser(parser, "serve")._actions}
+    for config_cls in (EngineConfig, ServerConfig):
+        for field in dataclasses.fields(config_cls):
+            action, flag = actions[field.name], field.name.replace("_", "-")
+            assert action.option_strings == ([f"--{flag}", f"--no-{flag}"] if field.type == "bool" else [f"--{flag}"])
+            assert field.metadata["help"] and action.default == field.default
+            assert action.choices == field.metadata.get("choices"), field.name
+
+
+def test_bench_engine_flags_follow_engine_config_but_throughput_max_num_seqs() -> None:
+    from linrec.bench.throughput import THROUGHPUT_MAX_NUM_SEQS, run_throughput
+
+    parser = cli.build_parser()
+    config = EngineConfig()
+    for kind in ("prefix", "fairness"):
+        args = parser.parse_args(["bench", kind])
+        assert (args.max_num_seqs, args.max_num_batched_tokens) == (config.max_num_seqs, config.max_num_batched_tokens)
+        assert (args.device, args.kernel_backend) == (config.device, config.kernel_backend)
+    for kind in ("throughput", "decode"):
+        args = parser.parse_args(["bench", kind])
+        assert (args.dtype, args.device, args.kernel_backend) == (config.dtype, config.device, config.kernel_backend)
+    # A deliberate difference, said in the help and in docs/benchmarks.md: throughput comes from wide batches.
+    args = parser.parse_args(["bench", "throughput"])
+    assert args.max_num_seqs == THROUGHPUT_MAX_NUM_SEQS == 256 != config.max_num_seqs
+    assert inspect.signature(run_throughput).parameters["max_num_seqs"].default == THROUGHPUT_MAX_NUM_SEQS
+    help_text = _subparser(_subparser(parser, "bench"), "throughput").format_help()
+    assert "not EngineConfig's 64" in " ".join(help_text.split())
+    assert parser.parse_args(["bench", "decode", "--enforce-eager"]).enforce_eager is True
 
 
 def test_generate_prints_each_sample(tmp_path: Path, env: dict[str, str]) -> None:
@@ -164,40 +192,49 @@ def test_generate_prints_each_sample(tmp_path: Path, env: dict[str, str]) -> Non
     assert len(headers) == 4 and all("finish_reason=length, 5 tokens" in h for h in headers)
 
 
-def test_engine_flags_map_onto_engine_config() -> None:
+def test_engine_flags_map_onto_engine_config(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     common.add_model_args(parser)
     common.add_engine_args(parser)
     args = parser.parse_args(["--max-num-seqs", "8", "--state-memory", "2GiB", "--no-enable-prefix-caching"])
     config = common.engine_config_from_args(args)
     assert (config.max_num_seqs, config.state_memory, config.enable_prefix_caching) == (8, 2 * 2**30, False)
-    assert common.parse_state_memory("0.25") == 0.25 and common.parse_state_memory("1000") == 1000
-    with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
-        common.parse_state_memory("lots")
-    assert common.parse_state_memory("0.5GiB") == 2**29 and common.parse_state_memory("1KiB") == 1024
-    for bad in ("inf", "nan", "1e400GiB", "-infMiB"):  # 'inf' was an OverflowError traceback
-        with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
-            common.parse_state_memory(bad)
+    assert parse_state_memory("0.25") == 0.25 and parse_state_memory("1000") == 1000
+    assert parse_state_memory("0.5GiB") == 2**29 and parse_state_memory("1KiB") == 1024
+    for bad in ("lots", "inf", "nan", "1e400GiB", "-infMiB"):  # 'inf' was an OverflowError traceback
+        with pytest.raises(ValueError, match="fraction"):
+            parse_state_memory(bad)
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([f"--state-memory={bad}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            f"argument --state-memory: expected a fraction in (0, 1] or a byte count such as 2GiB, got {bad!r}" in err
+        )
 
 
 def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) -> None:
-    import dataclasses
-
     from linrec.server.config import ServerConfig
 
     parser = cli.build_parser()
-    assert set(serve.SERVER_ARG_FIELDS) == {f.name for f in dataclasses.fields(ServerConfig)}
 
     def config(*flags: str) -> ServerConfig:
         args = parser.parse_args(["serve", *flags])
-        return ServerConfig(**{name: getattr(args, name) for name in serve.SERVER_ARG_FIELDS})
+        return ServerConfig(**common.config_kwargs(args, serve.SERVER_FIELDS))
 
     assert config() == ServerConfig()  # the flags' defaults are the config's
     limited = config("--max-request-body-bytes", "1MiB", "--metrics-require-api-key", "--api-key", "k")
     assert (limited.max_request_body_bytes, limited.metrics_require_api_key) == (2**20, True)
     assert config("--max-request-body-bytes", "4096").max_request_body_bytes == 4096
-    for bad in ("0", "0.5", "-1", "inf", "lots"):
+    with pytest.raises(ValueError, match="log_level"):
+        ServerConfig(log_level="trace")
+    for bad in ("0", "0.5", "1.5", "-1", "inf", "lots"):  # '1.5' was taken as 1 byte
         with pytest.raises(SystemExit) as info:
             parser.parse_args(["serve", "--max-request-body-bytes", bad])
         assert info.value.code == 2
         assert "--max-request-body-bytes" in capsys.readouterr().err
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers.choices[name]
