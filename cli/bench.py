@@ -23,6 +23,12 @@ def add_parser(commands) -> None:
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH")
+    for add in (_add_throughput, _add_prefix, _add_stop_strings, _add_fairness, _add_kernels, _add_decode, _add_serve):
+        add(kinds)
+    bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
+
+
+def _add_throughput(kinds) -> None:
     throughput = kinds.add_parser(
         "throughput",
         help="offline throughput: linrec LLM.generate vs HF transformers generate on one mixed workload",
@@ -58,8 +64,8 @@ def add_parser(commands) -> None:
         throughput,
         EngineConfig,
         SCHEDULING_FIELDS,
-        # Deliberately wider than EngineConfig's 64: linrec's throughput comes from wide continuous batches,
-        # and the figures in docs/benchmarks.md were measured with 256.
+        # Deliberately wider than EngineConfig's default: linrec's throughput comes from wide continuous
+        # batches, and the figures in docs/benchmarks.md were measured with it.
         defaults={"max_num_seqs": THROUGHPUT_MAX_NUM_SEQS},
         helps={
             "max_num_seqs": f"linrec's requests running at once; {THROUGHPUT_MAX_NUM_SEQS} here, not EngineConfig's "
@@ -72,6 +78,32 @@ def add_parser(commands) -> None:
     )
     throughput.add_argument("--json", action="store_true", help="print the result as JSON")
     throughput.set_defaults(handler=_run_bench_throughput)
+
+
+def _run_bench_throughput(args: argparse.Namespace) -> int:
+    from linrec.bench.common import parse_batch_sizes
+    from linrec.bench.throughput import parse_range, run_throughput
+
+    result = run_throughput(
+        args.model,
+        family=args.family,
+        dtype=args.dtype,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        num_prompts=args.num_prompts,
+        prompt_len=parse_range(args.prompt_len),
+        output_len=parse_range(args.output_len),
+        hf_batch_size=parse_batch_sizes(args.hf_batch_size),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _add_prefix(kinds) -> None:
     prefix = kinds.add_parser(
         "prefix",
         help="shared-prefix workload: prefix cache off vs radix cache vs global grouping",
@@ -100,6 +132,32 @@ def add_parser(commands) -> None:
     prefix.add_argument("--seed", type=int, default=0, help="workload RNG")
     prefix.add_argument("--json", action="store_true", help="print the result as JSON")
     prefix.set_defaults(handler=_run_bench_prefix)
+
+
+def _run_bench_prefix(args: argparse.Namespace) -> int:
+    from linrec.bench.prefix import run_prefix_bench
+
+    result = run_prefix_bench(
+        args.model,
+        family=args.family,
+        num_groups=args.num_groups,
+        prompts_per_group=args.prompts_per_group,
+        prefix_len=args.prefix_len,
+        question_len=args.question_len,
+        output_len=args.output_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        seed=args.seed,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        repeats=args.repeats,
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _add_stop_strings(kinds) -> None:
     stop_strings = kinds.add_parser(
         "stop-strings",
         help="stop-string matching per token: no stop strings vs the automaton vs the old (naive) algorithm",
@@ -115,37 +173,23 @@ def add_parser(commands) -> None:
     stop_strings.add_argument("--seed", type=int, default=0, help="workload RNG")
     stop_strings.add_argument("--json", action="store_true", help="print the result as JSON")
     stop_strings.set_defaults(handler=_run_bench_stop_strings)
-    add_fairness_bench_command(kinds)
-    add_decode_bench_commands(kinds)
-    add_bench_serve_command(kinds)
-    bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
 
 
-def _run_bench_throughput(args: argparse.Namespace) -> int:
-    from linrec.bench.common import parse_batch_sizes
-    from linrec.bench.throughput import parse_range, run_throughput
+def _run_bench_stop_strings(args: argparse.Namespace) -> int:
+    from linrec.bench.stop_strings import run_stop_string_bench
 
-    result = run_throughput(
-        args.model,
-        family=args.family,
-        dtype=args.dtype,
-        device=args.device,
-        kernel_backend=args.kernel_backend,
-        num_prompts=args.num_prompts,
-        prompt_len=parse_range(args.prompt_len),
-        output_len=parse_range(args.output_len),
-        hf_batch_size=parse_batch_sizes(args.hf_batch_size),
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+    result = run_stop_string_bench(
+        num_stops=args.num_stops,
+        stop_len=args.stop_len,
+        num_tokens=args.num_tokens,
+        repeats=args.repeats,
         seed=args.seed,
-        threads=args.threads,
     )
     print(result.to_json() if args.json else result.format())
     return 0
 
 
-def add_fairness_bench_command(kinds) -> None:
-    """`linrec bench fairness` (bench/fairness.py)."""
+def _add_fairness(kinds) -> None:
     fairness = kinds.add_parser(
         "fairness",
         help="short requests arriving while 100k-token prompts prefill: fair admission vs arrival order",
@@ -186,8 +230,7 @@ def _run_bench_fairness(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_decode_bench_commands(kinds) -> None:
-    """`linrec bench kernels` (bench/kernels.py) and `linrec bench decode` (bench/decode.py)."""
+def _add_kernels(kinds) -> None:
     kernels = kinds.add_parser(
         "kernels",
         help="decode kernels: time and achieved bandwidth vs measured copy bandwidth, beside their peers",
@@ -204,6 +247,18 @@ def add_decode_bench_commands(kinds) -> None:
     kernels.add_argument("--json", action="store_true", help="print the result as JSON")
     kernels.set_defaults(handler=_run_bench_kernels)
 
+
+def _run_bench_kernels(args: argparse.Namespace) -> int:
+    from linrec.bench.common import parse_batch_sizes
+    from linrec.bench.kernels import run_kernels
+
+    sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
+    result = run_kernels(size=args.size, batch_sizes=sizes, device=args.device, repeats=args.repeats)
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _add_decode(kinds) -> None:
     decode = kinds.add_parser(
         "decode",
         help="end-to-end decode tokens/s vs HF transformers generate at batch 1, 8, 64, 256",
@@ -233,16 +288,6 @@ def add_decode_bench_commands(kinds) -> None:
     decode.set_defaults(handler=_run_bench_decode)
 
 
-def _run_bench_kernels(args: argparse.Namespace) -> int:
-    from linrec.bench.common import parse_batch_sizes
-    from linrec.bench.kernels import run_kernels
-
-    sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
-    result = run_kernels(size=args.size, batch_sizes=sizes, device=args.device, repeats=args.repeats)
-    print(result.to_json() if args.json else result.format())
-    return 0
-
-
 def _run_bench_decode(args: argparse.Namespace) -> int:
     from linrec.bench.common import parse_batch_sizes
     from linrec.bench.decode import run_decode
@@ -265,8 +310,8 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_serve_command(kinds) -> None:
-    """`linrec bench serve`: the locust load test of loadtest/ (its flags live in linrec.loadtest.run)."""
+def _add_serve(kinds) -> None:
+    """The locust load test of loadtest/ (its flags live in linrec.loadtest.run)."""
     from linrec.loadtest.run import add_arguments  # stdlib only: parsing stays light
 
     serve = kinds.add_parser(
@@ -288,40 +333,3 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     except LoadTestError as exc:  # the server or locust would not run: its log tail, no traceback
         print(f"linrec: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _run_bench_prefix(args: argparse.Namespace) -> int:
-    from linrec.bench.prefix import run_prefix_bench
-
-    result = run_prefix_bench(
-        args.model,
-        family=args.family,
-        num_groups=args.num_groups,
-        prompts_per_group=args.prompts_per_group,
-        prefix_len=args.prefix_len,
-        question_len=args.question_len,
-        output_len=args.output_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        device=args.device,
-        kernel_backend=args.kernel_backend,
-        seed=args.seed,
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-        repeats=args.repeats,
-    )
-    print(result.to_json() if args.json else result.format())
-    return 0
-
-
-def _run_bench_stop_strings(args: argparse.Namespace) -> int:
-    from linrec.bench.stop_strings import run_stop_string_bench
-
-    result = run_stop_string_bench(
-        num_stops=args.num_stops,
-        stop_len=args.stop_len,
-        num_tokens=args.num_tokens,
-        repeats=args.repeats,
-        seed=args.seed,
-    )
-    print(result.to_json() if args.json else result.format())
-    return 0
