@@ -94,11 +94,11 @@ class RecipeConfig:
     max_position_embeddings: int = 4096  # the served length limit; Liger-GLA's math does not depend on it
     seq_len: int = 256  # training and evaluation segment length
     batch_size: int = 16  # sequences per step (pretraining and LoRA)
-    pretrain_steps: int = 700
+    pretrain_steps: int = 800
     pretrain_lr: float = 2e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
-    lora_steps: int = 150
+    lora_steps: int = 200
     lora_lr: float = 1e-3
     lora_rank: int = 8
     lora_alpha: int = 16
