@@ -33,7 +33,6 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -325,10 +324,12 @@ def max_logit_difference(a, b, segments: list[list[int]]) -> float:
 
 def write_merged(liger_dir: Path, adapter_dir: Path, dst: Path, dtype: torch.dtype) -> Path:
     """Stage 6: linrec's loader merges the adapter in fp32; the weights are written in `dtype` under
-    linrec's (= transformers' Llama) names, beside config.json, tokenizer and generation_config.json."""
+    linrec's (= transformers' Llama) names, beside config.json, tokenizer and generation_config.json.
+    A checkpoint already at `dst` (an earlier run's) is replaced."""
     from safetensors.torch import save_file
 
     from linrec.models.loader import load_model, read_hf_config
+    from linrec.models.staging import write_dir_atomically
 
     model = load_model(liger_dir, dtype="float32", kernel_backend="torch", merge_lora=adapter_dir)
     tied = model.tied_weights()
@@ -336,13 +337,18 @@ def write_merged(liger_dir: Path, adapter_dir: Path, dst: Path, dtype: torch.dty
     hf_config = read_hf_config(liger_dir)
     hf_config.pop("torch_dtype", None)
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
-    with _staging_dir(dst) as staging:
+
+    def write(staging: Path) -> None:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         _write_json(staging / "config.json", hf_config)
         _copy_tokenizer_files(liger_dir, staging)
         shutil.copy2(liger_dir / "generation_config.json", staging / "generation_config.json")
         for file in staging.iterdir():
             file.chmod(0o644)  # safetensors writes its file private
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    write_dir_atomically(dst, write)
     return dst
 
 
@@ -719,22 +725,6 @@ def _torch_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-@contextmanager
-def _staging_dir(dst: Path) -> Iterator[Path]:
-    """Yield a fresh sibling directory; on success it replaces `dst` (an older checkpoint there included)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        staging.chmod(0o755)
-        yield staging
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(staging, dst)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
