@@ -17,13 +17,22 @@ SCHEDULING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
 
 
 def add_parser(commands) -> None:
-    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness` and `stop-strings`: contenders side by
-    side, in one run."""
+    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup` and `serve`:
+    contenders side by side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH")
-    for add in (_add_throughput, _add_prefix, _add_stop_strings, _add_fairness, _add_kernels, _add_decode, _add_serve):
+    for add in (
+        _add_throughput,
+        _add_prefix,
+        _add_stop_strings,
+        _add_fairness,
+        _add_kernels,
+        _add_decode,
+        _add_startup,
+        _add_serve,
+    ):
         add(kinds)
     bench.set_defaults(handler=lambda args: (bench.print_help(sys.stderr), 2)[1])
 
@@ -230,6 +239,28 @@ def _run_bench_fairness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_startup(kinds) -> None:
+    startup = kinds.add_parser(
+        "startup",
+        help="import, load and first-token time of the shipped default model beside the random demo it replaced",
+        description="Fresh processes, taking turns: importing the engine, loading the model, the first chat "
+        "token (cold and warm) and decode time per token, for models/default and for a random Liger-GLA demo "
+        "model with a byte tokenizer (the default before it); medians and ratios default / demo.",
+    )
+    startup.add_argument("--repeats", type=int, default=3, help="rounds; each contender runs once per round")
+    startup.add_argument("--max-tokens", dest="max_tokens", type=int, default=32, help="tokens of the decode request")
+    startup.add_argument("--json", action="store_true", help="print the result as JSON")
+    startup.set_defaults(handler=_run_bench_startup)
+
+
+def _run_bench_startup(args: argparse.Namespace) -> int:
+    from linrec.bench.startup import run_startup_bench
+
+    result = run_startup_bench(repeats=args.repeats, max_tokens=args.max_tokens)
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
 def _add_kernels(kinds) -> None:
     kernels = kinds.add_parser(
         "kernels",
@@ -317,7 +348,7 @@ def _add_serve(kinds) -> None:
     serve = kinds.add_parser(
         "serve",
         help="HTTP load test: start `linrec serve`, run locust users headless, summarize",
-        description="Start `linrec serve` (the demo model unless --model), drive it with locust users (completions "
+        description="Start `linrec serve` (the default model unless --model), drive it with locust users (completions "
         "and chat, streamed and not) for --run-time, then print requests/s, output tokens/s, TTFT and latency "
         "percentiles and failures, and write them as JSON with --out. Needs locust (pip install 'linrec[loadtest]').",
     )
