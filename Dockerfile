@@ -1,4 +1,4 @@
-# CPU image serving the default demo model on port 8000:
+# CPU image serving linrec's default model (shipped in the package, models/default/) on port 8000:
 #   docker build -t linrec . && docker run --rm -p 8000:8000 linrec
 # Another model: mount it and name it, e.g. `docker run -v /models/m:/model linrec linrec serve /model --host 0.0.0.0`.
 FROM python:3.11-slim
@@ -18,7 +18,7 @@ RUN pip install /app
 RUN useradd --create-home --uid 10001 linrec
 USER linrec
 ENV LINREC_CACHE_DIR=/home/linrec/.cache/linrec
-# Write the demo model now, so that the container serves at once instead of on first start.
+# Fails the build if the installed package lacks its default model.
 RUN python -c "from linrec.models.demo import default_model_path; print(default_model_path())"
 
 EXPOSE 8000

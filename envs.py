@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """Where linrec keeps what it creates on first use (the default demo model).
+    """Where linrec keeps what it creates on first use (the bench models).
 
     LINREC_CACHE_DIR wins; otherwise $XDG_CACHE_HOME/linrec, otherwise ~/.cache/linrec.
     """

@@ -31,7 +31,7 @@ def normalize_prompts(prompts: PromptType | Sequence[PromptType]) -> list[Prompt
 class LLM:
     """Offline generation over a linrec engine.
 
-    >>> llm = LLM()  # the tiny demo model
+    >>> llm = LLM()  # the default model shipped with linrec
     >>> llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     """
 

@@ -1,4 +1,4 @@
-"""One command for a server load test: start `linrec serve` (the demo model unless --model), run the
+"""One command for a server load test: start `linrec serve` (the default model unless --model), run the
 locust users headless for --run-time with --users, then print a table and write the summary JSON.
 
     linrec bench serve --users 8 --run-time 30s --out summary.json
@@ -49,7 +49,7 @@ class LoadTestError(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `linrec bench serve` and `python -m linrec.loadtest.run`."""
     server = parser.add_argument_group("server")
-    server.add_argument("--model", default=None, metavar="DIR", help="model to serve (default: the demo model)")
+    server.add_argument("--model", default=None, metavar="DIR", help="model to serve (default: linrec's default)")
     server.add_argument("--url", default=None, help="load an already running server instead of starting one")
     server.add_argument("--port", type=int, default=0, help="port for the started server (default: a free one)")
     server.add_argument(

@@ -61,8 +61,8 @@ BAD_KINDS = (
     "empty-messages",
     "over-long-prompt",
 )
-# The demo model has no context limit (its state does not grow), so a server the soak starts gets one:
-# without it an over-long prompt has nothing to break. Prompts the mix means as valid stay well below it.
+# A server the soak starts gets a short context limit (the state does not grow with it), so that an
+# over-long prompt is cheap to send. Prompts the mix means as valid stay well below it.
 SOAK_MAX_MODEL_LEN = 2048
 DEFAULT_RUN_TIME = "10m"  # --run-time with --soak: long enough for a slow leak to show over the warm-up
 WARMUP_FRACTION = 0.2  # RSS growth is measured from the first sample after this part of the run

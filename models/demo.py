@@ -1,7 +1,10 @@
-"""Tiny seeded random checkpoints of each family, with a byte-level tokenizer and a chat template.
+"""The models linrec has without a download.
 
-They let every command and test run end to end with no download: `linrec ... ` without --model
-uses `default_model_path()`, a Liger-GLA demo created on first use in linrec's cache directory.
+`default_model_path()` is what `linrec serve`, `linrec generate`, `linrec info` and `LLM()` load when no
+model is given: the trained Liger-GLA checkpoint shipped in the package (models/default/, made by
+`python -m linrec.recipes.tiny_liger train`; docs/default-model.md). `write_demo_model` writes tiny seeded
+random checkpoints of each family, with a byte-level tokenizer and a chat template, for tests and
+`linrec demo-model`.
 """
 
 from __future__ import annotations
@@ -10,12 +13,10 @@ import json
 import threading
 from pathlib import Path
 
-from linrec.models.staging import cached_dir
 from linrec.models.tokenizer import DEMO_VOCAB_SIZE, demo_special_token_ids, write_byte_tokenizer
 
 DEMO_SEED = 0
-# Bump when what write_demo_model produces changes, so caches made by older versions are not reused.
-DEMO_FORMAT_VERSION = 1
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 DEFAULT_DEMO_FAMILY = "liger_gla"
 # torch's global generator is shared by all threads: two demo writes seeding and drawing at once
 # would interleave their draws and write different weights.
@@ -65,14 +66,10 @@ def write_demo_model(dst: str | Path, family: str = DEFAULT_DEMO_FAMILY) -> Path
 
 
 def default_model_path() -> Path:
-    """Directory of the default demo model (Liger-GLA), written on first use under linrec's cache dir.
-
-    It is written atomically (models/staging.py): a reader never sees a half-written model, and when
-    several processes race on first use, one rename wins and the others discard theirs.
-    """
-    from linrec import __version__
-    from linrec.envs import cache_dir
-
-    # Keyed by the package version too: a release may rename parameters or change the init.
-    final = cache_dir() / "models" / f"demo-{DEFAULT_DEMO_FAMILY}-{__version__}-v{DEMO_FORMAT_VERSION}"
-    return cached_dir(final, lambda staging: write_demo_model(staging, DEFAULT_DEMO_FAMILY))
+    """Directory of the default model: the trained Liger-GLA checkpoint shipped in the package."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the default model is missing from {str(DEFAULT_MODEL_DIR)!r} (an install without its package data?); "
+            "expected config.json there, or pass a model directory"
+        )
+    return DEFAULT_MODEL_DIR

@@ -32,14 +32,15 @@ from linrec.server.routes import (
 from linrec.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
-DEMO_MODEL_NAME = "linrec-demo"
+# What clients call the shipped default model (models/default/) when no model and no name are given.
+DEFAULT_MODEL_NAME = "linrec-default"
 
 
 def model_name_for(engine_config: EngineConfig, server_config: ServerConfig) -> str:
     if server_config.served_model_name:
         return server_config.served_model_name
     if engine_config.model is None:
-        return DEMO_MODEL_NAME
+        return DEFAULT_MODEL_NAME
     return str(engine_config.model)
 
 

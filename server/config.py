@@ -44,7 +44,7 @@ class ServerConfig:
     )
     served_model_name: str | None = field(
         default=None,
-        metadata={"help": "the model name clients send (default: the model path, or linrec-demo for the demo)"},
+        metadata={"help": "the model name clients send (default: the model path, or linrec-default)"},
     )
     drain_timeout: float = field(
         default=30.0,

@@ -31,3 +31,43 @@ def demo_model_dir(tmp_path_factory):
         return made[family]
 
     return get
+
+
+# A word list nobody here wrote: Debian's `wamerican` (SCOWL's American English, 104k words), which
+# `.ci/run` installs. Text is judged against it, not against the corpus or tokenizer of our own model.
+WORD_LIST = "/usr/share/dict/words"
+
+
+@pytest.fixture(scope="session")
+def english_words() -> frozenset[str]:
+    """Lowercased words of the system word list (skips the test without one)."""
+    try:
+        with open(WORD_LIST, encoding="utf-8", errors="replace") as f:
+            return frozenset(line.strip().lower() for line in f if line.strip())
+    except FileNotFoundError:
+        pytest.skip(f"no word list at {WORD_LIST} (Debian: apt-get install wamerican)")
+
+
+@pytest.fixture(scope="session")
+def assert_english(english_words):
+    """assert_readable_english against the system word list."""
+    return lambda text, min_word_share=0.6: assert_readable_english(text, english_words, min_word_share)
+
+
+def assert_readable_english(text: str, words: frozenset[str], min_word_share: float = 0.6) -> None:
+    """`text` is valid text (no replacement characters, no lone surrogates), at least 95% printable, and at
+    least `min_word_share` of its whitespace-separated tokens are dictionary words once the punctuation
+    around them is stripped (possessives and plurals of dictionary words count)."""
+    assert text.strip(), f"empty text: {text!r}"
+    assert "\ufffd" not in text, f"replacement characters (invalid UTF-8 decoded): {text!r}"
+    text.encode("utf-8")  # raises on a lone surrogate
+    printable = sum(c.isprintable() or c in "\n\t" for c in text)
+    assert printable >= 0.95 * len(text), f"only {printable}/{len(text)} printable characters: {text!r}"
+    tokens = text.split()
+    known = 0
+    for token in tokens:
+        word = token.strip("\"'`()[]{}<>.,;:!?*-_").lower()
+        known += bool(word) and (
+            word in words or word.removesuffix("'s") in words or (word.endswith("s") and word[:-1] in words)
+        )
+    assert known >= min_word_share * len(tokens), f"only {known}/{len(tokens)} dictionary words: {text!r}"

@@ -1,5 +1,6 @@
 """The layering of docs/structure.md: the core (models, kernels, engine, server) and the load test import
-neither the benches nor the command line, and the benches do not import the command line."""
+neither the benches, the command line nor the training recipes, and the benches do not import the command
+line."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> packages its modules may not import
+CORE_FORBIDDEN = ("linrec.bench", "linrec.cli", "linrec.recipes")
 FORBIDDEN = {
-    "models": ("linrec.bench", "linrec.cli"),
-    "kernels": ("linrec.bench", "linrec.cli"),
-    "engine": ("linrec.bench", "linrec.cli"),
-    "server": ("linrec.bench", "linrec.cli"),
-    "loadtest": ("linrec.bench", "linrec.cli"),
-    "bench": ("linrec.cli",),
+    "models": CORE_FORBIDDEN,
+    "kernels": CORE_FORBIDDEN,
+    "engine": CORE_FORBIDDEN,
+    "server": CORE_FORBIDDEN,
+    "loadtest": CORE_FORBIDDEN,
+    "bench": ("linrec.cli", "linrec.recipes"),
+    "cli": ("linrec.recipes",),
 }
 
 

@@ -85,10 +85,12 @@ def test_demo_model_then_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (dst / "model.safetensors").read_bytes() == before
 
 
-def test_info_defaults_to_the_cached_demo_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_defaults_to_the_shipped_model(capsys: pytest.CaptureFixture[str]) -> None:
+    from linrec.models.demo import DEFAULT_MODEL_DIR
+
     assert cli.main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "LigerGLAForCausalLM" in out and str(tmp_path / "cache") in out
+    assert "LigerGLAForCausalLM" in out and str(DEFAULT_MODEL_DIR) in out
 
 
 def test_convert_end_to_end(tmp_path: Path, env: dict[str, str]) -> None:

@@ -71,7 +71,7 @@ def run_loadtest(*args: str, env: dict | None = None) -> subprocess.CompletedPro
 @needs_locust
 def test_headless_run_against_a_fresh_server_has_no_failures(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
-    # No --model: the server makes and serves the default demo model (under LINREC_CACHE_DIR).
+    # No --model: the server serves the shipped default model.
     done = run_loadtest(
         "--users", "2", "--run-time", "3s", "--max-tokens", "4", "--out", str(out),
         env={"LINREC_CACHE_DIR": str(tmp_path / "cache")},
@@ -79,7 +79,7 @@ def test_headless_run_against_a_fresh_server_has_no_failures(tmp_path: Path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads(out.read_text())
     assert summary["num_failures"] == 0 and summary["failures"] == {}
-    assert summary["config"]["model_name"] == "linrec-demo" and summary["config"]["users"] == 2
+    assert summary["config"]["model_name"] == "linrec-default" and summary["config"]["users"] == 2
     assert set(summary["by_kind"]) == {"completions", "chat", "completions (stream)", "chat (stream)"}
     num_ok = summary["num_requests"]
     assert num_ok >= 4 and summary["num_output_tokens"] == 4 * num_ok  # ignore_eos: exactly max_tokens each

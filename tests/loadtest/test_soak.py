@@ -375,7 +375,7 @@ def test_a_short_soak_against_the_demo_server(tmp_path: Path) -> None:
     assert done.returncode in (0, 1), done.stdout + done.stderr
     summary = json.loads(out.read_text())
     assert set(summary) >= {"config", "duration_s", "by_kind", "failures", "failure_reasons", "slots", "rss", "checks"}
-    assert summary["config"]["model_name"] == "linrec-demo" and summary["config"]["max_model_len"] == 2048
+    assert summary["config"]["model_name"] == "linrec-default" and summary["config"]["max_model_len"] == 2048
     assert {"machine", "date", "command", "server_command", "seed"} <= set(summary["config"])
     assert summary["num_requests"] == sum(s["sent"] for s in summary["by_kind"].values()) >= 10
     assert {"completions", "chat", "completions (stream)", "chat (stream)"} <= set(summary["by_kind"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from linrec.models.batch import ForwardBatch
-from linrec.models.demo import DEFAULT_DEMO_FAMILY, default_model_path, write_demo_model
+from linrec.models.demo import DEFAULT_DEMO_FAMILY, write_demo_model
 from linrec.models.loader import load_model, load_tokenizer
 from linrec.models.registry import DEMO_FAMILIES, get_model_class
 from linrec.models.tokenizer import DEMO_VOCAB_SIZE
@@ -121,61 +120,3 @@ def test_byte_tokenizer_round_trip_and_chat_template(tmp_path: Path) -> None:
     assert ids == [tokenizer.bos_token_id, user, *"Hi 👋".encode(), tokenizer.eos_token_id, assistant]
     with pytest.raises(Exception, match="expected role"):
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
-
-
-def test_default_model_path_created_once_under_cache(_private_cache: Path) -> None:
-    path = default_model_path()
-    assert path.is_relative_to(_private_cache)
-    assert json.loads((path / "config.json").read_text())["model_type"] == DEFAULT_DEMO_FAMILY
-    stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert default_model_path() == path
-    assert (path / "model.safetensors").stat().st_mtime_ns == stamp, "the cached model must be reused"
-    assert load_model(path) is not None
-
-
-def test_default_model_path_concurrent_first_use(_private_cache: Path) -> None:
-    num_workers = 4
-    barrier = threading.Barrier(num_workers)
-    results: list[Path] = []
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        barrier.wait()
-        try:
-            results.append(default_model_path())
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(num_workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert len(set(results)) == 1
-    root = results[0].parent
-    assert [p.name for p in root.iterdir()] == [results[0].name], "no staging directory may be left behind"
-    reference = write_demo_model(_private_cache / "reference", DEFAULT_DEMO_FAMILY)
-    assert (results[0] / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-
-
-def test_default_model_path_concurrent_first_use_across_processes(_private_cache: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    probe = "from linrec.models.demo import default_model_path; print(default_model_path())"
-    env = {**os.environ, "LINREC_CACHE_DIR": str(_private_cache)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    paths = {out.strip() for out, _ in outputs}
-    assert len(paths) == 1
-    path = Path(paths.pop())
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
-    assert load_model(path).config.model_type == DEFAULT_DEMO_FAMILY
