@@ -10,9 +10,22 @@ fused_recurrent kernels (gated delta rule, GLA; CUDA only), both with the gather
 in-place kernel avoids; transformers' torch selective_state_update for Mamba2; for the Liger step, the
 window and GLA kernels as two launches.
 
+On CUDA each contender is timed twice: eager (CUDA events around back-to-back calls, which at small batch
+measures how fast the host issues launches: every linrec kernel showed a 40-65 us floor that way) and by
+CUDA-graph replay (CALLS_PER_GRAPH calls captured into one graph, replayed GRAPH_REPLAYS times between
+events: GPU time alone). The bandwidth share comes from the replay time. A contender that cannot be captured
+(a host sync, an autotuner) keeps its eager time, and its row says why (`timing`). Capturing and replaying
+re-apply the in-place state update; the inputs keep states bounded (log decays <= 0, beta in [0, 1],
+L2-normed keys), so the repeats time the same work. A contender that raises is recorded in `errors`; an error
+that loses the CUDA context (an illegal address) ends the run there, and the rows so far are kept.
+
 `--size small` (tiny shapes, batch 1 and 2) exists so CI can smoke-test it on a CPU in seconds. CPU figures
 are not performance figures, and Triton kernels on the CPU run under TRITON_INTERPRET=1, whose times mean
-nothing: the JSON says so in `note` and marks each such row.
+nothing: the JSON says so in `note` and marks each such row. fla-core is optional: without it (or on a CPU
+without the interpreter) its peers are listed in `skipped`.
+
+`python -m linrec.bench.kernels` runs the same with filters (--kernels, --impls) so that one case can run
+alone in its own process (bench/gpu_check.py does that to find which case fails).
 """
 
 from __future__ import annotations
@@ -58,8 +71,18 @@ KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
 }
 
 
+# CUDA-graph timing: calls captured into one graph, and replays of it between two events. 10 calls keep the
+# largest torch peer's captured temporaries (gated delta at batch 256: ~3 GB a call) well inside the device.
+CALLS_PER_GRAPH = 10
+GRAPH_REPLAYS = 5
+# Errors after which the CUDA context is unusable: nothing later in the process can run.
+FATAL_CUDA_ERRORS = ("illegal memory access", "illegal address", "unspecified launch failure", "misaligned address")
+
+
 def time_per_call(fn: Callable[[], object], device, repeats: int, warmup: int = 2) -> float:
-    """Seconds per call of fn: CUDA events around `repeats` back-to-back calls on a GPU, wall time on the CPU."""
+    """Seconds per call of fn: CUDA events around `repeats` back-to-back calls on a GPU (the eager time: at
+    small sizes it is the host's launch rate), wall time on the CPU. The warm-up calls are synchronized before
+    timing starts, so an asynchronous error they cause is raised here, in the case that caused it."""
     import torch
 
     for _ in range(warmup):
@@ -79,13 +102,102 @@ def time_per_call(fn: Callable[[], object], device, repeats: int, warmup: int = 
     return (time.perf_counter() - begin) / repeats
 
 
-def copy_bandwidth(device, num_bytes: int, repeats: int) -> float:
-    """Bytes per second of dst.copy_(src) over a num_bytes fp32 tensor, counting read + write."""
+class CudaGraphOps:
+    """The torch.cuda calls that graph timing makes, in one object so that tests can pass a fake one."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def new_graph(self):
+        import torch
+
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph):
+        """Context in which launches are recorded into `graph` (on torch's side stream, not run)."""
+        import torch
+
+        # thread_local: a host sync elsewhere in the process does not invalidate this capture
+        return torch.cuda.graph(graph, capture_error_mode="thread_local")
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+
+    def event(self):
+        import torch
+
+        return torch.cuda.Event(enable_timing=True)
+
+
+def time_graph_per_call(
+    fn: Callable[[], object], ops: CudaGraphOps, calls: int = CALLS_PER_GRAPH, replays: int = GRAPH_REPLAYS
+) -> float:
+    """Seconds per call of fn as GPU time: `calls` calls captured into one CUDA graph, replayed `replays` times
+    between two events (after one untimed replay). fn must already have run eagerly (compiled, autotuned):
+    a first call inside a capture would compile or benchmark there, which a capture cannot hold."""
+    graph = ops.new_graph()
+    with ops.capture(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # untimed: first-replay upload of the graph
+    ops.synchronize()
+    start, end = ops.event(), ops.event()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    ops.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * calls)
+
+
+@dataclass
+class CaseTiming:
+    seconds: float  # per call: the graph replay's where it was captured, else the eager time
+    eager_seconds: float  # per call, CUDA events around back-to-back launches (wall time on the CPU)
+    graph_seconds: float | None  # per call from graph replay; None: not captured (CPU, or see timing)
+    timing: str  # "graph replay", "eager (CPU)", or "eager: graph capture failed: <error>"
+
+
+def time_case(
+    fn: Callable[[], object],
+    device,
+    repeats: int,
+    *,
+    warmup: int = 2,
+    graph_ops: CudaGraphOps | None = None,
+    graph_timer: Callable[[Callable[[], object], CudaGraphOps], float] = time_graph_per_call,
+) -> CaseTiming:
+    """The eager time of fn, then on CUDA (graph_ops given) its graph-replay time; a capture that fails leaves
+    the eager time as the figure, marked. An error that loses the CUDA context is raised, never swallowed."""
+    eager = time_per_call(fn, device, repeats, warmup)
+    if graph_ops is None:
+        return CaseTiming(eager, eager, None, "eager (CPU)")
+    try:
+        replay = graph_timer(fn, graph_ops)
+    except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager time, recorded
+        message = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        if is_fatal_cuda_error(e):
+            raise
+        return CaseTiming(eager, eager, None, f"eager: graph capture failed: {message}")
+    return CaseTiming(replay, eager, replay, "graph replay")
+
+
+def is_fatal_cuda_error(error: BaseException) -> bool:
+    """Whether `error` left the CUDA context unusable (every later call in the process would fail too)."""
+    text = str(error).lower()
+    return any(marker in text for marker in FATAL_CUDA_ERRORS)
+
+
+def copy_bandwidth(device, num_bytes: int, repeats: int, graph_ops: CudaGraphOps | None = None) -> float:
+    """Bytes per second of dst.copy_(src) over a num_bytes fp32 tensor, counting read + write; timed by graph
+    replay on CUDA, like the kernels it is the limit of."""
     import torch
 
     src = torch.randn(num_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = time_per_call(lambda: dst.copy_(src), device, repeats)
+    seconds = time_case(lambda: dst.copy_(src), device, repeats, graph_ops=graph_ops).seconds
     return 2 * src.numel() * 4 / seconds
 
 
@@ -94,11 +206,14 @@ class KernelRow:
     kernel: str  # a key of KERNEL_SHAPES[size]
     impl: str  # what ran
     batch: int
-    seconds: float  # per decode step of one layer
+    seconds: float  # per decode step of one layer: graph replay on CUDA where captured, else eager
     bytes_moved: int  # states read + written, inputs read, outputs written (the same for every impl)
     gb_per_s: float  # bytes_moved / seconds / 1e9
     share_of_copy: float  # gb_per_s over the measured copy bandwidth
     is_interpreted: bool = False  # a Triton kernel under TRITON_INTERPRET=1: its time is not a performance figure
+    eager_seconds: float | None = None  # back-to-back launches between events (host-bound at small sizes)
+    graph_seconds: float | None = None  # CUDA-graph replay; None where not captured
+    timing: str = ""  # how `seconds` was measured (CaseTiming.timing)
 
 
 @dataclass
@@ -111,6 +226,8 @@ class KernelsResult:
     rows: list[KernelRow]
     skipped: list[str] = field(default_factory=list)  # impls not run here, with the reason
     note: str = ""
+    errors: list[str] = field(default_factory=list)  # "kernel / impl / batch: error" of contenders that raised
+    timing: str = ""  # how rows were timed on this device
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -118,25 +235,43 @@ class KernelsResult:
     def format(self) -> str:
         lines = [
             f"device: {self.device}, size {self.size}; copy bandwidth {self.copy_gb_per_s:.1f} GB/s; {self.note}",
-            "",
-            f"{'kernel':<16} {'impl':<56} {'batch':>5} {'us/step':>10} {'KB moved':>10} {'GB/s':>8} {'of copy':>8}",
+            f"timing: {self.timing}" if self.timing else "",
+            f"{'kernel':<16} {'impl':<56} {'batch':>5} {'us/step':>10} {'us eager':>10} {'KB moved':>10} "
+            f"{'GB/s':>8} {'of copy':>8}",
         ]
         for r in self.rows:
             impl = f"{r.impl} [interpreter]" if r.is_interpreted else r.impl
+            if r.timing.startswith("eager:"):
+                impl = f"{impl} [eager]"
+            eager = r.eager_seconds if r.eager_seconds is not None else r.seconds
             lines.append(
-                f"{r.kernel:<16} {impl:<56} {r.batch:>5} {r.seconds * 1e6:>10.1f} {r.bytes_moved / 1e3:>10.1f} "
-                f"{r.gb_per_s:>8.1f} {r.share_of_copy:>7.1%}"
+                f"{r.kernel:<16} {impl:<56} {r.batch:>5} {r.seconds * 1e6:>10.1f} {eager * 1e6:>10.1f} "
+                f"{r.bytes_moved / 1e3:>10.1f} {r.gb_per_s:>8.1f} {r.share_of_copy:>7.1%}"
             )
         if any(r.is_interpreted for r in self.rows):
             lines.append(
                 "[interpreter]: Triton under TRITON_INTERPRET=1 on the CPU; the time is NOT a performance figure"
             )
+        if any(r.timing.startswith("eager:") for r in self.rows):
+            lines.append("[eager]: not capturable in a CUDA graph; us/step is the eager (host-bound) time")
+            lines += [
+                f"  {r.kernel} / {r.impl} / {r.batch}: {r.timing}" for r in self.rows if r.timing.startswith("eager:")
+            ]
         lines += [f"skipped: {s}" for s in self.skipped]
+        lines += [f"error: {e}" for e in self.errors]
         return "\n".join(lines)
 
 
+@dataclass
+class KernelCases:
+    """Every contender for one decode step of one layer of a kernel at one batch size."""
+
+    cases: list[tuple[str, Callable[[], object]]]  # (impl name, fn): fn runs one step and returns its output
+    num_bytes: int  # what the step must move (states read + written, inputs read, outputs written)
+    states: tuple  # the tensors the step updates in place (tests restore them between contenders)
+
+
 def _gated_delta_cases(shape: dict[str, int], batch: int, device, run_triton: bool, run_fla: bool):
-    """(impl name, fn) for one decode step of one layer, and the bytes that step must move."""
     import torch
     import torch.nn.functional as F
 
@@ -168,15 +303,18 @@ def _gated_delta_cases(shape: dict[str, int], batch: int, device, run_triton: bo
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
         def fla_step():
+            # every argument by keyword: fla-core 0.6.0's fifth positional parameter is gk (a per-key decay
+            # [B, T, HV, K]), not beta. Passed positionally, beta [B, 1, HV] was read as gk, K times past its end
+            # (the illegal memory access of issue 11), and beta defaulted to ones.
             o, final = fused_recurrent_gated_delta_rule(
-                q[:, None].to(act), k[:, None].to(act), v[:, None], g[:, None], beta[:, None].to(act),
+                q=q[:, None].to(act), k=k[:, None].to(act), v=v[:, None], g=g[:, None], beta=beta[:, None].to(act),
                 scale=scale, initial_state=state[slots], output_final_state=True,
             )  # fmt: skip
             state[slots] = final
             return o
 
         cases.append(("fla fused_recurrent + gather/scatter", fla_step))
-    return cases, state_bytes + input_bytes + output_bytes
+    return KernelCases(cases, state_bytes + input_bytes + output_bytes, (state,))
 
 
 def _ssd_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
@@ -226,7 +364,7 @@ def _ssd_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
         cases.append(("linrec triton (in place)", lambda: ssd_decode_triton(x, dt, A, Bm, Cm, D, state, slots)))
     cases.append(("linrec torch (gather/scatter)", torch_step))
     cases.append(("transformers torch step + gather/scatter", hf_step))
-    return cases, state_bytes + input_bytes + output_bytes
+    return KernelCases(cases, state_bytes + input_bytes + output_bytes, (state,))
 
 
 def _decode_batch(slots, positions):
@@ -295,7 +433,7 @@ def _gla_cases(shape: dict[str, int], batch: int, device, run_triton: bool, run_
     if run_fla:
         peer = "fla fused_recurrent_gla + gather/scatter" + (" (states per query head)" if H > Hk else "")
         cases.append((peer, lambda: _fla_gla_step(q, k, v, g, state, slots, scale, act)))
-    return cases, state_bytes + input_bytes + output_bytes
+    return KernelCases(cases, state_bytes + input_bytes + output_bytes, (state,))
 
 
 def _ring_inputs(shape: dict[str, int], batch: int, device, gen):
@@ -343,7 +481,7 @@ def _window_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
             lambda: window_attn_varlen(q, k, v, ring_k, ring_v, forward_batch, scale, backend="torch"),
         )
     )
-    return cases, ring_bytes + input_bytes + output_bytes
+    return KernelCases(cases, ring_bytes + input_bytes + output_bytes, (ring_k, ring_v))
 
 
 def _liger_step_cases(shape: dict[str, int], batch: int, device, run_triton: bool, run_fla: bool):
@@ -394,7 +532,7 @@ def _liger_step_cases(shape: dict[str, int], batch: int, device, run_triton: boo
     )
     if run_fla:
         cases.append(("fla fused_recurrent_gla + gather/scatter, triton window", fla_step))
-    return cases, state_bytes + ring_bytes + input_bytes + output_bytes
+    return KernelCases(cases, state_bytes + ring_bytes + input_bytes + output_bytes, (state, ring_k, ring_v))
 
 
 def _short_conv_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
@@ -418,11 +556,13 @@ def _short_conv_cases(shape: dict[str, int], batch: int, device, run_triton: boo
     if run_triton:
         cases.append(("linrec triton (in place)", lambda: short_conv_decode_triton(x, weight, bias, conv_state, slots)))
     cases.append(("linrec torch (gather/scatter)", lambda: short_conv_decode(x, weight, bias, conv_state, slots)))
-    return cases, state_bytes + input_bytes + output_bytes
+    return KernelCases(cases, state_bytes + input_bytes + output_bytes, (conv_state,))
 
 
-def _kernel_cases(kernel: str, shape: dict[str, int], batch: int, device, run_triton: bool, run_fla: bool):
-    """(impl name, fn) of every contender for one decode step of one layer of `kernel`, and the bytes moved."""
+def _kernel_cases(
+    kernel: str, shape: dict[str, int], batch: int, device, run_triton: bool, run_fla: bool
+) -> KernelCases:
+    """Every contender for one decode step of one layer of `kernel`, and the bytes it moves."""
     if kernel == "gated_delta":
         return _gated_delta_cases(shape, batch, device, run_triton, run_fla)
     if kernel == "ssd":
@@ -438,10 +578,31 @@ def _kernel_cases(kernel: str, shape: dict[str, int], batch: int, device, run_tr
     raise ValueError(f"expected a kernel in {tuple(KERNEL_SHAPES['1.3b'])}, got {kernel!r}")
 
 
+def fla_available() -> bool:
+    """Whether fla-core's ops import here (it is optional: the GPU check machine may not have it)."""
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+        import fla.ops.gla  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or broken for this torch/triton: either way no fla peers
+        return False
+    return True
+
+
 def run_kernels(
-    *, size: str = "1.3b", batch_sizes: Sequence[int] | None = None, device: str = "auto", repeats: int | None = None
+    *,
+    size: str = "1.3b",
+    batch_sizes: Sequence[int] | None = None,
+    device: str = "auto",
+    repeats: int | None = None,
+    kernels: Sequence[str] | None = None,
+    impls: Sequence[str] | None = None,
+    use_graphs: bool = True,
 ) -> KernelsResult:
-    """Time every decode kernel and its peers at each batch size; see the module docstring."""
+    """Time every decode kernel and its peers at each batch size; see the module docstring.
+
+    kernels: keys of KERNEL_SHAPES[size] to run (all by default); impls: run only contenders whose name
+    contains one of these strings; use_graphs: False keeps eager timing on CUDA too.
+    """
     import torch
 
     from linrec.engine.core import resolve_device
@@ -449,35 +610,89 @@ def run_kernels(
 
     check_size(size)
     batch_sizes = check_batch_sizes(batch_sizes or DEFAULT_BATCH_SIZES[size])
+    shapes = KERNEL_SHAPES[size]
+    kernels = tuple(kernels or shapes)
+    unknown = [k for k in kernels if k not in shapes]
+    if unknown:
+        raise ValueError(f"expected kernels among {tuple(shapes)}, got {unknown}")
     torch_device = resolve_device(device)
     on_gpu = torch_device.type == "cuda"
     if repeats is None:
         repeats = 50 if on_gpu else 2
     interpreted = not on_gpu and triton_interpreter()
     run_triton = on_gpu or interpreted
+    run_fla = run_triton and fla_available()  # fla's kernels are Triton: CUDA, or the interpreter on a CPU
     skipped = []
     if not run_triton:
         skipped.append("linrec triton (in place): needs CUDA, or TRITON_INTERPRET=1 on the CPU")
-    if not on_gpu:
-        skipped.append("fla fused_recurrent (gated delta, GLA) + gather/scatter: CUDA only")
+    if not run_fla:
+        why = "fla-core not importable" if run_triton else "needs CUDA, or TRITON_INTERPRET=1 on the CPU"
+        skipped.append(f"fla fused_recurrent (gated delta, GLA) + gather/scatter: {why}")
+    elif not on_gpu:
+        skipped.append("fla fused_recurrent_gla + gather/scatter: CUDA only (autotuned: the interpreter has no driver)")
+    graph_ops = CudaGraphOps(torch_device) if on_gpu and use_graphs else None
+    if on_gpu:
+        timing = (
+            f"us/step by CUDA-graph replay ({CALLS_PER_GRAPH} calls a graph, {GRAPH_REPLAYS} replays); us eager: "
+            f"events around {repeats} back-to-back calls"
+            if graph_ops
+            else f"eager: events around {repeats} back-to-back calls (host-bound at small sizes)"
+        )
+    else:
+        timing = f"wall time of {repeats} calls on the CPU (not a performance figure)"
     copy_bytes = 1 << 30 if on_gpu else 1 << 24
-    copy_bw = copy_bandwidth(torch_device, copy_bytes, repeats)
-    shapes = KERNEL_SHAPES[size]
-    rows = []
+    copy_bw = copy_bandwidth(torch_device, copy_bytes, repeats, graph_ops)
+    rows: list[KernelRow] = []
+    errors: list[str] = []
     with torch.inference_mode():
         for batch in batch_sizes:
-            for kernel, shape in shapes.items():
-                cases, num_bytes = _kernel_cases(kernel, shape, batch, torch_device, run_triton, on_gpu)
-                for impl, fn in cases:
-                    # one warm-up call on the CPU (lazy imports), where nothing compiles: the interpreter is slow
-                    seconds = time_per_call(fn, torch_device, repeats, warmup=2 if on_gpu else 1)
-                    rate = num_bytes / seconds
+            for kernel in kernels:
+                # fla's GLA recurrent kernel is autotuned, which the interpreter cannot run (no driver)
+                fla_here = run_fla and (on_gpu or kernel == "gated_delta")
+                made = _kernel_cases(kernel, shapes[kernel], batch, torch_device, run_triton, fla_here)
+                for impl, fn in made.cases:
+                    if impls and not any(part in impl for part in impls):
+                        continue
+                    try:
+                        # one warm-up call on the CPU (lazy imports), where nothing compiles: the interpreter is slow
+                        t = time_case(fn, torch_device, repeats, warmup=2 if on_gpu else 1, graph_ops=graph_ops)
+                    except Exception as e:  # noqa: BLE001 - one contender failing must not end the bench
+                        errors.append(f"{kernel} / {impl} / batch {batch}: {type(e).__name__}: {e}".splitlines()[0])
+                        if is_fatal_cuda_error(e):
+                            errors.append("stopped: the CUDA context is lost; later cases cannot run in this process")
+                            return _result(
+                                torch_device, size, interpreted, copy_bw, shapes, rows, skipped, errors, timing
+                            )
+                        continue
+                    rate = made.num_bytes / t.seconds
                     is_interpreted = interpreted and "triton" in impl
                     rows.append(
-                        KernelRow(kernel, impl, batch, seconds, num_bytes, rate / 1e9, rate / copy_bw, is_interpreted)
+                        KernelRow(
+                            kernel,
+                            impl,
+                            batch,
+                            t.seconds,
+                            made.num_bytes,
+                            rate / 1e9,
+                            rate / copy_bw,
+                            is_interpreted,
+                            t.eager_seconds,
+                            t.graph_seconds,
+                            t.timing,
+                        )  # fmt: skip
                     )
+                del made
+                if on_gpu:
+                    torch.cuda.empty_cache()  # each case's inputs and captured graphs go before the next's
+    return _result(torch_device, size, interpreted, copy_bw, shapes, rows, skipped, errors, timing)
+
+
+def _result(device, size, interpreted, copy_bw, shapes, rows, skipped, errors, timing) -> KernelsResult:
+    import torch
+
+    on_gpu = device.type == "cuda"
     return KernelsResult(
-        device=torch.cuda.get_device_name(torch_device) if on_gpu else "cpu",
+        device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
         size=size,
         interpreted=interpreted,
         copy_gb_per_s=copy_bw / 1e9,
@@ -485,4 +700,40 @@ def run_kernels(
         rows=rows,
         skipped=skipped,
         note=NOTE_GPU if on_gpu else NOTE_CPU,
+        errors=errors,
+        timing=timing,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m linrec.bench.kernels`: `linrec bench kernels` with filters, for one case per process.
+    Exit status 1 when a contender raised (the JSON lists it in `errors`)."""
+    import argparse
+
+    from linrec.bench.common import SIZES, parse_batch_sizes
+
+    parser = argparse.ArgumentParser(prog="python -m linrec.bench.kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1.3b", choices=SIZES)
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (1,8,64,256)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--kernels", default=None, help=f"comma-separated among {tuple(KERNEL_SHAPES['1.3b'])}")
+    parser.add_argument("--impls", default=None, help="comma-separated parts of contender names ('triton,fla')")
+    parser.add_argument("--eager", action="store_true", help="no CUDA-graph timing")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_kernels(
+        size=args.size,
+        batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
+        device=args.device,
+        repeats=args.repeats,
+        kernels=args.kernels.split(",") if args.kernels else None,
+        impls=args.impls.split(",") if args.impls else None,
+        use_graphs=not args.eager,
+    )
+    print(result.to_json() if args.json else result.format())
+    return 1 if result.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
