@@ -1,11 +1,16 @@
-"""`linrec bench decode`: end-to-end decode tokens/s of linrec's engine against HF transformers `generate`.
+"""`linrec bench decode`: end-to-end decode tokens/s of linrec's engine against the HF `generate` users run.
 
-At batch 1/8/64/256 on a 1.3B-class random model, against HF `generate` on the same weights (for Liger-GLA,
-the ORIGINAL Llama with its KV cache). Decode alone is isolated by difference: a run generating 1 + n
-tokens minus a run generating 1 token, with the same prompts, on each side.
+At batch 1/8/64/256 on a 1.3B-class random model, against `generate` on the same weights: transformers'
+for Liger-GLA (the ORIGINAL Llama with its KV cache) and Mamba2; flash-linear-attention's own HF model
+classes (`fla.models` GLAForCausalLM, GatedDeltaNetForCausalLM: the full `flash-linear-attention` package,
+which fla-core alone does not ship) for GLA and Gated DeltaNet. Without fla.models those peer rows are
+None and `peer_note` says why. Decode alone is isolated by difference: a run generating 1 + n tokens minus
+a run generating 1 token, with the same prompts, on each side. Prefill tokens/s is timed once, at
+`prefill_batch` prompts of `prefill_len` tokens generating one token each, on both sides.
 
 `--size small` (a tiny config, batch 1 and 2) exists so CI can smoke-test it on a CPU in seconds. CPU
-figures are not performance figures: the JSON says so in `note`.
+figures are not performance figures: the JSON says so in `note`. `python -m linrec.bench.decode` takes every
+family (`linrec bench decode` takes those its --family lists).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from linrec.bench.common import (
+    BENCH_FAMILIES,
+    BENCH_SEED,
+    BENCH_VOCAB_SIZE,
     DEFAULT_BATCH_SIZES,
     LINEARIZABLE,
     NOTE_CPU,
@@ -32,6 +40,10 @@ from linrec.bench.common import (
 )
 
 DECODE_FORMAT_VERSION = 1
+# Families whose bench model linrec writes itself in fla's checkpoint format (transformers has no class for
+# them), and whose peer is fla.models' class of the same name.
+FLA_FAMILIES = ("gla", "gated_deltanet")
+DECODE_FAMILIES = (*BENCH_FAMILIES, *FLA_FAMILIES)
 
 # Model overrides of the bench configs (bench/common.py): 1.3B-class (random weights, written once) and tiny.
 DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
@@ -47,6 +59,24 @@ DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         },
         # Mamba2-1.3B's shape
         "mamba2": {"hidden_size": 2048, "num_hidden_layers": 48, "num_heads": 64, "head_dim": 64, "state_size": 128},
+        # fla's GLA-1.3B (4 heads: K=256, V=512; no short conv) and Gated DeltaNet-1.3B (6 heads: K=256, V=512)
+        "gla": {
+            "hidden_size": 2048,
+            "num_hidden_layers": 24,
+            "num_heads": 4,
+            "expand_k": 0.5,
+            "expand_v": 1.0,
+            "use_short_conv": False,
+            "tie_word_embeddings": False,
+        },
+        "gated_deltanet": {
+            "hidden_size": 2048,
+            "num_hidden_layers": 21,
+            "num_heads": 6,
+            "head_dim": 256,
+            "expand_v": 2.0,
+            "tie_word_embeddings": False,
+        },
     },
     "small": {
         "liger_gla": {
@@ -68,6 +98,8 @@ DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
             "chunk_size": 16,
             "vocab_size": 300,
         },
+        "gla": {"vocab_size": 300},  # the demo configs' sizes (hidden 64, 2 layers)
+        "gated_deltanet": {"vocab_size": 300},
     },
 }
 
@@ -75,10 +107,70 @@ DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 def decode_model_path(family: str, size: str) -> Path:
     """The seeded random checkpoint of `family` at `size`, written on first use under linrec's cache dir."""
     from linrec import __version__
+    from linrec.envs import cache_dir
+    from linrec.models.staging import cached_dir
 
     check_size(size)
+    if family not in DECODE_FAMILIES:
+        raise ValueError(f"expected a family in {DECODE_FAMILIES}, got {family!r}")
     name = f"decode-{family}-{size}-{__version__}-v{DECODE_FORMAT_VERSION}"
-    return cached_bench_model(name, family, DECODE_MODEL_OVERRIDES.get(size, {}).get(family))
+    overrides = DECODE_MODEL_OVERRIDES.get(size, {}).get(family)
+    if family in FLA_FAMILIES:
+        return cached_dir(
+            cache_dir() / "models" / name, lambda staging: write_fla_bench_model(staging, family, overrides)
+        )
+    return cached_bench_model(name, family, overrides)
+
+
+def write_fla_bench_model(dst: str | Path, family: str, overrides: dict[str, Any] | None = None) -> Path:
+    """A seeded random checkpoint of fla's GLA or Gated DeltaNet, written by linrec's own model class (its
+    parameter names and config.json are fla's: fla.models loads it), with the byte-level tokenizer."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from linrec.models.registry import get_model_class
+    from linrec.models.tokenizer import demo_special_token_ids, write_byte_tokenizer
+
+    if family not in FLA_FAMILIES:
+        raise ValueError(f"expected a family in {FLA_FAMILIES}, got {family!r}")
+    model_cls = get_model_class(family)
+    special_ids = demo_special_token_ids()
+    config = {**model_cls.demo_hf_config(), "vocab_size": BENCH_VOCAB_SIZE, **special_ids, "torch_dtype": "float32"}
+    config.update(overrides or {})
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(BENCH_SEED)
+        model = model_cls.from_hf_config(config).float()
+    tied = model.tied_weights()
+    tensors = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items() if name not in tied}
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dst / "generation_config.json").write_text(json.dumps(special_ids, indent=2) + "\n")
+    write_byte_tokenizer(dst)
+    return dst
+
+
+def fla_peer(path: Path, dtype, device):
+    """flash-linear-attention's own HF model class for a gla or gated_deltanet checkpoint (what fla users run).
+    Raises ImportError without fla.models. Importing fla.models re-registers transformers' mamba/mamba2
+    configs: only a process benching a fla family imports it (bench/gpu_check.py runs each family alone)."""
+    import fla.models  # noqa: F401 - registers GLAConfig and GatedDeltaNetConfig with transformers' Auto classes
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), config=config, dtype=dtype, output_loading_info=True
+    )
+    missing, unexpected = info.get("missing_keys", []), info.get("unexpected_keys", [])
+    if missing or unexpected:  # a peer with random weights in place of ours would time a different model
+        raise ValueError(
+            f"expected fla's {type(model).__name__} to take every tensor of {path}, got missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.to(device).eval()
 
 
 @dataclass
@@ -87,7 +179,7 @@ class DecodeRow:
     # decode tokens / s: batch * output_len / (t(1 + output_len) - t(1)); None when timing noise exceeded
     # the decode time (only seen on tiny CPU smoke runs)
     linrec_tokens_per_s: float | None
-    hf_tokens_per_s: float | None
+    hf_tokens_per_s: float | None  # None also when the peer did not run (see peer_note)
     ratio: float | None  # linrec / HF
 
 
@@ -105,6 +197,13 @@ class DecodeResult:
     hf_peer: str
     rows: list[DecodeRow]
     note: str = ""
+    peer_note: str = ""  # why the peer did not run, where it did not
+    prefill_len: int = 0  # prompt tokens per request of the prefill timing
+    prefill_batch: int = 0  # requests in the prefill timing
+    # prompt tokens / s over a prefill_batch x prefill_len run generating one token each (prefill and the first token)
+    linrec_prefill_tokens_per_s: float | None = None
+    hf_prefill_tokens_per_s: float | None = None
+    prefill_ratio: float | None = None  # linrec / HF
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -114,19 +213,28 @@ class DecodeResult:
             f"model: {self.model} ({self.family}, {self.size}, {self.dtype}) on {self.device}; kernel_backend "
             f"{self.kernel_backend}, CUDA graphs {'on' if self.cuda_graphs else 'off'}; {self.note}",
             f"decode tokens/s over {self.output_len} tokens per request after a {self.prompt_len}-token prompt; "
-            f"peer {self.hf_peer}",
+            f"peer {self.hf_peer}" + (f" ({self.peer_note})" if self.peer_note else ""),
             "",
             f"{'batch':>5} {'linrec tok/s':>13} {'HF tok/s':>10} {'ratio':>7}",
         ]
 
-        def cell(value: float | None, width: int, fmt: str) -> str:
-            return f"{value:>{width}{fmt}}" if value is not None else f"{'noise':>{width}}"
+        def cell(value: float | None, width: int, fmt: str, missing: str = "noise") -> str:
+            return f"{value:>{width}{fmt}}" if value is not None else f"{missing:>{width}}"
 
+        peer_missing = "-" if self.peer_note else "noise"
         for r in self.rows:
             lines.append(
-                f"{r.batch:>5} {cell(r.linrec_tokens_per_s, 13, '.1f')} {cell(r.hf_tokens_per_s, 10, '.1f')} "
-                f"{cell(r.ratio, 6, '.2f')}x"
+                f"{r.batch:>5} {cell(r.linrec_tokens_per_s, 13, '.1f')} "
+                f"{cell(r.hf_tokens_per_s, 10, '.1f', peer_missing)} {cell(r.ratio, 6, '.2f', '-')}x"
             )
+        if self.prefill_batch:
+            lines += [
+                "",
+                f"prefill {self.prefill_batch} x {self.prefill_len} tokens: linrec "
+                f"{cell(self.linrec_prefill_tokens_per_s, 1, '.0f', '-')} tok/s, peer "
+                f"{cell(self.hf_prefill_tokens_per_s, 1, '.0f', '-')} tok/s, "
+                f"ratio {cell(self.prefill_ratio, 1, '.2f', '-')}x",
+            ]
         return "\n".join(lines)
 
 
@@ -147,10 +255,11 @@ def _linrec_decode_seconds(
     batch_sizes: tuple[int, ...],
     output_len: int,
     repeats: int,
+    prefill_prompts: list[list[int]],
     **engine_kwargs,
-) -> tuple[dict[int, float | None], bool]:
-    """Decode seconds per batch size through linrec's engine, and whether it replayed CUDA graphs. The
-    engine is dropped on return, so the peer loads into freed memory."""
+) -> tuple[dict[int, float | None], bool, float]:
+    """Decode seconds per batch size through linrec's engine, whether it replayed CUDA graphs, and the
+    seconds of the prefill run. The engine is dropped on return, so the peer loads into freed memory."""
     from linrec.engine.llm import LLM
 
     llm = LLM(path, **engine_kwargs)
@@ -161,7 +270,8 @@ def _linrec_decode_seconds(
         return run_linrec(llm, w)[0]
 
     seconds = {b: _decode_seconds(linrec_run, prompts[:b], output_len, repeats) for b in batch_sizes}
-    return seconds, cuda_graphs
+    prefill = min(linrec_run(Workload(prefill_prompts, [1] * len(prefill_prompts))) for _ in range(repeats))
+    return seconds, cuda_graphs, prefill
 
 
 def run_decode(
@@ -178,11 +288,14 @@ def run_decode(
     enforce_eager: bool = False,
     seed: int = 0,
     repeats: int = 3,
+    prefill_len: int | None = None,
+    prefill_batch: int | None = None,
 ) -> DecodeResult:
-    """linrec's decode tokens/s beside HF generate's at each batch size, on the same weights and dtype.
+    """linrec's decode tokens/s beside its peer's generate at each batch size, on the same weights and dtype,
+    and prefill tokens/s of prefill_batch prompts of prefill_len tokens (default 8 x 512; small: 2 x 32).
 
-    model: a Llama/Qwen2/Mistral/Liger/mamba2 checkpoint directory; None writes (once) the random model of
-    `family` at `size`. dtype auto is bfloat16 on CUDA and float32 on the CPU.
+    model: a Llama/Qwen2/Mistral/Liger/mamba2/gla/gated_deltanet checkpoint directory; None writes (once)
+    the random model of `family` at `size`. dtype auto is bfloat16 on CUDA and float32 on the CPU.
     """
     import random
 
@@ -193,29 +306,34 @@ def run_decode(
 
     check_size(size)
     batch_sizes = check_batch_sizes(batch_sizes or DEFAULT_BATCH_SIZES[size])
-    if prompt_len < 1 or output_len < 1 or repeats < 1:
+    prefill_len = prefill_len or (32 if size == "small" else 512)
+    prefill_batch = prefill_batch or (2 if size == "small" else 8)
+    if min(prompt_len, output_len, repeats, prefill_len, prefill_batch) < 1:
         raise ValueError(
-            f"expected prompt_len, output_len and repeats >= 1, got {prompt_len}, {output_len} and {repeats}"
+            f"expected prompt_len, output_len, repeats, prefill_len and prefill_batch >= 1, got {prompt_len}, "
+            f"{output_len}, {repeats}, {prefill_len} and {prefill_batch}"
         )
     torch_device = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
     path = Path(model) if model is not None else decode_model_path(family, size)
     hf_config = read_hf_config(path)
-    linearize = "liger-gla" if hf_config.get("model_type") in LINEARIZABLE else None
+    model_type = hf_config.get("model_type")
+    linearize = "liger-gla" if model_type in LINEARIZABLE else None
     rng = random.Random(seed)
     vocab_size = int(hf_config["vocab_size"])
     largest = max(batch_sizes)
     prompts = [[rng.randrange(vocab_size) for _ in range(prompt_len)] for _ in range(largest)]
+    prefill_prompts = [[rng.randrange(vocab_size) for _ in range(prefill_len)] for _ in range(prefill_batch)]
     pad_token_id = hf_config.get("pad_token_id") if isinstance(hf_config.get("pad_token_id"), int) else 0
 
-    linrec_seconds, cuda_graphs = _linrec_decode_seconds(
+    linrec_seconds, cuda_graphs, linrec_prefill = _linrec_decode_seconds(
         str(path),
         dtype=dtype,
         device=str(torch_device),
         kernel_backend=kernel_backend,
-        max_num_seqs=largest,
-        max_num_batched_tokens=largest * prompt_len,
+        max_num_seqs=max(largest, prefill_batch),
+        max_num_batched_tokens=max(largest * prompt_len, prefill_batch * prefill_len),
         linearize=linearize,
         enforce_eager=enforce_eager,
         seed=seed,
@@ -223,24 +341,43 @@ def run_decode(
         batch_sizes=batch_sizes,
         output_len=output_len,
         repeats=repeats,
+        prefill_prompts=prefill_prompts,
     )
     if torch_device.type == "cuda":
         torch.cuda.empty_cache()
 
-    hf_model = hf_peer(path, hf_config, getattr(torch, dtype), torch_device)
-    peer_name = f"HF {type(hf_model).__name__}.generate"
-    run_hf(hf_model, Workload(prompts[:2], [4] * len(prompts[:2])), 2, pad_token_id)
+    peer_note = ""
+    hf_model = None
+    if model_type in FLA_FAMILIES:
+        peer_name = f"fla.models {'GLAForCausalLM' if model_type == 'gla' else 'GatedDeltaNetForCausalLM'}.generate"
+        try:
+            hf_model = fla_peer(path, getattr(torch, dtype), torch_device)
+        except ImportError as e:
+            peer_note = f"peer skipped: fla.models is not importable ({e}); install flash-linear-attention"
+    else:
+        hf_model = hf_peer(path, hf_config, getattr(torch, dtype), torch_device)
+        peer_name = f"HF {type(hf_model).__name__}.generate"
 
-    def hf_run(w: Workload) -> float:
-        return run_hf(hf_model, w, len(w.prompts), pad_token_id)[0]
+    hf_decode: dict[int, float | None] = dict.fromkeys(batch_sizes)
+    hf_prefill = None
+    if hf_model is not None:
+        run_hf(hf_model, Workload(prompts[:2], [4] * len(prompts[:2])), 2, pad_token_id)
+
+        def hf_run(w: Workload) -> float:
+            return run_hf(hf_model, w, len(w.prompts), pad_token_id)[0]
+
+        hf_decode = {b: _decode_seconds(hf_run, prompts[:b], output_len, repeats) for b in batch_sizes}
+        hf_prefill = min(hf_run(Workload(prefill_prompts, [1] * prefill_batch)) for _ in range(repeats))
 
     rows = []
     for b in batch_sizes:
-        hf_seconds = _decode_seconds(hf_run, prompts[:b], output_len, repeats)
-        hf_rate = b * output_len / hf_seconds if hf_seconds else None
+        hf_rate = b * output_len / hf_decode[b] if hf_decode[b] else None
         linrec_rate = b * output_len / linrec_seconds[b] if linrec_seconds[b] else None
         ratio = linrec_rate / hf_rate if linrec_rate and hf_rate else None
         rows.append(DecodeRow(b, linrec_rate, hf_rate, ratio))
+    prefill_tokens = prefill_batch * prefill_len
+    linrec_prefill_rate = prefill_tokens / linrec_prefill
+    hf_prefill_rate = prefill_tokens / hf_prefill if hf_prefill else None
     return DecodeResult(
         model=str(path),
         family=str(served_model_type(hf_config, linearize)),
@@ -254,4 +391,57 @@ def run_decode(
         hf_peer=peer_name,
         rows=rows,
         note=NOTE_GPU if torch_device.type == "cuda" else NOTE_CPU,
+        peer_note=peer_note,
+        prefill_len=prefill_len,
+        prefill_batch=prefill_batch,
+        linrec_prefill_tokens_per_s=linrec_prefill_rate,
+        hf_prefill_tokens_per_s=hf_prefill_rate,
+        prefill_ratio=linrec_prefill_rate / hf_prefill_rate if hf_prefill_rate else None,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m linrec.bench.decode`: `linrec bench decode` for every family, GLA and Gated DeltaNet too."""
+    import argparse
+
+    from linrec.bench.common import SIZES, parse_batch_sizes
+
+    parser = argparse.ArgumentParser(prog="python -m linrec.bench.decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--family", default="liger_gla", choices=DECODE_FAMILIES)
+    parser.add_argument("--size", default="1.3b", choices=SIZES)
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (1,8,64,256)")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=None, help="512 (small: 32)")
+    parser.add_argument("--prefill-batch", type=int, default=None, help="8 (small: 2)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_decode(
+        args.model,
+        family=args.family,
+        size=args.size,
+        batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        dtype=args.dtype,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        repeats=args.repeats,
+        prefill_len=args.prefill_len,
+        prefill_batch=args.prefill_batch,
+    )
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
