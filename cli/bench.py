@@ -30,6 +30,7 @@ def add_parser(commands) -> None:
         _add_fairness,
         _add_kernels,
         _add_decode,
+        _add_gpu_check,
         _add_startup,
         _add_serve,
     ):
@@ -364,3 +365,21 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     except LoadTestError as exc:  # the server or locust would not run: its log tail, no traceback
         print(f"linrec: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _add_gpu_check(kinds) -> None:
+    """Every GPU check in one run and one report (bench/gpu_check.py, stdlib only at import)."""
+    from linrec.bench.gpu_check import DESCRIPTION, add_arguments
+
+    gpu_check = kinds.add_parser(
+        "gpu-check", help="every GPU check (tests, benches, greedy equality) into one report", description=DESCRIPTION
+    )
+    add_arguments(gpu_check)
+    gpu_check.set_defaults(handler=_run_bench_gpu_check)
+
+
+def _run_bench_gpu_check(args: argparse.Namespace) -> int:
+    from linrec.bench.gpu_check import run_checks
+
+    argv = sys.argv[sys.argv.index("gpu-check") + 1 :] if "gpu-check" in sys.argv else []
+    return run_checks(args, argv)
