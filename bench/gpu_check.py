@@ -178,23 +178,38 @@ def run_step(step: Step, *, cuda: bool, deadline: float, dry_run: bool, root: Pa
     timeout = min(step.timeout_s, left)
     begin = time.monotonic()
     try:
-        proc = subprocess.run(
+        # its own session: on a timeout the whole process group goes (pytest's subprocesses too), so nothing
+        # of this step is left running on the GPU when the next one starts
+        proc = subprocess.Popen(
             step.argv,
             cwd=root,
             env=child_env(step.env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            timeout=timeout,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
-        output = proc.stdout.decode(errors="replace")
-        status = "passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-    except subprocess.TimeoutExpired as e:  # subprocess.run kills the child before raising
-        output = (e.stdout or b"").decode(errors="replace")
-        status = f"timed out after {timeout:.0f} s"
     except OSError as e:
-        output, status = str(e), f"failed to start: {e}"
+        return StepResult(step.name, command, f"failed to start: {e}", 0.0, str(e))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        status = "passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, _ = proc.communicate()
+        status = f"timed out after {timeout:.0f} s"
+    output = (out or b"").decode(errors="replace")
     return StepResult(step.name, command, status, time.monotonic() - begin, output)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group that `proc` leads (it was started in a session of its own)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
 
 
 def format_report(results: list[StepResult], *, args: argparse.Namespace, cuda: bool, total_s: float) -> str:

@@ -202,3 +202,28 @@ def test_shared_prefix_prompts_and_first_difference():
     assert first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
     assert first_difference([[1, 2], [3, 5]], [[1, 2], [3, 4]]) == "request 1, token 1: 5 != 4"
     assert first_difference([[1]], [[1, 2]]) == "request 0, token 1: end != 2"
+
+
+def test_a_timed_out_step_leaves_no_process_behind(tmp_path):
+    """pytest's tests start subprocesses of their own: a timeout kills the step's whole process group."""
+    import os
+    import time
+
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('grandchild', p.pid, flush=True)\n"
+        "time.sleep(60)"
+    )
+    step = Step("spawns", _python(code), 3, needs_cuda=False)
+    result = gpu_check.run_step(step, cuda=False, deadline=time.monotonic() + 60, dry_run=False, root=tmp_path)
+    assert result.status == "timed out after 3 s"
+    pid = int(result.output.split("grandchild")[1].split()[0])
+    for _ in range(50):  # reparented to init, which reaps it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's subprocess {pid} outlived the timeout")

@@ -291,13 +291,15 @@ def test_kernel_and_impl_filters():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_timing_on_cuda():
-    """On a GPU every linrec Triton kernel and torch path is captured (graph replay), and replay is no slower
-    than eager launches by more than noise; fla peers may fall back, marked."""
+    """On a GPU every linrec Triton kernel is captured (graph replay), and replay is no slower than eager
+    launches by more than noise; torch paths and peers may fall back (a host sync), marked."""
     result = run_kernels(size="small", batch_sizes=[1, 64], device="cuda", repeats=5)
     assert result.errors == []
+    assert "CUDA-graph replay" in result.timing
     for r in result.rows:
-        if r.impl.startswith("linrec"):
+        assert r.eager_seconds > 0
+        if r.impl.startswith("linrec triton"):
             assert r.timing == "graph replay", (r.kernel, r.impl, r.timing)
             assert r.graph_seconds <= r.eager_seconds * 1.5
         else:
-            assert r.timing in ("graph replay",) or r.timing.startswith("eager: graph capture failed")
+            assert r.timing == "graph replay" or r.timing.startswith("eager: graph capture failed")
