@@ -238,6 +238,10 @@ class DecodeResult:
         return "\n".join(lines)
 
 
+def _rate(tokens: int, seconds: float | None) -> str:
+    return f"{tokens / seconds:.1f} tok/s" if seconds else "noise"
+
+
 def _decode_seconds(
     run: Callable[[Workload], float], prompts: list[list[int]], output_len: int, repeats: int = 3
 ) -> float | None:
@@ -256,6 +260,7 @@ def _linrec_decode_seconds(
     output_len: int,
     repeats: int,
     prefill_prompts: list[list[int]],
+    progress: Callable[[str], object],
     **engine_kwargs,
 ) -> tuple[dict[int, float | None], bool, float]:
     """Decode seconds per batch size through linrec's engine, whether it replayed CUDA graphs, and the
@@ -269,8 +274,12 @@ def _linrec_decode_seconds(
     def linrec_run(w: Workload) -> float:
         return run_linrec(llm, w)[0]
 
-    seconds = {b: _decode_seconds(linrec_run, prompts[:b], output_len, repeats) for b in batch_sizes}
+    seconds = {}
+    for b in batch_sizes:
+        seconds[b] = _decode_seconds(linrec_run, prompts[:b], output_len, repeats)
+        progress(f"linrec decode batch {b}: {_rate(b * output_len, seconds[b])}")
     prefill = min(linrec_run(Workload(prefill_prompts, [1] * len(prefill_prompts))) for _ in range(repeats))
+    progress(f"linrec prefill: {_rate(sum(map(len, prefill_prompts)), prefill)}")
     return seconds, cuda_graphs, prefill
 
 
@@ -290,9 +299,11 @@ def run_decode(
     repeats: int = 3,
     prefill_len: int | None = None,
     prefill_batch: int | None = None,
+    progress: Callable[[str], object] | None = None,
 ) -> DecodeResult:
     """linrec's decode tokens/s beside its peer's generate at each batch size, on the same weights and dtype,
     and prefill tokens/s of prefill_batch prompts of prefill_len tokens (default 8 x 512; small: 2 x 32).
+    progress, when given, gets a line per figure as it is measured (a run cut short still shows those).
 
     model: a Llama/Qwen2/Mistral/Liger/mamba2/gla/gated_deltanet checkpoint directory; None writes (once)
     the random model of `family` at `size`. dtype auto is bfloat16 on CUDA and float32 on the CPU.
@@ -305,6 +316,7 @@ def run_decode(
     from linrec.models.loader import read_hf_config
 
     check_size(size)
+    progress = progress or (lambda line: None)
     batch_sizes = check_batch_sizes(batch_sizes or DEFAULT_BATCH_SIZES[size])
     prefill_len = prefill_len or (32 if size == "small" else 512)
     prefill_batch = prefill_batch or (2 if size == "small" else 8)
@@ -342,6 +354,7 @@ def run_decode(
         output_len=output_len,
         repeats=repeats,
         prefill_prompts=prefill_prompts,
+        progress=progress,
     )
     if torch_device.type == "cuda":
         torch.cuda.empty_cache()
@@ -366,8 +379,11 @@ def run_decode(
         def hf_run(w: Workload) -> float:
             return run_hf(hf_model, w, len(w.prompts), pad_token_id)[0]
 
-        hf_decode = {b: _decode_seconds(hf_run, prompts[:b], output_len, repeats) for b in batch_sizes}
+        for b in batch_sizes:
+            hf_decode[b] = _decode_seconds(hf_run, prompts[:b], output_len, repeats)
+            progress(f"peer decode batch {b}: {_rate(b * output_len, hf_decode[b])}")
         hf_prefill = min(hf_run(Workload(prefill_prompts, [1] * prefill_batch)) for _ in range(repeats))
+        progress(f"peer prefill: {_rate(prefill_batch * prefill_len, hf_prefill)}")
 
     rows = []
     for b in batch_sizes:
@@ -438,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         prefill_len=args.prefill_len,
         prefill_batch=args.prefill_batch,
+        progress=None if args.json else lambda line: print(f"progress: {line}", flush=True),
     )
     print(result.to_json() if args.json else result.format())
     return 0

@@ -104,7 +104,11 @@ def has_cuda() -> bool:
 
 
 def module_available(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """Whether `name` would import, without importing it (a module blocked as None in sys.modules would not)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: in sys.modules as None, or without a spec
+        return False
 
 
 def compute_sanitizer() -> str | None:
@@ -256,7 +260,7 @@ def print_environment() -> int:
             print(f"{dist}: {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             print(f"{dist}: not installed (as a distribution)")
-    fla = importlib.util.find_spec("fla")
+    fla = importlib.util.find_spec("fla") if module_available("fla") else None
     locations = list(fla.submodule_search_locations or []) if fla else []
     print("fla importable:", bool(fla), locations, "fla.models:", any((Path(p) / "models").is_dir() for p in locations))
     for name in ("fastapi", "uvicorn", "pydantic"):

@@ -5,6 +5,7 @@ overall budget, and imports light enough for a GPU machine without fastapi, uvic
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -94,18 +95,27 @@ def test_without_cuda_the_gpu_steps_are_skipped(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cpu_smoke_run_of_the_gpu_steps(tmp_path, monkeypatch):
-    """Every GPU step's command runs as planned at tiny sizes on the CPU, and its output lands in the report."""
+    """Every GPU step's command runs as planned at tiny sizes on the CPU, and its output lands in the report,
+    in processes where fastapi, uvicorn, pydantic and fla cannot be imported (as on the GPU machine)."""
+    blocker = tmp_path / "no_server_stack"
+    blocker.mkdir()
+    blocked = ", ".join(repr(m) for m in FORBIDDEN)
+    (blocker / "sitecustomize.py").write_text(f"import sys\nfor name in ({blocked},):\n    sys.modules[name] = None\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("LINREC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "report.md"
     argv = ["--allow-cpu", "--size", "small", "--steps", "kernels,equality,decode", "--out", str(out)]
-    code = gpu_check.main([*argv, "--decode-families", "mamba2", "--equality-families", "mamba2"])
+    code = gpu_check.main([*argv, "--decode-families", "mamba2,gla", "--equality-families", "mamba2"])
     report = out.read_text()
     assert code == 0, report
-    for name in ("kernels", "equality", "decode mamba2"):
+    for name in ("kernels", "equality", "decode mamba2", "decode gla"):
         assert f"| {name} | passed |" in report
     assert "linrec torch (gather/scatter)" in report  # the kernels table
+    assert "fla-core not importable" in report  # the blocker worked: fla peers skipped, with the reason
+    assert "fastapi importable: False" in report and "pydantic importable: False" in report
     assert "PASS mamba2: each request alone == batched" in report and "all equal" in report
     assert "peer HF Mamba2ForCausalLM.generate" in report and "prefill 2 x 32 tokens" in report
+    assert "peer skipped: fla.models is not importable" in report
 
 
 def _python(code: str) -> list[str]:
