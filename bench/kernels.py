@@ -6,8 +6,9 @@ layer shape (KERNEL_SHAPES), timed beside its peers in one run. A decode step is
 writes every state it advances (recurrent state, ring, conv state) and reads its inputs once, so the figure
 of merit is the achieved bandwidth (bytes moved / time) as a share of the device's measured copy bandwidth
 (a large tensor copy timed the same way, read + write bytes). Peers: linrec's torch path and fla-core's
-fused_recurrent kernels (gated delta rule, GLA; CUDA only), both with the gather/scatter of states the
-in-place kernel avoids; transformers' torch selective_state_update for Mamba2; for the Liger step, the
+fused_recurrent kernels (gated delta rule, GLA; on the CPU only the gated delta one runs, under the
+interpreter: fla's GLA kernel is autotuned), both with the gather/scatter of states the in-place kernel
+avoids; transformers' torch selective_state_update for Mamba2; for the Liger step, the
 window and GLA kernels as two launches.
 
 On CUDA each contender is timed twice: eager (CUDA events around back-to-back calls, which at small batch
