@@ -32,6 +32,7 @@ def add_parser(commands) -> None:
         _add_decode,
         _add_gpu_check,
         _add_startup,
+        _add_ready,
         _add_serve,
     ):
         add(kinds)
@@ -258,6 +259,43 @@ def _run_bench_startup(args: argparse.Namespace) -> int:
     from linrec.bench.startup import run_startup_bench
 
     result = run_startup_bench(repeats=args.repeats, max_tokens=args.max_tokens)
+    print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _add_ready(kinds) -> None:
+    ready = kinds.add_parser(
+        "ready",
+        help="seconds from starting `linrec serve` to /health 200, Triton cache cold and warm",
+        description="Starts `linrec serve` twice per round with one fresh TRITON_CACHE_DIR: empty (cold: every "
+        "kernel compiled and tuned at warm-up) and then as the first start left it (warm: a restart). Reports the "
+        "median seconds to the first /health 200 and the Triton compilations at start-up (from the warm-up's "
+        "summary; the warm-up runs on CUDA, or on the CPU with --server-arg=--warmup=on).",
+    )
+    ready.add_argument("--model", default=None, metavar="DIR", help="model to serve (default: linrec's default)")
+    ready.add_argument(
+        "--server-arg",
+        dest="server_args",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for `linrec serve`, e.g. --server-arg=--kernel-backend=triton (repeatable)",
+    )
+    ready.add_argument("--repeats", type=int, default=1, help="rounds of a cold then a warm start")
+    ready.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health per start")
+    ready.add_argument("--json", action="store_true", help="print the result as JSON")
+    ready.set_defaults(handler=_run_bench_ready)
+
+
+def _run_bench_ready(args: argparse.Namespace) -> int:
+    from linrec.bench.ready import run_ready_bench
+    from linrec.loadtest.run import LoadTestError
+
+    try:
+        result = run_ready_bench(args.model, args.server_args, args.repeats, args.startup_timeout)
+    except LoadTestError as exc:  # the server would not start: its log tail, no traceback
+        print(f"linrec: error: {exc}", file=sys.stderr)
+        return 2
     print(result.to_json() if args.json else result.format())
     return 0
 

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from linrec.kernels.backend import BACKENDS
 from linrec.models.loader import DTYPE_CHOICES, LINEARIZE_CHOICES
 
+# auto: warm up on CUDA only (on the CPU nothing is compiled: the torch kernels are precompiled and
+# Triton's interpreter compiles nothing), on: everywhere, off: never (a request may then wait on a compiler).
+WARMUP_CHOICES = ("auto", "on", "off")
+
 _BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -140,6 +144,15 @@ class EngineConfig:
         default=False,
         metadata={"help": "no CUDA graphs: run decode steps eagerly (graphs are captured only on CUDA)"},
     )
+    # Before the engine reports ready, dummy forwards and sampler calls on the null slot compile and tune
+    # every kernel a request can reach (engine/warmup.py).
+    warmup: str = field(
+        default="auto",
+        metadata={
+            "help": "compile and tune every kernel before serving: auto (on CUDA only), on, off",
+            "choices": WARMUP_CHOICES,
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -172,5 +185,7 @@ class EngineConfig:
             )
         if self.max_long_partial_prefills < 1:
             raise ValueError(f"expected max_long_partial_prefills >= 1, got {self.max_long_partial_prefills}")
+        if self.warmup not in WARMUP_CHOICES:
+            raise ValueError(f"expected warmup in {WARMUP_CHOICES}, got {self.warmup!r}")
         if self.max_cached_states < 0:
             raise ValueError(f"expected max_cached_states >= 0, got {self.max_cached_states}")

@@ -16,6 +16,7 @@ from linrec.engine.runner import Runner
 from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.state_pool import StatePool, num_slots_for_budget
+from linrec.engine.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class EngineCore:
         self.runner = Runner(
             self.model, self.pool, self.device, self.vocab_size, self.eos_token_ids, config.seed, decode_graphs
         )
+        # Every kernel a request can reach is compiled and tuned before the engine reports ready.
+        self.warmup_report = warm_up(self, progress=progress)
         logger.info(
             "linrec engine: %s on %s, %d state slots + %d prefix snapshot rows x %d bytes (constant per request)",
             self.model_path,

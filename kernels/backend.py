@@ -18,11 +18,19 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     """Map a kernel_backend setting to the implementation the ops dispatch on: "triton" or "torch".
 
     auto picks triton on a CUDA device and torch elsewhere; triton on the CPU needs TRITON_INTERPRET=1.
+    Triton on CUDA goes through kernels/toolchain.py first (once per device): a toolchain known to
+    miscompile gets one warning line and either a newer ptxas or, with none at hand, "torch" here,
+    whether triton was asked for or picked by auto: a correct answer before a requested one.
     """
     import torch
 
     if requested not in BACKENDS:
         raise ValueError(f"expected kernel_backend in {BACKENDS}, got {requested!r}")
-    if requested == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
-    return requested
+    device = torch.device(device)
+    backend = ("triton" if device.type == "cuda" else "torch") if requested == "auto" else requested
+    if backend == "triton" and device.type == "cuda":
+        from linrec.kernels.toolchain import prepare_triton
+
+        if not prepare_triton(device).use_triton:
+            return "torch"
+    return backend
