@@ -12,9 +12,10 @@ recorded and the next one runs. Steps, in order:
              eager, prefix cache on == off, each request alone == batched (24 requests, a 300-token prefix)
   pytest     `pytest -m gpu` over tests/{kernels,engine,models,bench} (kernels at model sizes, graphs ==
              eager, fla == ours), where pytest is importable
-  decode     `python -m linrec.bench.decode` per family (batch 1/8/64/256, 1.3B-class, bf16) beside its HF
-             peer: transformers' generate for Liger-GLA (the original Llama) and Mamba2, fla's own model
-             classes for GLA and Gated DeltaNet (skipped with a note when fla.models is not importable)
+  decode     the bench checkpoints written first (decode models, one step), then per family
+             `python -m linrec.bench.decode` (batch 1/8/64/256, 1.3B-class, bf16) beside its peer:
+             transformers' generate for Liger-GLA (the original Llama) and Mamba2, fla's own model classes
+             for GLA and Gated DeltaNet (skipped with a note when fla.models is not importable)
 
 Without CUDA the GPU steps are recorded as "skipped: no CUDA"; `--allow-cpu --size small` runs them on the
 CPU at tiny sizes (the tests do), and `--dry-run` writes the plan without running anything but `env`.
@@ -126,7 +127,7 @@ def plan_steps(args: argparse.Namespace) -> list[Step]:
     py = sys.executable
     small = args.size == "small"
     device = "cpu" if args.allow_cpu and not args.cuda else "cuda"
-    steps = [Step("env", [py, "-m", "linrec.bench.gpu_check", "--step", "env"], 20, needs_cuda=False)]
+    steps = [Step("env", [py, "-m", "linrec.bench.gpu_check", "--step", "env"], 15, needs_cuda=False)]
     if "kernels" in args.steps:
         batches = "1,2" if small else "1,8,64,256"
         argv = [py, "-m", "linrec.bench.kernels", "--size", args.size, "--batch-sizes", batches, "--device", device]
@@ -136,18 +137,22 @@ def plan_steps(args: argparse.Namespace) -> list[Step]:
         argv += ["--families", ",".join(args.equality_families)]
         if small:
             argv += ["--num-requests", "3", "--prefix-len", "12", "--max-tokens", "3"]
-        steps.append(Step("equality", argv, 75))
+        steps.append(Step("equality", argv, 70))
     if "pytest" in args.steps:
         argv = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
-        steps.append(Step("pytest", argv + ["-rfE", *PYTEST_DIRS], 60, needs_module="pytest"))
+        steps.append(Step("pytest", argv + ["-rfE", *PYTEST_DIRS], 45, needs_module="pytest"))
     if "decode" in args.steps:
+        # the bench checkpoints are written first, in one step of their own (a 1.3B one takes tens of seconds
+        # to write): the decode steps' timeouts then bound only the benches
+        argv = [py, "-m", "linrec.bench.gpu_check", "--step", "prepare", "--size", args.size]
+        steps.append(Step("decode models", argv + ["--families", ",".join(args.decode_families)], 90))
         for family in args.decode_families:
             argv = [py, "-m", "linrec.bench.decode", "--family", family, "--size", args.size, "--device", device]
             if small:
                 argv += ["--batch-sizes", "1,2", "--output-len", "4", "--repeats", "1"]
             else:
                 argv += ["--batch-sizes", "1,8,64,256", "--output-len", "16", "--repeats", "1"]
-            steps.append(Step(f"decode {family}", argv, 60))
+            steps.append(Step(f"decode {family}", argv, 45))
     return steps
 
 
@@ -412,11 +417,22 @@ DESCRIPTION = (
 )
 
 
+def prepare_decode_models(families: Sequence[str], size: str) -> int:
+    """The decode-models step: write (once, into linrec's cache dir) the bench checkpoint of each family."""
+    from linrec.bench.decode import decode_model_path
+
+    for family in families:
+        begin = time.monotonic()
+        path = decode_model_path(family, size)
+        print(f"{family} ({size}): {path} in {time.monotonic() - begin:.1f} s", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m linrec.bench.gpu_check", description=DESCRIPTION)
     add_arguments(parser)
     # the steps this module runs itself, each in its own process
-    parser.add_argument("--step", choices=("env", "equality"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--step", choices=("env", "equality", "prepare"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--families", default=",".join(EQUALITY_FAMILIES), help=argparse.SUPPRESS)
     parser.add_argument("--num-requests", type=int, default=24, help=argparse.SUPPRESS)
@@ -461,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.step == "env":
         return print_environment()
+    if args.step == "prepare":
+        return prepare_decode_models([f for f in args.families.split(",") if f], args.size)
     if args.step == "equality":
         families = [f for f in args.families.split(",") if f]
         return check_greedy_equality(

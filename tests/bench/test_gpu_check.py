@@ -56,7 +56,8 @@ def test_plan_covers_every_check_in_the_budget():
     args.cuda = True
     steps = gpu_check.plan_steps(args)
     names = [s.name for s in steps]
-    assert names == ["env", "kernels", "equality", "pytest", *(f"decode {f}" for f in gpu_check.DECODE_FAMILIES)]
+    decode = [f"decode {f}" for f in gpu_check.DECODE_FAMILIES]
+    assert names == ["env", "kernels", "equality", "pytest", "decode models", *decode]
     assert sum(s.timeout_s for s in steps) <= gpu_check.DEFAULT_BUDGET_S  # the 8 minutes
     by_name = {s.name: s for s in steps}
     assert "--continue-on-collection-errors" in by_name["pytest"].argv and "tests/server" not in by_name["pytest"].argv
@@ -79,7 +80,7 @@ def test_dry_run_writes_the_plan(tmp_path):
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     report = out.read_text()
     assert "| env | passed |" in report and "torch:" in report  # env runs even in a dry run
-    for name in ("kernels", "equality", "pytest", "decode mamba2", "decode gla"):
+    for name in ("kernels", "equality", "pytest", "decode models", "decode mamba2", "decode gla"):
         assert f"| {name} | planned (dry run)" in report
     assert "linrec.bench.kernels --size 1.3b --batch-sizes 1,8,64,256 --device cuda" in report
 
@@ -108,8 +109,9 @@ def test_cpu_smoke_run_of_the_gpu_steps(tmp_path, monkeypatch):
     code = gpu_check.main([*argv, "--decode-families", "mamba2,gla", "--equality-families", "mamba2"])
     report = out.read_text()
     assert code == 0, report
-    for name in ("kernels", "equality", "decode mamba2", "decode gla"):
+    for name in ("kernels", "equality", "decode models", "decode mamba2", "decode gla"):
         assert f"| {name} | passed |" in report
+    assert "gla (small): " in report  # the decode models step wrote it, the decode step reused it
     assert "linrec torch (gather/scatter)" in report  # the kernels table
     assert "fla-core not importable" in report  # the blocker worked: fla peers skipped, with the reason
     assert "fastapi importable: False" in report and "pydantic importable: False" in report
