@@ -130,6 +130,30 @@ def test_every_contender_computes_the_same_step(kernel, batch):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=impl)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", list(KERNEL_SHAPES["1.3b"]))
+def test_every_contender_computes_the_same_step_on_cuda_at_13b(kernel):
+    """The same check on a GPU at the 1.3B shapes, batch 8, fla's peers included where fla-core imports (bf16
+    inputs, and fla takes q, k in bf16 too: a bf16-sized tolerance)."""
+    with torch.inference_mode():
+        made = bench_kernels._kernel_cases(
+            kernel, KERNEL_SHAPES["1.3b"][kernel], 8, torch.device("cuda"), True, fla_available()
+        )
+        before = [t.clone() for t in made.states]
+        results = {}
+        for impl, fn in made.cases:
+            out = fn()
+            results[impl] = (out, [t.clone() for t in made.states])
+            for t, b in zip(made.states, before):
+                t.copy_(b)
+    ref_out, ref_states = results["linrec torch (gather/scatter)"]
+    for impl, (out, states) in results.items():
+        torch.testing.assert_close(out.float().reshape(ref_out.shape), ref_out.float(), atol=3e-2, rtol=3e-2, msg=impl)
+        for got, want in zip(states, ref_states):
+            torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2, msg=impl)
+
+
 @pytest.mark.skipif(not triton_interpreter(), reason="the Triton kernel runs on the CPU only under the interpreter")
 def test_gated_delta_kernel_stays_inside_its_tensors_at_the_13b_shape():
     """linrec's gated delta kernel at the 1.3B bench shape (K=256, V=512: 32 value blocks) touches nothing
