@@ -30,8 +30,8 @@ def test_linrec_serve_with_no_model_answers_in_english(tmp_path: Path, assert_en
         assert chat.choices[0].message.role == "assistant"
         assert_english(chat.choices[0].message.content)
 
-        completion = client.completions.create(
-            model=model, prompt="The standard library of Python", max_tokens=48, temperature=0
-        )
+        # A newcomer's prompts. The model read only the Python docs: a prompt that asks for version numbers
+        # ("The standard library of Python" -> " 3.0.1.1.1...") gets them, so these are prose.
+        completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=48, temperature=0)
         assert_english(completion.choices[0].text)
         assert completion.usage.completion_tokens > 0
