@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.gla.chunk import chunk_gla_varlen
 from linrec.kernels.gla.decode import gla_decode
-from linrec.kernels.gla.prefill import chunk_gla, fla_chunk_gla_varlen
+from linrec.kernels.gla.prefill import chunk_gla
 from linrec.kernels.gla.step import gla_step
 from linrec.kernels.varlen import split_single_tokens
 
@@ -40,8 +41,8 @@ def gla_varlen(
         for sub, rows in split:
             o[rows] = gla_varlen(q[rows], k[rows], v[rows], g[rows], state, sub, scale, backend)
         return o
-    if backend == "triton" and q.is_cuda:
-        return fla_chunk_gla_varlen(q, k, v, g, state, batch, scale)
+    if backend == "triton":  # in place in the pool (on the CPU only under TRITON_INTERPRET=1)
+        return chunk_gla_varlen(q, k, v, g, state, batch, scale)
     lo = 0
     for n, slot in zip(batch.seq_lens, batch.slot_ids_host):
         hi = lo + n

@@ -110,6 +110,8 @@ def fla_chunk_gla_varlen(
 ) -> torch.Tensor:
     """fla-core's Triton chunk kernel over the whole varlen batch (CUDA): initial states gathered from the
     pool by slot, final states scattered back. The arguments of gla_varlen; returns o [T, H, V] in v's dtype.
+    A peer for tests and benchmarks only: requests run linrec's own kernel (chunk.py), which needs no
+    autotuning, no gather/scatter and no fla-core.
 
     fla keeps one state per query head: k, v, g and the initial states are repeated over each query group
     (the group's states then stay equal, and the first of each is written back). fla's state layout,

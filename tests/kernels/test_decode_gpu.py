@@ -1,5 +1,6 @@
 """On CUDA (compiled Triton, not the interpreter): the decode kernels at model-like sizes against the torch
-steps, and GLA prefill through fla-core's chunk_gla against the torch chunked path. Skipped without CUDA."""
+steps, and fla-core's chunk_gla (the peer of linrec's prefill, test_gla_chunk.py) against the torch chunked
+path. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from linrec.kernels.gla import gla_varlen
 from linrec.kernels.gla.decode import gla_decode
+from linrec.kernels.gla.prefill import fla_chunk_gla_varlen
 from linrec.kernels.gla.step import gla_step
 from linrec.kernels.short_conv.decode import short_conv_decode_triton
 from linrec.kernels.short_conv.prefill import short_conv_decode
@@ -104,10 +106,13 @@ def test_gla_prefill_through_fla_chunk_matches_torch(H, Hk):
     q, k, v, g = (x.cuda() for x in (q * K**-0.5, k * K**-0.5, v, g))
     state0 = torch.randn(5, Hk, K, V, generator=gen).cuda() * 0.1
     results = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "fla"):
         state = state0.clone()
-        results[backend] = (gla_varlen(q, k, v, g, state, batch, backend=backend), state)
-    d_o = max_diff(results["triton"][0], results["torch"][0])
-    d_s = max_diff(results["triton"][1], results["torch"][1])
-    print(f"fla chunk_gla (triton) vs torch chunked on CUDA H={H} Hk={Hk}: max|do|={d_o:.2e} max|dS|={d_s:.2e}")
+        if backend == "fla":
+            results[backend] = (fla_chunk_gla_varlen(q, k, v, g, state, batch), state)
+        else:
+            results[backend] = (gla_varlen(q, k, v, g, state, batch, backend=backend), state)
+    d_o = max_diff(results["fla"][0], results["torch"][0])
+    d_s = max_diff(results["fla"][1], results["torch"][1])
+    print(f"fla chunk_gla vs torch chunked on CUDA H={H} Hk={Hk}: max|do|={d_o:.2e} max|dS|={d_s:.2e}")
     assert d_o < 2e-3 and d_s < 2e-3
