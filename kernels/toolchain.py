@@ -18,8 +18,10 @@ Known faults (the facts the findings encode; the triton version matters only thr
   the bundled one) and sm >= 100 with `ptxas-blackwell`.
 So on sm_90 every ptxas before 13.3 has a known miscompile. The faults are in tensor-core (mma/wgmma) and
 shared-memory code: the chunked prefill kernels (fla's, linrec's). linrec's decode kernels use no tl.dot and
-measured right on triton 3.6.0 / ptxas 12.8.93 (H200, issue 11), but the ops choose prefill and decode kernels
-from one backend string, so the fallback, where no newer ptxas is at hand, is the torch path for every op.
+measured right on triton 3.6.0 / ptxas 12.8.93 (H200, issue 11: Gated DeltaNet and Mamba2 greedy-equal to
+the torch path, every decode kernel clean per process), so the fallback where no newer ptxas is at hand is
+narrow: prefill runs the torch chunked path (Verdict.use_triton_prefill False), decode keeps its Triton
+kernels. A toolchain that cannot compile at all (no triton, no usable ptxas) sends every op to torch.
 """
 
 from __future__ import annotations
@@ -115,15 +117,18 @@ class Finding:
     is_blocking: bool  # Triton kernels would be wrong or would not compile: do not run them as they are
     message: str
     remedy: Ptxas | None = None  # a ptxas on this machine that avoids it
+    is_prefill_only: bool = False  # only the tensor-core prefill kernels are at risk; decode kernels are not
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """What to do about a toolchain: run Triton (with ptxas_override when set) or the torch kernels."""
+    """What to do about a toolchain: run Triton (with ptxas_override when set), Triton for decode and the
+    torch chunked path for prefill, or the torch kernels."""
 
     findings: tuple[Finding, ...]
     use_triton: bool
     ptxas_override: Ptxas | None = None
+    use_triton_prefill: bool = True  # False: prefill takes the torch path even where use_triton holds
 
     def log_line(self) -> str | None:
         """The one warning line a known-bad toolchain gets; None when there is nothing to say."""
@@ -136,8 +141,12 @@ class Verdict:
                 f"linrec: {problem}; Triton now assembles with {self.ptxas_override.describe()} "
                 "(set TRITON_PTXAS_PATH to choose another)"
             )
+        if self.use_triton:
+            what = "prefill runs the torch chunked path instead of Triton (correct, slower); decode keeps Triton"
+        else:
+            what = "the torch kernels run instead of Triton (correct, slower)"
         return (
-            f"linrec: {problem}; the torch kernels run instead of Triton (correct, slower). To run Triton, set "
+            f"linrec: {problem}; {what}. To run Triton, set "
             f"TRITON_PTXAS_PATH to a ptxas >= {_dotted(SM90_MIN_PTXAS)} (a CUDA >= 13.3 toolkit's, or the "
             "backends/nvidia/bin/ptxas-blackwell of a triton >= 3.8 wheel)"
         )
@@ -186,6 +195,7 @@ def find_findings(tc: Toolchain) -> list[Finding]:
                 f"triton {tc.triton_version} assembles sm_{tc.capability[0]}{tc.capability[1]} kernels with "
                 f"{ptxas.describe()}, older than {_dotted(SM90_MIN_PTXAS)} (" + "; ".join(faults) + ")",
                 remedy=None if ptxas.is_explicit else _best_candidate(tc, SM90_MIN_PTXAS),
+                is_prefill_only=True,
             )
         )
     return findings
@@ -205,7 +215,7 @@ def _best_candidate(tc: Toolchain, minimum: tuple[int, int]) -> Ptxas | None:
 
 
 def decide(tc: Toolchain) -> Verdict:
-    """Triton as it is, Triton with a newer ptxas, or the torch kernels."""
+    """Triton as it is, Triton with a newer ptxas, Triton for decode only, or the torch kernels."""
     findings = tuple(find_findings(tc))
     blocking = [f for f in findings if f.is_blocking]
     if not blocking:
@@ -213,7 +223,9 @@ def decide(tc: Toolchain) -> Verdict:
     remedies = {f.remedy for f in blocking}
     if None not in remedies and len(remedies) == 1:
         return Verdict(findings, use_triton=True, ptxas_override=remedies.pop())
-    return Verdict(findings, use_triton=False)
+    if all(f.is_prefill_only for f in blocking):
+        return Verdict(findings, use_triton=True, use_triton_prefill=False)
+    return Verdict(findings, use_triton=False, use_triton_prefill=False)
 
 
 # ---- inspecting the machine (impure) ----

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.backend import can_run_triton_prefill
 from linrec.kernels.gated_delta.decode import gated_delta_decode_triton
 from linrec.kernels.gated_delta.naive import check_gva
 from linrec.kernels.gated_delta.prefill import (
@@ -54,6 +55,7 @@ def gated_delta_varlen(
         for sub, rows in split:
             o[rows] = gated_delta_varlen(q[rows], k[rows], v[rows], g[rows], beta[rows], state, sub, scale, backend)
         return o
-    if backend == "triton" and q.is_cuda:
+    # fla-core's chunk kernels on CUDA, unless the toolchain is known to miscompile tensor-core kernels
+    if backend == "triton" and q.is_cuda and can_run_triton_prefill(q.device):
         return fla_chunk_gated_delta_varlen(q, k, v, g, beta, state, batch, scale)
     return chunk_gated_delta_varlen(q, k, v, g, beta, state, batch, scale)

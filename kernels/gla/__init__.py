@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from linrec.kernels.backend import can_run_triton_prefill
 from linrec.kernels.gla.chunk import chunk_gla_varlen
 from linrec.kernels.gla.decode import gla_decode
 from linrec.kernels.gla.prefill import chunk_gla
@@ -41,7 +42,9 @@ def gla_varlen(
         for sub, rows in split:
             o[rows] = gla_varlen(q[rows], k[rows], v[rows], g[rows], state, sub, scale, backend)
         return o
-    if backend == "triton":  # in place in the pool (on the CPU only under TRITON_INTERPRET=1)
+    # in place in the pool (on the CPU only under TRITON_INTERPRET=1); a toolchain known to miscompile
+    # tensor-core kernels sends prefill to the torch path below
+    if backend == "triton" and can_run_triton_prefill(q.device):
         return chunk_gla_varlen(q, k, v, g, state, batch, scale)
     lo = 0
     for n, slot in zip(batch.seq_lens, batch.slot_ids_host):

@@ -47,17 +47,18 @@ def test_versions_parse():
     assert toolchain.parse_version("") == ()
 
 
-def test_the_measured_h200_stack_falls_back_to_torch():
-    """triton 3.6.0 bundles ptxas 12.8.93: both known faults apply on sm_90, and no newer ptxas is at hand."""
+def test_the_measured_h200_stack_prefills_with_torch_and_decodes_with_triton():
+    """triton 3.6.0 bundles ptxas 12.8.93: both known faults apply on sm_90, and no newer ptxas is at hand. The
+    faults are in tensor-core prefill kernels; the decode kernels measured right on that stack."""
     verdict = toolchain.decide(hopper())
     codes = {f.code: f for f in verdict.findings}
     assert codes["sm90-ptxas"].is_blocking
     assert "fla#1262" in codes["sm90-ptxas"].message and "triton#11781" in codes["sm90-ptxas"].message
     assert not codes["fla-hopper-backward"].is_blocking  # fla#640: backward only, never run for inference
-    assert not verdict.use_triton and verdict.ptxas_override is None
+    assert verdict.use_triton and not verdict.use_triton_prefill and verdict.ptxas_override is None
     line = verdict.log_line()
-    assert "\n" not in line and "ptxas 12.8.93" in line and "torch kernels run instead" in line
-    assert "TRITON_PTXAS_PATH" in line
+    assert "\n" not in line and "ptxas 12.8.93" in line and "prefill runs the torch chunked path" in line
+    assert "decode keeps Triton" in line and "TRITON_PTXAS_PATH" in line
 
 
 def test_a_newer_ptxas_on_the_machine_is_the_remedy():
@@ -67,6 +68,7 @@ def test_a_newer_ptxas_on_the_machine_is_the_remedy():
     [finding] = [f for f in verdict.findings if f.is_blocking]
     assert "triton#11781" in finding.message and "fla#1262" in finding.message
     assert verdict.use_triton and verdict.ptxas_override == BLACKWELL_13_4  # 13.0.88 is too old
+    assert verdict.use_triton_prefill  # the newer ptxas fixes the prefill kernels too
     assert "Triton now assembles with ptxas 13.4.59" in verdict.log_line()
 
 
@@ -77,13 +79,14 @@ def test_ptxas_13_1_and_13_2_miss_only_the_wgmma_fix():
 
 
 def test_no_remedy_the_driver_cannot_load_or_the_user_did_not_choose():
-    # a CUDA 12 driver cannot load what a CUDA 13 ptxas assembles
-    assert not toolchain.decide(hopper("3.9.0", BUNDLED_12_9, [BLACKWELL_13_4], driver=(12, 8))).use_triton
-    assert not toolchain.decide(hopper("3.9.0", BUNDLED_12_9, [BLACKWELL_13_4], driver=None)).use_triton
-    # an explicit TRITON_PTXAS_PATH is never overridden: a bad one means the torch kernels
+    # a CUDA 12 driver cannot load what a CUDA 13 ptxas assembles: prefill on torch, decode on Triton
+    for driver in ((12, 8), None):
+        verdict = toolchain.decide(hopper("3.9.0", BUNDLED_12_9, [BLACKWELL_13_4], driver=driver))
+        assert verdict.use_triton and not verdict.use_triton_prefill and verdict.ptxas_override is None
+    # an explicit TRITON_PTXAS_PATH is never overridden: a bad one means the torch prefill
     explicit = Ptxas("/opt/ptxas", (12, 8, 93), "TRITON_PTXAS_PATH")
     verdict = toolchain.decide(hopper("3.9.0", explicit, [BLACKWELL_13_4]))
-    assert not verdict.use_triton and verdict.ptxas_override is None
+    assert not verdict.use_triton_prefill and verdict.ptxas_override is None
 
 
 @pytest.mark.parametrize(
@@ -97,13 +100,15 @@ def test_no_remedy_the_driver_cannot_load_or_the_user_did_not_choose():
 )
 def test_good_toolchains_run_triton_as_they_are(tc):
     verdict = toolchain.decide(tc)
-    assert verdict.use_triton and verdict.ptxas_override is None and verdict.log_line() is None
+    assert verdict.use_triton and verdict.use_triton_prefill
+    assert verdict.ptxas_override is None and verdict.log_line() is None
 
 
 def test_a_missing_triton_or_ptxas_is_no_crash():
     missing = Toolchain(None, "ImportError: libcuda", True, None, (13, 0), None)
     verdict = toolchain.decide(missing)
-    assert not verdict.use_triton and "triton does not import (ImportError: libcuda)" in verdict.log_line()
+    assert not verdict.use_triton and not verdict.use_triton_prefill
+    assert "triton does not import (ImportError: libcuda)" in verdict.log_line()
     broken = hopper("3.9.0", Ptxas("/triton/bin/ptxas", None, "bundled with triton"), [BLACKWELL_13_4])
     verdict = toolchain.decide(broken)
     assert verdict.use_triton and verdict.ptxas_override == BLACKWELL_13_4
@@ -167,9 +172,12 @@ def fresh_prepare(monkeypatch):
     toolchain._prepared.cache_clear()
 
 
-def test_resolve_backend_answers_a_bad_toolchain_with_torch_and_one_line(fresh_prepare, monkeypatch, caplog):
+def test_resolve_backend_answers_a_toolchain_that_cannot_compile_with_torch_and_one_line(
+    fresh_prepare, monkeypatch, caplog
+):
     inspected = []
-    monkeypatch.setattr(toolchain, "inspect_toolchain", lambda device: inspected.append(device) or hopper())
+    broken = hopper("3.6.0", Ptxas("/triton/bin/ptxas", None, "bundled with triton"))
+    monkeypatch.setattr(toolchain, "inspect_toolchain", lambda device: inspected.append(device) or broken)
     monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
     with caplog.at_level(logging.WARNING, logger="linrec.kernels.toolchain"):
         assert backend.resolve_backend("auto", "cuda") == "torch"
@@ -178,6 +186,35 @@ def test_resolve_backend_answers_a_bad_toolchain_with_torch_and_one_line(fresh_p
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert len(inspected) == 1
     assert backend.resolve_backend("auto", "cpu") == "torch" and backend.resolve_backend("torch", "cuda") == "torch"
+
+
+def test_the_measured_h200_stack_sends_prefill_to_torch_and_keeps_triton_decode(fresh_prepare, monkeypatch):
+    """On the measured stack the triton backend keeps its decode kernels and GLA prefill takes the torch
+    chunked path: the same output and states as the torch backend, and linrec's Triton chunk kernel is not
+    called. (CUDA is faked for the toolchain; the tensors stay on the CPU.)"""
+    import torch
+
+    import linrec.kernels.gla as gla_ops
+    from linrec.models.batch import ForwardBatch
+
+    monkeypatch.setattr(toolchain, "inspect_toolchain", lambda device: hopper())
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    assert backend.resolve_backend("auto", "cuda") == "triton"
+    assert not backend.can_run_triton_prefill("cuda") and backend.can_run_triton_prefill("cpu")
+
+    monkeypatch.setattr(gla_ops, "can_run_triton_prefill", lambda device: backend.can_run_triton_prefill("cuda"))
+    monkeypatch.setattr(gla_ops, "chunk_gla_varlen", lambda *a, **k: pytest.fail("the Triton prefill ran"))
+    gen = torch.Generator().manual_seed(0)
+    T, H, Hk, K, V = 7, 2, 1, 8, 8
+    q, k, g = (torch.randn(T, n, K, generator=gen) for n in (H, Hk, Hk))
+    v = torch.randn(T, Hk, V, generator=gen)
+    g = -torch.nn.functional.softplus(g)
+    batch = ForwardBatch.build([3, 4], [0, 0], [1, 2], torch.device("cpu"))
+    outs = {}
+    for name in ("triton", "torch"):
+        state = torch.randn(3, Hk, K, V, generator=torch.Generator().manual_seed(1))
+        outs[name] = (gla_ops.gla_varlen(q, k, v, g, state, batch, backend=name), state)
+    assert torch.equal(outs["triton"][0], outs["torch"][0]) and torch.equal(outs["triton"][1], outs["torch"][1])
 
 
 def test_resolve_backend_keeps_triton_with_the_remedy(fresh_prepare, monkeypatch):
