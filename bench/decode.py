@@ -9,8 +9,7 @@ a run generating 1 token, with the same prompts, on each side. Prefill tokens/s 
 `prefill_batch` prompts of `prefill_len` tokens generating one token each, on both sides.
 
 `--size small` (a tiny config, batch 1 and 2) exists so CI can smoke-test it on a CPU in seconds. CPU
-figures are not performance figures: the JSON says so in `note`. `python -m linrec.bench.decode` takes every
-family (`linrec bench decode` takes those its --family lists).
+figures are not performance figures: the JSON says so in `note`.
 """
 
 from __future__ import annotations
@@ -416,51 +415,3 @@ def run_decode(
         hf_prefill_tokens_per_s=hf_prefill_rate,
         prefill_ratio=linrec_prefill_rate / hf_prefill_rate if hf_prefill_rate else None,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m linrec.bench.decode`: `linrec bench decode` for every family, GLA and Gated DeltaNet too."""
-    import argparse
-
-    from linrec.bench.common import SIZES, parse_batch_sizes
-
-    parser = argparse.ArgumentParser(prog="python -m linrec.bench.decode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--family", default="liger_gla", choices=DECODE_FAMILIES)
-    parser.add_argument("--size", default="1.3b", choices=SIZES)
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated (1,8,64,256)")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prefill-len", type=int, default=None, help="512 (small: 32)")
-    parser.add_argument("--prefill-batch", type=int, default=None, help="8 (small: 2)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--kernel-backend", default="auto")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    result = run_decode(
-        args.model,
-        family=args.family,
-        size=args.size,
-        batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
-        prompt_len=args.prompt_len,
-        output_len=args.output_len,
-        dtype=args.dtype,
-        device=args.device,
-        kernel_backend=args.kernel_backend,
-        enforce_eager=args.enforce_eager,
-        seed=args.seed,
-        repeats=args.repeats,
-        prefill_len=args.prefill_len,
-        prefill_batch=args.prefill_batch,
-        progress=None if args.json else lambda line: print(f"progress: {line}", flush=True),
-    )
-    print(result.to_json() if args.json else result.format())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,7 @@ its own timeout, inside one overall budget (8 minutes by default); a step that f
 recorded and the next one runs. Steps, in order:
 
   env        nvidia-smi -L, python/torch/triton/transformers/fla versions, compute capability, ptxas, sanitizer
-  kernels    `python -m linrec.bench.kernels` at the 1.3B shapes (CUDA-graph replay beside eager); when it
+  kernels    `linrec bench kernels` at the 1.3B shapes (CUDA-graph replay beside eager); when it
              fails, each failing kernel again alone with CUDA_LAUNCH_BLOCKING=1, under compute-sanitizer
              memcheck where it is installed (kernels-isolate), so the report names the case that faults
   equality   greedy tokens of all four families on their demo models, fp32: triton + CUDA graphs == torch
@@ -13,7 +13,7 @@ recorded and the next one runs. Steps, in order:
   pytest     `pytest -m gpu` over tests/{kernels,engine,models,bench} (kernels at model sizes, graphs ==
              eager, fla == ours), where pytest is importable
   decode     the bench checkpoints written first (decode models, one step), then per family
-             `python -m linrec.bench.decode` (batch 1/8/64/256, 1.3B-class, bf16) beside its peer:
+             `linrec bench decode` (batch 1/8/64/256, 1.3B-class, bf16) beside its peer:
              transformers' generate for Liger-GLA (the original Llama) and Mamba2, fla's own model classes
              for GLA and Gated DeltaNet (skipped with a note when fla.models is not importable)
 
@@ -130,7 +130,19 @@ def plan_steps(args: argparse.Namespace) -> list[Step]:
     steps = [Step("env", [py, "-m", "linrec.bench.gpu_check", "--step", "env"], 15, needs_cuda=False)]
     if "kernels" in args.steps:
         batches = "1,2" if small else "1,8,64,256"
-        argv = [py, "-m", "linrec.bench.kernels", "--size", args.size, "--batch-sizes", batches, "--device", device]
+        argv = [
+            py,
+            "-m",
+            "linrec.cli",
+            "bench",
+            "kernels",
+            "--size",
+            args.size,
+            "--batch-sizes",
+            batches,
+            "--device",
+            device,
+        ]
         steps.append(Step("kernels", argv + (["--repeats", "1"] if small else []), 75))
     if "equality" in args.steps:
         argv = [py, "-m", "linrec.bench.gpu_check", "--step", "equality", "--device", device]
@@ -147,7 +159,19 @@ def plan_steps(args: argparse.Namespace) -> list[Step]:
         argv = [py, "-m", "linrec.bench.gpu_check", "--step", "prepare", "--size", args.size]
         steps.append(Step("decode models", argv + ["--families", ",".join(args.decode_families)], 90))
         for family in args.decode_families:
-            argv = [py, "-m", "linrec.bench.decode", "--family", family, "--size", args.size, "--device", device]
+            argv = [
+                py,
+                "-m",
+                "linrec.cli",
+                "bench",
+                "decode",
+                "--family",
+                family,
+                "--size",
+                args.size,
+                "--device",
+                device,
+            ]
             if small:
                 argv += ["--batch-sizes", "1,2", "--output-len", "4", "--repeats", "1"]
             else:
@@ -164,7 +188,7 @@ def isolation_steps(kernels_output: str, size: str, device: str) -> list[Step]:
     sanitizer = compute_sanitizer()
     steps = []
     for kernel in named or list(KERNEL_NAMES):
-        argv = [sys.executable, "-m", "linrec.bench.kernels", "--size", size, "--kernels", kernel]
+        argv = [sys.executable, "-m", "linrec.cli", "bench", "kernels", "--size", size, "--kernels", kernel]
         argv += ["--batch-sizes", "1,8", "--eager", "--repeats", "2", "--device", device]
         if sanitizer:
             argv = [sanitizer, "--tool", "memcheck", "--print-limit", "20", *argv]

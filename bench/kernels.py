@@ -25,8 +25,8 @@ are not performance figures, and Triton kernels on the CPU run under TRITON_INTE
 nothing: the JSON says so in `note` and marks each such row. fla-core is optional: without it (or on a CPU
 without the interpreter) its peers are listed in `skipped`.
 
-`python -m linrec.bench.kernels` runs the same with filters (--kernels, --impls) so that one case can run
-alone in its own process (bench/gpu_check.py does that to find which case fails).
+--kernels and --impls filter the cases, so that one case can run alone in its own process (bench/gpu_check.py
+does that to find which case fails).
 """
 
 from __future__ import annotations
@@ -704,37 +704,3 @@ def _result(device, size, interpreted, copy_bw, shapes, rows, skipped, errors, t
         errors=errors,
         timing=timing,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m linrec.bench.kernels`: `linrec bench kernels` with filters, for one case per process.
-    Exit status 1 when a contender raised (the JSON lists it in `errors`)."""
-    import argparse
-
-    from linrec.bench.common import SIZES, parse_batch_sizes
-
-    parser = argparse.ArgumentParser(prog="python -m linrec.bench.kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1.3b", choices=SIZES)
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated (1,8,64,256)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--kernels", default=None, help=f"comma-separated among {tuple(KERNEL_SHAPES['1.3b'])}")
-    parser.add_argument("--impls", default=None, help="comma-separated parts of contender names ('triton,fla')")
-    parser.add_argument("--eager", action="store_true", help="no CUDA-graph timing")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    result = run_kernels(
-        size=args.size,
-        batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
-        device=args.device,
-        repeats=args.repeats,
-        kernels=args.kernels.split(",") if args.kernels else None,
-        impls=args.impls.split(",") if args.impls else None,
-        use_graphs=not args.eager,
-    )
-    print(result.to_json() if args.json else result.format())
-    return 1 if result.errors else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from linrec.bench.common import BENCH_FAMILIES, SIZES
+from linrec.bench.decode import DECODE_FAMILIES
 from linrec.bench.throughput import THROUGHPUT_MAX_NUM_SEQS
 from linrec.cli.common import add_config_args
 from linrec.engine.config import EngineConfig
@@ -314,6 +315,11 @@ def _add_kernels(kinds) -> None:
     kernels.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")
     add_config_args(kernels, EngineConfig, ("device",), helps={"device": "auto, cpu, cuda, cuda:N"})
     kernels.add_argument("--repeats", type=int, default=None, help="timed calls per point (50 on CUDA, 2 on CPU)")
+    kernels.add_argument("--kernels", default=None, help="comma-separated subset of the kernels (all by default)")
+    kernels.add_argument(
+        "--impls", default=None, help="only contenders whose name contains one of these ('triton,fla')"
+    )
+    kernels.add_argument("--eager", action="store_true", help="time eager calls only (no CUDA-graph replay)")
     kernels.add_argument("--json", action="store_true", help="print the result as JSON")
     kernels.set_defaults(handler=_run_bench_kernels)
 
@@ -322,10 +328,17 @@ def _run_bench_kernels(args: argparse.Namespace) -> int:
     from linrec.bench.common import parse_batch_sizes
     from linrec.bench.kernels import run_kernels
 
-    sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
-    result = run_kernels(size=args.size, batch_sizes=sizes, device=args.device, repeats=args.repeats)
+    result = run_kernels(
+        size=args.size,
+        batch_sizes=parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None,
+        device=args.device,
+        repeats=args.repeats,
+        kernels=args.kernels.split(",") if args.kernels else None,
+        impls=args.impls.split(",") if args.impls else None,
+        use_graphs=not args.eager,
+    )
     print(result.to_json() if args.json else result.format())
-    return 0
+    return 1 if result.errors else 0  # a contender raised: the result lists it in `errors`
 
 
 def _add_decode(kinds) -> None:
@@ -337,11 +350,21 @@ def _add_decode(kinds) -> None:
         "by difference: a run of 1 + N output tokens minus a run of 1.",
     )
     decode.add_argument("--model", default=None, metavar="DIR", help="a checkpoint instead of the random model")
-    decode.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="random model without --model")
+    decode.add_argument("--family", default="liger_gla", choices=DECODE_FAMILIES, help="random model without --model")
     decode.add_argument("--size", default="1.3b", choices=SIZES, help="small: a tiny CPU smoke test")
     decode.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")
     decode.add_argument("--prompt-len", dest="prompt_len", type=int, default=16)
     decode.add_argument("--output-len", dest="output_len", type=int, default=64, help="timed decode tokens/request")
+    decode.add_argument(
+        "--prefill-len",
+        dest="prefill_len",
+        type=int,
+        default=None,
+        help="prefill timing: tokens a prompt (512; small: 32)",
+    )
+    decode.add_argument(
+        "--prefill-batch", dest="prefill_batch", type=int, default=None, help="prefill timing: prompts (8; small: 2)"
+    )
     add_config_args(
         decode,
         EngineConfig,
@@ -375,6 +398,9 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         repeats=args.repeats,
+        prefill_len=args.prefill_len,
+        prefill_batch=args.prefill_batch,
+        progress=None if args.json else lambda line: print(f"progress: {line}", flush=True),
     )
     print(result.to_json() if args.json else result.format())
     return 0

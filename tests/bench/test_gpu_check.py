@@ -82,7 +82,7 @@ def test_dry_run_writes_the_plan(tmp_path):
     assert "| env | passed |" in report and "torch:" in report  # env runs even in a dry run
     for name in ("kernels", "equality", "pytest", "decode models", "decode mamba2", "decode gla"):
         assert f"| {name} | planned (dry run)" in report
-    assert "linrec.bench.kernels --size 1.3b --batch-sizes 1,8,64,256 --device cuda" in report
+    assert "linrec.cli bench kernels --size 1.3b --batch-sizes 1,8,64,256 --device cuda" in report
 
 
 def test_without_cuda_the_gpu_steps_are_skipped(tmp_path, monkeypatch):
@@ -181,7 +181,9 @@ def test_isolation_steps_name_the_failing_kernels(monkeypatch):
     assert step.env == {"CUDA_LAUNCH_BLOCKING": "1"}
     assert step.argv[1:] == [
         "-m",
-        "linrec.bench.kernels",
+        "linrec.cli",
+        "bench",
+        "kernels",
         "--size",
         "1.3b",
         "--kernels",
