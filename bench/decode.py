@@ -124,34 +124,13 @@ def decode_model_path(family: str, size: str) -> Path:
 def write_fla_bench_model(dst: str | Path, family: str, overrides: dict[str, Any] | None = None) -> Path:
     """A seeded random checkpoint of fla's GLA or Gated DeltaNet, written by linrec's own model class (its
     parameter names and config.json are fla's: fla.models loads it), with the byte-level tokenizer."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    from linrec.models.registry import get_model_class
-    from linrec.models.tokenizer import demo_special_token_ids, write_byte_tokenizer
+    from linrec.models.demo import write_seeded_model
 
     if family not in FLA_FAMILIES:
         raise ValueError(f"expected a family in {FLA_FAMILIES}, got {family!r}")
-    model_cls = get_model_class(family)
-    special_ids = demo_special_token_ids()
     # bf16 on disk: the bench runs bf16 on a GPU, and a 1.3B model writes in half the time (5.1 GB fp32 took
     # 91 s on a 2-core machine, most of it writing)
-    config = {**model_cls.demo_hf_config(), "vocab_size": BENCH_VOCAB_SIZE, **special_ids, "torch_dtype": "bfloat16"}
-    config.update(overrides or {})
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.manual_seed(BENCH_SEED)
-        model = model_cls.from_hf_config(config).to(torch.bfloat16)
-    tied = model.tied_weights()
-    tensors = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items() if name not in tied}
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (dst / "generation_config.json").write_text(json.dumps(special_ids, indent=2) + "\n")
-    write_byte_tokenizer(dst)
-    return dst
+    return write_seeded_model(dst, family, overrides, vocab_size=BENCH_VOCAB_SIZE, dtype="bfloat16", seed=BENCH_SEED)
 
 
 def fla_peer(path: Path, dtype, device):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from linrec.models.tokenizer import DEMO_VOCAB_SIZE, demo_special_token_ids, write_byte_tokenizer
 
@@ -29,30 +30,43 @@ def write_demo_model(dst: str | Path, family: str = DEFAULT_DEMO_FAMILY) -> Path
 
     The weights are the family's own random init under a fixed seed, so two calls write the same model.
     """
-    import torch
-    from safetensors.torch import save_file
-
-    from linrec.models.registry import DEMO_FAMILIES, get_model_class
+    from linrec.models.registry import DEMO_FAMILIES
 
     if family not in DEMO_FAMILIES:
         raise ValueError(f"unknown demo family {family!r}; expected one of {', '.join(DEMO_FAMILIES)}")
+    return write_seeded_model(dst, family)
+
+
+def write_seeded_model(
+    dst: str | Path,
+    family: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    vocab_size: int = DEMO_VOCAB_SIZE,
+    dtype: str = "float32",
+    seed: int = DEMO_SEED,
+) -> Path:
+    """write_demo_model's writer: linrec's own `family` class at its demo config with `overrides`, random init
+    under `seed`, saved in `dtype` (its parameter names are the family's checkpoint format, so the family's
+    reference implementation loads it too), with the byte-level tokenizer. The benches write larger ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    from linrec.models.registry import get_model_class
+
     dst = Path(dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"destination {str(dst)!r} exists and is not an empty directory; refusing to overwrite")
 
     model_cls = get_model_class(family)
     special_ids = demo_special_token_ids()
-    config = {
-        **model_cls.demo_hf_config(),
-        "vocab_size": DEMO_VOCAB_SIZE,
-        **special_ids,
-        "torch_dtype": "float32",
-    }
+    config = {**model_cls.demo_hf_config(), "vocab_size": vocab_size, **special_ids, "torch_dtype": dtype}
+    config.update(overrides or {})
     config.setdefault("model_type", family)
     # fork_rng: the fixed seed must not reset the caller's global generator.
     with _SEEDED_INIT_LOCK, torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.manual_seed(DEMO_SEED)
-        model = model_cls.from_hf_config(config).float()
+        torch.manual_seed(seed)
+        model = model_cls.from_hf_config(config).to(getattr(torch, dtype))
     tied = model.tied_weights()
     # clone: safetensors refuses tensors that share storage, and tied copies are not saved at all.
     tensors = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items() if name not in tied}
