@@ -17,6 +17,7 @@ from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.state_pool import StatePool, num_slots_for_budget
 from linrec.engine.warmup import warm_up
+from linrec.kernels.toolchain import current_compile_watch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class EngineStats:
     num_step_failures: int = 0  # engine steps that raised and were recovered from
     num_failed_requests: int = 0  # samples ended with an error (500) because a failure was traced to them
     num_quarantined: int = 0  # requests whose state is being rebuilt after a failed step (now)
+    # Triton kernels compiled after the warm-up (kernels/toolchain.py's watch, process-wide): each one is a
+    # request that waited on the compiler, a bug in engine/warmup.py's coverage. 0 where Triton never loaded.
+    num_kernel_compilations_after_warmup: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -220,6 +224,7 @@ class EngineCore:
         allocator = self.scheduler.allocator
         prefix = self.scheduler.prefix_stats
         cache = self.prefix_cache
+        watch = current_compile_watch()
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -239,6 +244,7 @@ class EngineCore:
             num_step_failures=self.num_step_failures,
             num_failed_requests=self.num_failed_requests,
             num_quarantined=self.scheduler.num_suspects,
+            num_kernel_compilations_after_warmup=watch.num_late_compilations if watch is not None else 0,
         )
 
     def step(self) -> list[SampleDelta]:

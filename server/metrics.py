@@ -100,6 +100,12 @@ class _EngineCollector(Collector):
                 "Samples ended with an error (500) because a failed step was traced to them.",
                 stats.num_failed_requests,
             ),
+            (
+                "kernel_compilations_after_warmup",
+                "Triton kernels compiled after the start-up warm-up: each one a request that waited on the compiler "
+                "(a bug: see the warning log line naming the kernel).",
+                stats.num_kernel_compilations_after_warmup,
+            ),
         )
         for name, doc, value in counters:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])

@@ -185,6 +185,21 @@ def test_warmup_arms_the_compile_watch(caplog):
     assert "fake_kernel" in record.getMessage() and "after warm-up" in record.getMessage()
 
 
+def test_late_compilations_reach_the_engine_stats(demo_model_dir, monkeypatch):
+    """What /metrics serves as linrec:kernel_compilations_after_warmup_total: the installed watch's count."""
+    from linrec.engine import core
+    from linrec.engine.llm import LLM
+
+    engine = LLM(demo_model_dir(), max_num_seqs=2).engine
+    assert engine.stats().num_kernel_compilations_after_warmup == 0  # no Triton watch in this process
+    watch = CompileWatch()
+    with watch.warming_up():
+        watch(key="k", repr="warm_kernel[...]", fn=None, compile=None)
+    watch(key="k2", repr="late_kernel[...]", fn=None, compile=None)
+    monkeypatch.setattr(core, "current_compile_watch", lambda: watch)
+    assert engine.stats().num_kernel_compilations_after_warmup == 1
+
+
 def test_warmup_without_a_watch_says_so():
     model = _CompilingModel(CompileWatch())
     report = warmup.run_warmup(

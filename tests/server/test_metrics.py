@@ -108,6 +108,7 @@ def test_metrics_agree_with_the_responses(fresh_app) -> None:
     assert value(s, "state_bytes_per_request", **LABELS) == pool.total_bytes // pool.num_rows > 0
     for gauge in ("state_slots_used", "num_requests_running", "num_requests_waiting"):
         assert value(s, gauge, **LABELS) == 0, gauge
+    assert value(s, "kernel_compilations_after_warmup_total", **LABELS) == 0  # the torch backend compiles nothing
 
 
 def test_gauges_follow_a_running_request_and_an_aborted_one_counts_its_prompt(fresh_app) -> None:
