@@ -88,8 +88,15 @@ def demo_special_token_ids() -> dict[str, int]:
 
 def write_byte_tokenizer(dst: str | Path) -> None:
     """Write tokenizer.json and tokenizer_config.json (with the chat template) of the demo tokenizer."""
+    save_chat_tokenizer(build_byte_tokenizer(), dst, model_max_length=1 << 30)
+
+
+def save_chat_tokenizer(tokenizer, dst: str | Path, model_max_length: int) -> None:
+    """Write a `tokenizers.Tokenizer` with linrec's special tokens as tokenizer.json, and its
+    tokenizer_config.json (transformers' fast tokenizer, <|bos|> prepended, linrec's chat template)."""
     dst = Path(dst)
-    build_byte_tokenizer().save(str(dst / "tokenizer.json"))
+    dst.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(dst / "tokenizer.json"))
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
@@ -98,7 +105,7 @@ def write_byte_tokenizer(dst: str | Path) -> None:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 1 << 30,
+        "model_max_length": model_max_length,
         "chat_template": DEMO_CHAT_TEMPLATE,
     }
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -7,12 +7,17 @@ here they come first (ids 0..5) and the learned byte-level merges follow.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-from linrec.models.tokenizer import BOS_TOKEN, DEMO_CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from linrec.models.tokenizer import (
+    BOS_TOKEN,
+    DEMO_CHAT_TEMPLATE,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    save_chat_tokenizer,
+)
 
 CHAT_TEMPLATE = DEMO_CHAT_TEMPLATE
 
@@ -56,19 +61,6 @@ def special_token_ids(tokenizer) -> dict[str, int]:
 
 
 def save_tokenizer(tokenizer, dst: str | Path, model_max_length: int) -> None:
-    """Write tokenizer.json and tokenizer_config.json (with the chat template) into `dst`."""
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(dst / "tokenizer.json"))
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": PAD_TOKEN,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    """Write tokenizer.json and tokenizer_config.json (with the chat template) into `dst`: the demo
+    tokenizer's files (models/tokenizer.py), with this tokenizer's vocabulary and length."""
+    save_chat_tokenizer(tokenizer, dst, model_max_length)
