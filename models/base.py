@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from linrec.models.batch import ForwardBatch
+from linrec.kernels.backend import resolve_backend
+from linrec.models.batch import ForwardBatch, ForwardContext
 
 # One layer's state: name -> tensor [num_rows, *spec.shape]. Row r is the state of whichever request
 # holds slot r; models read and write rows batch.slot_ids in place.
@@ -34,8 +35,11 @@ class StateSpec:
 class CausalLM(nn.Module):
     """Base of every family: parameter names equal the HF checkpoint's names.
 
-    Subclasses set `config` (their frozen config dataclass) and implement `state_spec`, `forward`
-    and `compute_logits`. Nothing here allocates state or schedules: the engine does.
+    Subclasses set `config` (their frozen config dataclass) and `kernel_backend`, and implement
+    `state_spec`, `embed`, `decoder_layers` and `final_norm` (and `forward_context` when their layers share
+    per-call inputs such as RoPE's). The base owns the one decoder-layer loop, where per-request layer
+    routes are applied. Every decoder layer is called as layer(hidden, ctx, layer_state). Nothing here
+    allocates state or schedules: the engine does.
     """
 
     # model_type strings (config.json "model_type") this class serves
@@ -45,6 +49,7 @@ class CausalLM(nn.Module):
     # Checkpoint name of the token embedding, whose tensor a tied lm_head shares.
     embedding_weight_name: ClassVar[str]
     config: Any
+    kernel_backend: str  # auto | triton | torch, resolved against the input's device at each forward
     lm_head: nn.Linear
 
     @classmethod
@@ -64,9 +69,32 @@ class CausalLM(nn.Module):
         """Per layer, the state tensors one request needs; their sizes never depend on context length."""
         raise NotImplementedError
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> the first layer's input [T, D]."""
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layers in order; layer i owns state_spec()[i]."""
+        raise NotImplementedError
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last layer's output [T, D] -> the hidden states lm_head reads."""
+        raise NotImplementedError
+
+    def forward_context(self, batch: ForwardBatch, backend: str) -> ForwardContext:
+        """What every layer of this call sees; families with per-call inputs (RoPE) extend it."""
+        return ForwardContext(batch, backend)
+
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, D]; updates rows batch.slot_ids of `state` in place."""
-        raise NotImplementedError
+        layers = self.decoder_layers()
+        if len(state) != len(layers):
+            raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
+        ctx = self.forward_context(batch, resolve_backend(self.kernel_backend, input_ids.device))
+        hidden = self.embed(input_ids)
+        for layer, layer_state in zip(layers, state):
+            hidden = layer(hidden, ctx, layer_state)
+        return self.final_norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> logits [N, vocab] in fp32."""

@@ -79,3 +79,15 @@ class ForwardBatch:
     def last_token_indices(self) -> torch.Tensor:
         """[B] index on the flat axis of each sequence's last token (where its next token is sampled)."""
         return self.cu_seqlens[1:] - 1
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward call sees besides its input and its own state: the batch layout,
+    the kernel implementation resolved for the input's device, and what the family computes once per call
+    for all its layers (RoPE's cos and sin [T, D] for Liger-GLA; None elsewhere)."""
+
+    batch: ForwardBatch
+    backend: str  # "triton" | "torch" (kernels/backend.resolve_backend)
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linrec.kernels.backend import resolve_backend
 from linrec.models.base import CausalLM, LayerState
-from linrec.models.batch import ForwardBatch
+from linrec.models.batch import ForwardContext
 from linrec.models.layers import GatedMLP
 
 
@@ -115,9 +114,9 @@ class FlaBlock(nn.Module):
         self.mlp_norm = GatedRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.mlp_size, "swish")
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
-        hidden = hidden + self.attn(self.attn_norm(hidden), batch, state, backend)
-        return hidden + self.mlp(self.mlp_norm(hidden))
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
+        hidden = hidden + self.attn(self.attn_norm(hidden), ctx, state)
+        return hidden + self.mlp(self.mlp_norm(hidden), ctx)
 
 
 class FlaModel(nn.Module):
@@ -145,12 +144,11 @@ class FlaForCausalLM(CausalLM):
             nn.init.normal_(self.model.embeddings.weight, std=config.initializer_range)
         self.tie_lm_head()
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
-        layers = self.model.layers
-        if len(state) != len(layers):
-            raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
-        backend = resolve_backend(self.kernel_backend, input_ids.device)
-        hidden = self.model.embeddings(input_ids)
-        for layer, layer_state in zip(layers, state):
-            hidden = layer(hidden, batch, layer_state, backend)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(input_ids)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.norm(hidden)

@@ -24,7 +24,7 @@ from torch import nn
 from linrec.kernels.gated_delta import gated_delta_varlen
 from linrec.kernels.short_conv import short_conv_varlen
 from linrec.models.base import LayerState, StateSpec
-from linrec.models.batch import ForwardBatch
+from linrec.models.batch import ForwardContext
 from linrec.models.fla_common import (
     FlaForCausalLM,
     GatedRMSNorm,
@@ -33,6 +33,7 @@ from linrec.models.fla_common import (
     gated_mlp_size,
     typed_fields,
 )
+from linrec.models.layers import projection
 
 L2_NORM_EPS = 1e-6  # fla's use_qk_l2norm_in_kernel
 
@@ -117,11 +118,11 @@ class GatedDeltaNet(nn.Module):
         c = config
         self.config = c
         HV = c.v_heads
-        self.q_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.value_dim, bias=False)
-        self.a_proj = nn.Linear(c.hidden_size, HV, bias=False)
-        self.b_proj = nn.Linear(c.hidden_size, HV, bias=False)
+        self.q_proj = projection(c.hidden_size, c.key_dim, bias=False)
+        self.k_proj = projection(c.hidden_size, c.key_dim, bias=False)
+        self.v_proj = projection(c.hidden_size, c.value_dim, bias=False)
+        self.a_proj = projection(c.hidden_size, HV, bias=False)
+        self.b_proj = projection(c.hidden_size, HV, bias=False)
         self.A_log = nn.Parameter(torch.empty(HV))
         self.dt_bias = nn.Parameter(torch.empty(HV))
         if c.use_short_conv:
@@ -129,9 +130,9 @@ class GatedDeltaNet(nn.Module):
             self.k_conv1d = depthwise_conv(c.key_dim, c.conv_size)
             self.v_conv1d = depthwise_conv(c.value_dim, c.conv_size)
         if c.use_gate:
-            self.g_proj = nn.Linear(c.hidden_size, c.value_dim, bias=False)
+            self.g_proj = projection(c.hidden_size, c.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(c.head_v_dim, eps=c.norm_eps, activation=c.output_gate_activation)
-        self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
+        self.o_proj = projection(c.value_dim, c.hidden_size, bias=False)
         self.reset_gate_parameters()
 
     @torch.no_grad()
@@ -145,12 +146,13 @@ class GatedDeltaNet(nn.Module):
         dt = log_dt.exp().clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
         """x [T, hidden_size] -> [T, hidden_size]; updates the recurrent and conv state rows in place."""
         c = self.config
+        batch, backend = ctx.batch, ctx.backend
         T = x.shape[0]
         H, HV, K, V = c.num_heads, c.v_heads, c.head_dim, c.head_v_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x, ctx), self.k_proj(x, ctx), self.v_proj(x, ctx)
         if c.use_short_conv:
             q, k, v = (
                 short_conv_varlen(y, conv.weight[:, 0, :], conv.bias, state[name], batch, "silu", backend)
@@ -163,13 +165,13 @@ class GatedDeltaNet(nn.Module):
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k = _l2_normalize(q.view(T, H, K)), _l2_normalize(k.view(T, H, K))
-        beta = torch.sigmoid(self.b_proj(x).float())
+        beta = torch.sigmoid(self.b_proj(x, ctx).float())
         if c.allow_neg_eigval:
             beta = beta * 2
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [T, HV]
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x, ctx).float() + self.dt_bias.float())  # [T, HV]
         o = gated_delta_varlen(q, k, v.view(T, HV, V), g, beta, state["recurrent"], batch, K**-0.5, backend)
-        gate = self.g_proj(x).view(T, HV, V) if c.use_gate else None
-        return self.o_proj(self.o_norm(o, gate).reshape(T, HV * V))
+        gate = self.g_proj(x, ctx).view(T, HV, V) if c.use_gate else None
+        return self.o_proj(self.o_norm(o, gate).reshape(T, HV * V), ctx)
 
 
 class GatedDeltaNetForCausalLM(FlaForCausalLM):

@@ -25,7 +25,7 @@ from torch import nn
 from linrec.kernels.gla import gla_varlen
 from linrec.kernels.short_conv import short_conv_varlen
 from linrec.models.base import LayerState, StateSpec
-from linrec.models.batch import ForwardBatch
+from linrec.models.batch import ForwardContext
 from linrec.models.fla_common import (
     FlaForCausalLM,
     GatedRMSNorm,
@@ -34,6 +34,7 @@ from linrec.models.fla_common import (
     gated_mlp_size,
     typed_fields,
 )
+from linrec.models.layers import projection
 
 GATE_LOGIT_NORMALIZER = 16  # fla's GatedLinearAttention defaults, which GLABlock never overrides
 GATE_LOW_RANK_DIM = 16
@@ -137,30 +138,32 @@ class GatedLinearAttention(nn.Module):
         self.config = c
         self.feature_map = _FEATURE_MAPS[c.feature_map] if c.feature_map is not None else None
         kv_key_dim, kv_value_dim = c.kv_heads * c.head_k_dim, c.kv_heads * c.head_v_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.key_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, kv_key_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, kv_value_dim, bias=False)
+        self.q_proj = projection(c.hidden_size, c.key_dim, bias=False)
+        self.k_proj = projection(c.hidden_size, kv_key_dim, bias=False)
+        self.v_proj = projection(c.hidden_size, kv_value_dim, bias=False)
         if c.use_output_gate:
-            self.g_proj = nn.Linear(c.hidden_size, c.value_dim, bias=False)
+            self.g_proj = projection(c.hidden_size, c.value_dim, bias=False)
         if c.use_short_conv:
             self.q_conv1d = depthwise_conv(c.key_dim, c.conv_size)
             self.k_conv1d = depthwise_conv(kv_key_dim, c.conv_size)
             self.v_conv1d = depthwise_conv(kv_value_dim, c.conv_size)
-        self.gk_proj = nn.Sequential(
-            nn.Linear(c.hidden_size, GATE_LOW_RANK_DIM, bias=False), nn.Linear(GATE_LOW_RANK_DIM, kv_key_dim, bias=True)
+        # fla's low-rank gate (an nn.Sequential there): the names gk_proj.0 and gk_proj.1 are the checkpoint's
+        self.gk_proj = nn.ModuleList(
+            [projection(c.hidden_size, GATE_LOW_RANK_DIM), projection(GATE_LOW_RANK_DIM, kv_key_dim, bias=True)]
         )
-        self.o_proj = nn.Linear(c.value_dim, c.hidden_size, bias=False)
+        self.o_proj = projection(c.value_dim, c.hidden_size, bias=False)
         norm = GatedRMSNorm(c.head_v_dim, eps=c.norm_eps, elementwise_affine=bool(c.elementwise_affine))
         # fla fuses norm and swish gate in one module, under another name, when fuse_norm and use_output_gate
         self.norm_name = "g_norm_swish_gate" if c.fuse_norm and c.use_output_gate else "g_norm"
         self.add_module(self.norm_name, norm)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
         """x [T, hidden_size] -> [T, hidden_size]; updates the recurrent and conv state rows in place."""
         c = self.config
+        batch, backend = ctx.batch, ctx.backend
         T = x.shape[0]
         H, Hk, K, V = c.num_heads, c.kv_heads, c.head_k_dim, c.head_v_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x, ctx), self.k_proj(x, ctx), self.v_proj(x, ctx)
         if c.use_short_conv:
             q, k, v = (
                 short_conv_varlen(y, conv.weight[:, 0, :], conv.bias, state[name], batch, "silu", backend)
@@ -171,16 +174,16 @@ class GatedLinearAttention(nn.Module):
                 )
             )
         # the log decay in fp32: its sum over a long prompt is what the state's memory length rests on
-        gk = F.logsigmoid(self.gk_proj(x).float()) / GATE_LOGIT_NORMALIZER
+        gk = F.logsigmoid(self.gk_proj[1](self.gk_proj[0](x, ctx), ctx).float()) / GATE_LOGIT_NORMALIZER
         if c.clamp_min is not None:
             gk = gk.clamp_min(c.clamp_min)
         q, k = q.view(T, H, K), k.view(T, Hk, K)
         if self.feature_map is not None:
             q, k = self.feature_map(q), self.feature_map(k)
         o = gla_varlen(q, k, v.view(T, Hk, V), gk.view(T, Hk, K), state["recurrent"], batch, K**-0.5, backend)
-        gate = self.g_proj(x).view(T, H, V) if c.use_output_gate else None
+        gate = self.g_proj(x, ctx).view(T, H, V) if c.use_output_gate else None
         o = getattr(self, self.norm_name)(o, gate)
-        return self.o_proj(o.reshape(T, H * V))
+        return self.o_proj(o.reshape(T, H * V), ctx)
 
 
 class GLAForCausalLM(FlaForCausalLM):

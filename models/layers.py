@@ -1,10 +1,13 @@
-"""Building blocks shared by several families: norms and the gated MLP."""
+"""Building blocks shared by several families: the projection every linear layer is built as, norms and the
+gated MLP."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from linrec.models.batch import ForwardContext
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -37,15 +40,30 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+class Projection(nn.Linear):
+    """A linear layer of a decoder layer (every one but lm_head): nn.Linear's parameters under nn.Linear's
+    names, and a forward that sees the step's ForwardContext, so that per-request add-ons (LoRA) land here
+    once for every projection of every family, the recurrent ones included."""
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features]; ctx None (a caller outside the engine) is the base layer."""
+        return F.linear(x, self.weight, self.bias)
+
+
+def projection(in_features: int, out_features: int, bias: bool = False) -> Projection:
+    """The one factory every family builds its projections with."""
+    return Projection(in_features, out_features, bias=bias)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): the SwiGLU MLP of Llama, Qwen2, Mistral, GLA and Gated DeltaNet."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = projection(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = projection(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = projection(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)

@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linrec.kernels.backend import resolve_backend
 from linrec.kernels.window_attn import liger_attention_varlen, window_attn_varlen
 from linrec.models.base import CausalLM, LayerState, StateSpec
-from linrec.models.batch import ForwardBatch
-from linrec.models.layers import GatedMLP, RMSNorm, get_activation
+from linrec.models.batch import ForwardBatch, ForwardContext
+from linrec.models.layers import GatedMLP, RMSNorm, get_activation, projection
 from linrec.models.rope import RopeConfig, RotaryEmbedding, apply_rotary
 
 GATE_LOGIT_NORMALIZER = 16.0
@@ -166,25 +165,18 @@ class LigerGLAAttention(nn.Module):
         super().__init__()
         H, Hk, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hk, D
-        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, Hk * D, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, Hk * D, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.o_bias)
+        self.q_proj = projection(config.hidden_size, H * D, bias=config.qkv_bias)
+        self.k_proj = projection(config.hidden_size, Hk * D, bias=config.qkv_bias)
+        self.v_proj = projection(config.hidden_size, Hk * D, bias=config.qkv_bias)
+        self.o_proj = projection(H * D, config.hidden_size, bias=config.o_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: ForwardBatch,
-        state: LayerState,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        backend: str,
-    ) -> torch.Tensor:
-        """x [T, hidden]; cos, sin [T, D]. Returns [T, hidden]; updates state rows batch.slot_ids."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
+        """x [T, hidden]; ctx.cos, ctx.sin [T, D]. Returns [T, hidden]; updates state rows batch.slot_ids."""
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        cos, sin = ctx.cos, ctx.sin
+        q = self.q_proj(x, ctx).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x, ctx).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, ctx).view(T, self.num_kv_heads, self.head_dim)
         phi_q, phi_k, g = self.gla_inputs(q, k)
         # 0.5 * window + 0.5 * recurrent, fp32; one fused kernel at decode on the triton backend
         mixed = liger_attention_varlen(
@@ -197,11 +189,11 @@ class LigerGLAAttention(nn.Module):
             state["recurrent"],
             state["window_k"],
             state["window_v"],
-            batch,
+            ctx.batch,
             window_scale=1.0 / math.sqrt(self.head_dim),
-            backend=backend,
+            backend=ctx.backend,
         )
-        return self.o_proj(mixed.to(x.dtype).reshape(T, -1))
+        return self.o_proj(mixed.to(x.dtype).reshape(T, -1), ctx)
 
     @staticmethod
     def gla_inputs(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,17 +218,9 @@ class LigerGLADecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        batch: ForwardBatch,
-        state: LayerState,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        backend: str,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, state, cos, sin, backend)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), ctx, state)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), ctx)
 
 
 class LigerGLAModel(nn.Module):
@@ -311,13 +295,15 @@ class LigerGLAForCausalLM(CausalLM):
         }
         return [dict(layer) for _ in range(c.num_hidden_layers)]
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
-        layers = self.model.layers
-        if len(state) != len(layers):
-            raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
-        backend = resolve_backend(self.kernel_backend, input_ids.device)
-        cos, sin = self.rotary_emb(batch.positions)
-        hidden = self.model.embed_tokens(input_ids)
-        for layer, layer_state in zip(layers, state):
-            hidden = layer(hidden, batch, layer_state, cos, sin, backend)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.norm(hidden)
+
+    def forward_context(self, batch: ForwardBatch, backend: str) -> ForwardContext:
+        cos, sin = self.rotary_emb(batch.positions)  # [T, D], shared by every layer's RoPE
+        return ForwardContext(batch, backend, cos=cos, sin=sin)

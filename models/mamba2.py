@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linrec.kernels.backend import resolve_backend
 from linrec.kernels.short_conv import short_conv_varlen
 from linrec.kernels.ssd import ssd_varlen
 from linrec.models.base import CausalLM, LayerState, StateSpec
-from linrec.models.batch import ForwardBatch
-from linrec.models.layers import RMSNorm
+from linrec.models.batch import ForwardContext
+from linrec.models.layers import RMSNorm, projection
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.config = config
         I, H = config.intermediate_size, config.num_heads  # noqa: E741
-        self.in_proj = nn.Linear(config.hidden_size, I + config.conv_dim + H, bias=config.use_bias)
+        self.in_proj = projection(config.hidden_size, I + config.conv_dim + H, bias=config.use_bias)
         # Holds the depthwise weight [conv_dim, 1, W] under the checkpoint's name; short_conv_varlen applies it.
         self.conv1d = nn.Conv1d(
             config.conv_dim, config.conv_dim, config.conv_kernel, groups=config.conv_dim, bias=config.use_conv_bias
@@ -155,7 +154,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(H))  # A = -exp(A_log) < 0
         self.D = nn.Parameter(torch.empty(H))
         self.norm = RMSNormGated(I, I // config.n_groups, config.layer_norm_epsilon)
-        self.out_proj = nn.Linear(I, config.hidden_size, bias=config.use_bias)
+        self.out_proj = projection(I, config.hidden_size, bias=config.use_bias)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -170,13 +169,14 @@ class Mamba2Mixer(nn.Module):
         dt = torch.exp(log_dt + math.log(c.time_step_min)).clamp(min=c.time_step_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
         """hidden [T, hidden_size] -> [T, hidden_size]; updates state["conv"] and state["ssm"] rows in place."""
         c = self.config
+        batch, backend = ctx.batch, ctx.backend
         T = hidden.shape[0]
         H, P, G, N = c.num_heads, c.head_dim, c.n_groups, c.state_size
         I = c.intermediate_size  # noqa: E741
-        z, xBC, dt = self.in_proj(hidden).split([I, c.conv_dim, H], dim=-1)
+        z, xBC, dt = self.in_proj(hidden, ctx).split([I, c.conv_dim, H], dim=-1)
         xBC = short_conv_varlen(
             xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias, state["conv"], batch, activation="silu", backend=backend
         )
@@ -195,7 +195,7 @@ class Mamba2Mixer(nn.Module):
             batch,
             backend=backend,
         )
-        return self.out_proj(self.norm(y.reshape(T, I), z))
+        return self.out_proj(self.norm(y.reshape(T, I), z), ctx)
 
 
 class Mamba2Block(nn.Module):
@@ -205,9 +205,9 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = Mamba2Mixer(config)
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, state: LayerState, backend: str) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: LayerState) -> torch.Tensor:
         # The residual stream may be fp32 (residual_in_fp32); the mixer runs in the weights' dtype.
-        mixed = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), batch, state, backend)
+        mixed = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), ctx, state)
         residual = hidden.float() if self.residual_in_fp32 else hidden
         return residual + mixed
 
@@ -272,12 +272,11 @@ class Mamba2ForCausalLM(CausalLM):
             for _ in range(c.num_hidden_layers)
         ]
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, state: list[LayerState]) -> torch.Tensor:
-        layers = self.backbone.layers
-        if len(state) != len(layers):
-            raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
-        backend = resolve_backend(self.kernel_backend, input_ids.device)
-        hidden = self.backbone.embeddings(input_ids)
-        for layer, layer_state in zip(layers, state):
-            hidden = layer(hidden, batch, layer_state, backend)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(input_ids)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.norm_f(hidden)
