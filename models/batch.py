@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from linrec.kernels.lora import LoraMapping
+
 
 @dataclass
 class ForwardBatch:
@@ -16,6 +18,10 @@ class ForwardBatch:
     cu_seqlens[b]:cu_seqlens[b+1] and reads and writes row slot_ids[b] of every state tensor.
     A prefill chunk and a 1-token decode are the same thing here: a sequence of some length that
     resumes from the state in its slot.
+
+    Per request, besides its tokens: the device slot of its LoRA adapter (one per token, so the LoRA
+    kernels group tokens by adapter) and its layer route. A batch where no sequence has an adapter carries
+    lora=None and costs the projections nothing; layer_route None means every layer executes once.
     """
 
     cu_seqlens: torch.Tensor  # [B+1] int64, token offsets of each sequence on the flat axis
@@ -24,6 +30,11 @@ class ForwardBatch:
     seq_lens: tuple[int, ...]  # host copy of the B lengths, so torch paths loop without a device sync
     start_positions: tuple[int, ...]  # host copy of each sequence's first position (tokens already in its state)
     slot_ids_host: tuple[int, ...]  # host copy of slot_ids
+    # The tokens' LoRA adapters: adapter_ids [T] int64, the device adapter slot of each token (-1 none), grouped
+    # by slot for the shrink/expand kernels. None when no token of the batch has an adapter.
+    lora: LoraMapping | None = None
+    # [B, L] int8 per sequence and layer: 0 skip, 1 execute, 2 repeat (frozen at prefill). None: all execute.
+    layer_route: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -49,11 +60,14 @@ class ForwardBatch:
         start_positions: Sequence[int] | None = None,
         slot_ids: Sequence[int] | None = None,
         device: torch.device | str = "cpu",
+        adapter_slots: Sequence[int] | None = None,
+        num_adapter_slots: int = 0,
     ) -> ForwardBatch:
         """Lay out B sequences of the given lengths.
 
         start_positions[b] is how many tokens sequence b already has in its state (0 for a fresh
-        prompt); slot_ids default to 1..B (row 0 is the null slot).
+        prompt); slot_ids default to 1..B (row 0 is the null slot). adapter_slots[b] is the device slot of
+        sequence b's LoRA adapter in [0, num_adapter_slots), or -1 for none (the default for all).
         """
         seq_lens = tuple(int(n) for n in seq_lens)
         if any(n < 1 for n in seq_lens):
@@ -67,6 +81,13 @@ class ForwardBatch:
         for n in seq_lens:
             offsets.append(offsets[-1] + n)
         positions = [p for start, n in zip(starts, seq_lens) for p in range(start, start + n)]
+        lora = None
+        if adapter_slots is not None:
+            if len(adapter_slots) != num_seqs:
+                raise ValueError(f"expected {num_seqs} adapter slots, got {len(adapter_slots)}")
+            if any(int(a) >= 0 for a in adapter_slots):
+                token_slots = [int(a) for a, n in zip(adapter_slots, seq_lens) for _ in range(n)]
+                lora = LoraMapping.build(token_slots, num_adapter_slots, device)
         return cls(
             cu_seqlens=torch.tensor(offsets, dtype=torch.int64, device=device),
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
@@ -74,6 +95,7 @@ class ForwardBatch:
             seq_lens=seq_lens,
             start_positions=starts,
             slot_ids_host=slots,
+            lora=lora,
         )
 
     def last_token_indices(self) -> torch.Tensor:

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from linrec.kernels.lora.punica import triton_lora_expand_, triton_lora_shrink
-
 BACKENDS = ("triton", "torch")
 
 
@@ -94,6 +92,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoraMapping, bac
     if not mapping.has_lora:
         return x.new_zeros(T, R, dtype=torch.float32)
     if backend == "triton":  # on the CPU under TRITON_INTERPRET=1
+        from linrec.kernels.lora.punica import triton_lora_shrink  # triton loads only where it runs
+
         return triton_lora_shrink(x, lora_a, mapping)
     if mapping.groups is not None:
         shrunk = x.new_zeros(T, R, dtype=torch.float32)
@@ -122,6 +122,8 @@ def lora_expand_(
     if not mapping.has_lora:
         return
     if backend == "triton":
+        from linrec.kernels.lora.punica import triton_lora_expand_
+
         triton_lora_expand_(y, shrunk, lora_b, mapping)
         return
     if mapping.groups is not None:
