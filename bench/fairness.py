@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from linrec.bench.common import bench_model_dir, percentile
 from linrec.engine.config import EngineConfig
+from linrec.engine.request import EngineRequest
 
 MODES = ("fifo", "fair")
 
@@ -164,7 +165,7 @@ def run_arrivals(engine, arrivals: list[Arrival]) -> tuple[float, list[float], l
         while num_added < len(order) and arrivals[order[num_added]].at_s <= now:
             index = order[num_added]
             params = SamplingParams(temperature=0.0, max_tokens=arrivals[index].max_tokens, ignore_eos=True)
-            engine.add_request(str(index), arrivals[index].prompt, params)
+            engine.add_request(EngineRequest(str(index), arrivals[index].prompt, params))
             num_added += 1
         if not engine.has_unfinished():
             time.sleep(max(0.0, arrivals[order[num_added]].at_s - now))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from linrec.bench.common import bench_model_dir, percentile
 from linrec.engine.config import EngineConfig
+from linrec.engine.request import EngineRequest
 
 MODES = ("off", "radix", "global")
 
@@ -152,7 +153,7 @@ def run_mode(llm, workload: PrefixWorkload) -> tuple[float, list[float], list[li
     token_ids: dict[str, list[int]] = {str(i): [] for i in range(len(workload.prompts))}
     start = time.perf_counter()
     for i, prompt in enumerate(workload.prompts):
-        engine.add_request(str(i), prompt, params)
+        engine.add_request(EngineRequest(str(i), prompt, params))
     while engine.has_unfinished():
         for delta in engine.step():
             if delta.token_ids and delta.request_id not in first_token:

@@ -79,7 +79,7 @@ def add_config_args(
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = value_type
-        for key in ("choices", "metavar"):
+        for key in ("choices", "metavar", "nargs"):
             if key in meta:
                 kwargs[key] = meta[key]
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)

@@ -16,20 +16,19 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from linrec.engine.adapters import AdapterInfo, AdapterNotFoundError
 from linrec.engine.config import EngineConfig
 from linrec.engine.core import EngineCore
 from linrec.engine.output import SampleDelta
-from linrec.engine.request import RequestStatus
-from linrec.engine.sampling_params import SamplingParams
+from linrec.engine.request import EngineRequest, RequestStatus
+from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
+    request: EngineRequest
     accepted: concurrent.futures.Future  # set once the engine validated and queued it (or refused it)
 
 
@@ -71,21 +70,33 @@ class AsyncLLM:
         return f"req-{next(self._ids)}"
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[SampleDelta]:
-        """Queue a prompt and yield its deltas until all n samples finish.
+        """Queue a prompt and yield its deltas until all n samples finish. lora_name: a loaded adapter (None:
+        the base model); cache_salt: keeps its prefix-cache states apart from other salts'.
 
-        Raises ValueError / QueueFullError before the first delta if the engine refuses the request.
-        Cancelling the consumer (client gone) aborts the request and frees its slot within one step.
+        Raises ValueError / QueueFullError / AdapterNotFoundError before the first delta if the engine refuses
+        the request. Cancelling the consumer (client gone) aborts the request and frees its slot within one step.
         """
         if self.errored is not None:
             raise EngineDeadError(_dead_message(self.errored))
+        if lora_name is not None:
+            # An adapter that fell out of the host tier is read here, in a worker thread: the engine thread
+            # then finds it in memory, and nobody else's request waits on this disk read.
+            await asyncio.to_thread(self._adapter_weights, lora_name)
         request_id = request_id or self.new_request_id()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, accepted))
+        request = EngineRequest(request_id, list(prompt_token_ids), params, lora_name=lora_name, cache_salt=cache_salt)
+        self._commands.put(_Add(request, accepted))
         if self.errored is not None:  # the engine died after the check above: nobody will take the add
             self._refuse_queued_commands()
         finished = False
@@ -109,6 +120,30 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def _adapter_weights(self, lora_name: str) -> None:
+        if self.engine.adapters is None:
+            raise InvalidRequestError(
+                f"the request names LoRA adapter {lora_name!r}, but this engine serves no adapters (--enable-lora)",
+                "model",
+            )
+        self.engine.adapters.get(lora_name)
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str) -> AdapterInfo:
+        """Read and register an adapter in a worker thread (the engine goes on meanwhile). Raises
+        AdapterExistsError, FileNotFoundError or ValueError with one line saying what was expected."""
+        if self.engine.adapters is None:
+            raise InvalidRequestError("this engine serves no LoRA adapters (start it with --enable-lora)")
+        return await asyncio.to_thread(self.engine.adapters.load, lora_name, lora_path)
+
+    def unload_lora_adapter(self, lora_name: str) -> None:
+        """Forget an adapter: later requests for it are refused; the running ones finish on it."""
+        if self.engine.adapters is None:
+            raise AdapterNotFoundError(f"The lora adapter '{lora_name}' cannot be found.")
+        self.engine.adapters.unload(lora_name)
+
+    def list_lora_adapters(self) -> list[AdapterInfo]:
+        return self.engine.adapters.list() if self.engine.adapters is not None else []
 
     def check_health(self) -> None:
         """Raise EngineDeadError unless the engine thread is alive and serving."""
@@ -161,7 +196,7 @@ class AsyncLLM:
             # skip the add (its abort follows in the queue). Once running, `accepted` cannot be cancelled.
             if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 try:
-                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+                    self.engine.add_request(command.request)
                 except Exception as exc:  # refused: the caller raises it, the engine goes on
                     command.accepted.set_exception(exc)
                 else:

@@ -75,6 +75,17 @@ class EngineConfig:
         default=None,
         metadata={"help": "merge a PEFT LoRA adapter directory into the weights at load", "metavar": "DIR"},
     )
+    # Per-request LoRA adapters (engine/adapters.py): max_loras device slots of rank up to max_lora_rank beside
+    # every projection, and a host tier of the last max_cpu_loras adapters read. Off, no slot exists and a
+    # projection costs what it did.
+    enable_lora: bool = field(
+        default=False, metadata={"help": "serve LoRA adapters per request (the request's model names one)"}
+    )
+    max_loras: int = field(default=4, metadata={"help": "adapters resident on the device at once (LoRA slots)"})
+    max_lora_rank: int = field(default=16, metadata={"help": "the largest adapter rank a slot holds"})
+    max_cpu_loras: int | None = field(
+        default=None, metadata={"help": "adapters kept in host memory, least recently used out (default: max-loras)"}
+    )
     # Scheduling and memory.
     max_num_seqs: int = field(default=64, metadata={"help": "requests running at once, each holding a state slot"})
     max_num_batched_tokens: int = field(
@@ -187,5 +198,10 @@ class EngineConfig:
             raise ValueError(f"expected max_long_partial_prefills >= 1, got {self.max_long_partial_prefills}")
         if self.warmup not in WARMUP_CHOICES:
             raise ValueError(f"expected warmup in {WARMUP_CHOICES}, got {self.warmup!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"expected max_cpu_loras >= max_loras={self.max_loras}, got {self.max_cpu_loras}")
         if self.max_cached_states < 0:
             raise ValueError(f"expected max_cached_states >= 0, got {self.max_cached_states}")

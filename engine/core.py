@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from linrec.engine.adapters import AdapterRegistry, AdapterSlots
 from linrec.engine.config import EngineConfig
 from linrec.engine.cuda_graphs import DecodeGraphs
 from linrec.engine.output import OutputProcessor, SampleDelta
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey
-from linrec.engine.request import Request, RequestStatus
+from linrec.engine.request import EngineRequest, Request, RequestStatus
 from linrec.engine.runner import Runner
-from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
+from linrec.engine.sampling_params import InvalidRequestError
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.state_pool import StatePool, num_slots_for_budget
 from linrec.engine.warmup import warm_up
@@ -70,6 +71,10 @@ class EngineStats:
     # Triton kernels compiled after the warm-up (kernels/toolchain.py's watch, process-wide): each one is a
     # request that waited on the compiler, a bug in engine/warmup.py's coverage. 0 where Triton never loaded.
     num_kernel_compilations_after_warmup: int = 0
+    # LoRA (vLLM's lora_requests_info): adapter names with running / waiting requests, and the device slots.
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_lora: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -107,6 +112,16 @@ class EngineCore:
             merge_lora=config.merge_lora,
             progress=progress,
         )
+        # Per-request LoRA: device slots beside every projection (zeros until an adapter lands) and the registry.
+        self.adapters: AdapterRegistry | None = None
+        if config.enable_lora:
+            self.model.enable_lora(config.max_loras, config.max_lora_rank)
+            self.adapters = AdapterRegistry(
+                {name: (m.in_features, m.out_features) for name, m in self.model.projections().items()},
+                config.max_lora_rank,
+                next(self.model.parameters()).dtype,
+                config.max_cpu_loras or config.max_loras,
+            )
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = self.model.config.vocab_size
         self.max_model_len = resolve_max_model_len(config.max_model_len, read_hf_config(self.model_path))
@@ -125,10 +140,23 @@ class EngineCore:
         self._new_scheduler()
         decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            decode_graphs = DecodeGraphs(self.model, self.pool, self.device, min(config.max_num_seqs, num_slots))
+            decode_graphs = DecodeGraphs(
+                self.model,
+                self.pool,
+                self.device,
+                min(config.max_num_seqs, num_slots),
+                num_adapter_slots=config.max_loras if config.enable_lora else 0,
+            )
             decode_graphs.capture()
         self.runner = Runner(
-            self.model, self.pool, self.device, self.vocab_size, self.eos_token_ids, config.seed, decode_graphs
+            self.model,
+            self.pool,
+            self.device,
+            self.vocab_size,
+            self.eos_token_ids,
+            config.seed,
+            decode_graphs,
+            num_adapter_slots=config.max_loras if config.enable_lora else 0,
         )
         # Every kernel a request can reach is compiled and tuned before the engine reports ready.
         self.warmup_report = warm_up(self, progress=progress)
@@ -157,16 +185,28 @@ class EngineCore:
             group_prefixes=config.prefix_grouping,
             long_prefill_token_threshold=config.long_prefill_token_threshold,
             max_long_partial_prefills=config.max_long_partial_prefills,
+            adapter_slots=AdapterSlots(config.max_loras) if config.enable_lora else None,
         )
         self.outputs = OutputProcessor(self.tokenizer)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Validate and queue one prompt (with its n-1 forks). Raises InvalidRequestError or QueueFullError."""
-        prompt = self.validate(prompt_token_ids, params)
-        key = PrefixKey(self.model_key, cache_salt=params.cache_salt) if self.prefix_cache is not None else None
-        parent = Request(request_id, prompt, params, cache_key=key)
+    def add_request(self, request: EngineRequest) -> None:
+        """Validate and queue one prompt (with its n-1 forks). Raises InvalidRequestError, AdapterNotFoundError
+        (an unknown adapter name) or QueueFullError; nothing is queued then."""
+        prompt = self.validate(request)
+        params = request.sampling_params
+        lora = self.resolve_adapter(request.lora_name)
+        key = None
+        if self.prefix_cache is not None:
+            key = PrefixKey(
+                self.model_key,
+                adapter=f"{lora.name}#{lora.uid}" if lora is not None else None,
+                layer_route=request.layer_route,
+                cache_salt=request.cache_salt,
+            )
+        request_id = request.request_id
+        parent = Request(request_id, prompt, params, cache_key=key, lora=lora)
         parent.children = [
-            Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key)
+            Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key, lora=lora)
             for i in range(1, params.n)
         ]
         # Outputs first: a request the scheduler holds always has somewhere to stream to.
@@ -177,12 +217,26 @@ class EngineCore:
             self.outputs.abort([parent.request_id, *(c.request_id for c in parent.children)])
             raise
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+    def resolve_adapter(self, lora_name: str | None):
+        """The LoraWeights of a known adapter name (None for the base model). On the engine thread this is a
+        host-tier hit: front ends read the adapter in their own thread first (AsyncLLM.generate)."""
+        if lora_name is None:
+            return None
+        if self.adapters is None:
+            raise InvalidRequestError(
+                f"the request names LoRA adapter {lora_name!r}, but this engine serves no adapters (--enable-lora)",
+                "model",
+            )
+        return self.adapters.get(lora_name)
+
+    def validate(self, request: EngineRequest) -> list[int]:
         """Check everything an engine step will index or size for this request, so that no step can fail on
-        it later; returns the prompt as a list of ints. Raises InvalidRequestError naming the field."""
-        if not prompt_token_ids:
+        it later; returns the prompt as a list of ints. The one place these checks live: the server's requests
+        reach them too. Raises InvalidRequestError naming the field."""
+        params = request.sampling_params
+        if not request.prompt_token_ids:
             raise InvalidRequestError("expected a non-empty prompt, got 0 tokens", "prompt")
-        prompt = [int(t) for t in prompt_token_ids]
+        prompt = [int(t) for t in request.prompt_token_ids]
         vocab = self.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -190,8 +244,10 @@ class EngineCore:
         limit = self.max_model_len
         if len(prompt) + params.max_tokens > limit:
             raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={limit}",
+                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}; this model's maximum "
+                f"context length is {limit} tokens (max_model_len, prompt plus generated tokens)",
                 "max_tokens" if len(prompt) < limit else "prompt",
+                code="context_length_exceeded",
             )
         for name, what, token_ids in (
             ("logit_bias", "logit_bias keys", params.logit_bias or {}),
@@ -202,6 +258,22 @@ class EngineCore:
                 raise InvalidRequestError(f"expected {what} in [0, {vocab}) (token ids), got {bad[0]}", name)
         if params.logprobs is not None and params.logprobs > vocab:
             raise InvalidRequestError(f"expected logprobs <= the vocabulary size {vocab}, got {params.logprobs}")
+        if request.cache_salt is not None and (not isinstance(request.cache_salt, str) or not request.cache_salt):
+            raise InvalidRequestError(
+                f"expected a non-empty cache_salt or None, got {request.cache_salt!r}", "cache_salt"
+            )
+        route = request.layer_route
+        if route is not None:
+            num_layers = len(self.model.decoder_layers())
+            if len(route) != num_layers or any(r not in (0, 1, 2) for r in route):
+                raise InvalidRequestError(
+                    f"expected a layer route of {num_layers} counts in {{0, 1, 2}}, got {list(route)}", "layer_route"
+                )
+            if any(r != 1 for r in route):
+                raise InvalidRequestError(
+                    "expected an all-execute layer route: skipping or repeating layers is not served yet",
+                    "layer_route",
+                )
         return prompt
 
     def abort(self, request_ids: list[str]) -> None:
@@ -245,6 +317,9 @@ class EngineCore:
             num_failed_requests=self.num_failed_requests,
             num_quarantined=self.scheduler.num_suspects,
             num_kernel_compilations_after_warmup=watch.num_late_compilations if watch is not None else 0,
+            running_lora_adapters=tuple(self.scheduler.running_adapters()),
+            waiting_lora_adapters=tuple(self.scheduler.waiting_adapters()),
+            max_lora=self.config.max_loras if self.adapters is not None else 0,
         )
 
     def step(self) -> list[SampleDelta]:

@@ -6,9 +6,10 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+from linrec.engine.adapters import LoRARequest
 from linrec.engine.config import EngineConfig
 from linrec.engine.core import EngineCore
-from linrec.engine.request import CompletionOutput, RequestOutput
+from linrec.engine.request import CompletionOutput, EngineRequest, RequestOutput
 from linrec.engine.sampling_params import SamplingParams
 from linrec.engine.scheduler import QueueFullError
 
@@ -72,8 +73,15 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
+        """Run every prompt to its end. lora_request (one for all prompts, or one per prompt) serves them with a
+        LoRA adapter (LLM(..., enable_lora=True)); an adapter name seen for the first time is read from its
+        lora_path. cache_salt keeps their prefix-cache states apart from other salts'."""
         prompt_list = normalize_prompts(prompts)
+        loras = self._lora_names(lora_request, len(prompt_list))
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (
@@ -83,13 +91,13 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError(f"expected one SamplingParams per prompt, got {len(params_list)} for {len(prompt_list)}")
-        pending: list[tuple[str, str | None, list[int], SamplingParams]] = []
-        for prompt, params in zip(prompt_list, params_list):
+        pending: list[tuple[str, str | None, list[int], SamplingParams, str | None]] = []
+        for prompt, params, lora_name in zip(prompt_list, params_list, loras):
             if isinstance(prompt, str):
                 token_ids = self.tokenizer.encode(prompt)
-                pending.append((str(next(self._ids)), prompt, token_ids, params))
+                pending.append((str(next(self._ids)), prompt, token_ids, params, lora_name))
             else:
-                pending.append((str(next(self._ids)), None, [int(t) for t in prompt], params))
+                pending.append((str(next(self._ids)), None, [int(t) for t in prompt], params, lora_name))
         results: dict[str, RequestOutput] = {
             rid: RequestOutput(
                 rid,
@@ -98,14 +106,14 @@ class LLM:
                 [CompletionOutput(i, "", [], [] if p.logprobs is not None else None, None) for i in range(p.n)],
                 False,
             )
-            for rid, text, ids, p in pending
+            for rid, text, ids, p, _ in pending
         }
         queue = list(reversed(pending))
         while queue or self.engine.has_unfinished():
             while queue:  # submit as many as the waiting queue takes; the rest wait for room
-                rid, _text, ids, params = queue[-1]
+                rid, _text, ids, params, lora_name = queue[-1]
                 try:
-                    self.engine.add_request(rid, ids, params)
+                    self.engine.add_request(EngineRequest(rid, ids, params, lora_name=lora_name, cache_salt=cache_salt))
                 except QueueFullError:
                     break
                 queue.pop()
@@ -123,16 +131,41 @@ class LLM:
             out.finished = True
         return [results[rid] for rid, *_ in pending]
 
+    def _lora_names(
+        self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None, num_prompts: int
+    ) -> list[str | None]:
+        """The adapter name of each prompt, loading adapters this engine has not seen (by lora_path)."""
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            requests = [lora_request] * num_prompts
+        else:
+            requests = list(lora_request)
+            if len(requests) != num_prompts:
+                raise ValueError(f"expected one lora_request per prompt, got {len(requests)} for {num_prompts}")
+        adapters = self.engine.adapters
+        names: list[str | None] = []
+        for request in requests:
+            if request is None:
+                names.append(None)
+                continue
+            if adapters is None:
+                raise ValueError("expected LLM(..., enable_lora=True) to serve a lora_request")
+            if request.lora_name not in adapters:
+                adapters.load(request.lora_name, request.lora_path)
+            names.append(request.lora_name)
+        return names
+
     def chat(
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        *,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them, rendered by the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(conv, add_generation_prompt) for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request=lora_request)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         if not messages:

@@ -8,6 +8,23 @@ from dataclasses import dataclass, field
 
 from linrec.engine.prefix_cache import PrefixKey
 from linrec.engine.sampling_params import SamplingParams
+from linrec.models.lora import LoraWeights
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What every front end (LLM, AsyncLLM and through it the server) hands the engine for one prompt: plain
+    data, validated once, by EngineCore.add_request, against the model it will run on."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    lora_name: str | None = None  # a LoRA adapter known to the engine's registry; None: the base model
+    # One count per layer: 0 skip, 1 execute, 2 repeat (DESIGN.md, layer routing); None: every layer once.
+    layer_route: tuple[int, ...] | None = None
+    # Prefix-cache states are shared only between requests with the same salt (vLLM's cache_salt), so that
+    # tenants cannot probe each other's prompts.
+    cache_salt: str | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +61,8 @@ class Request:
     cache_key: PrefixKey | None = None  # prefix-cache namespace (model, adapter, route, salt); None = not cached
     num_cached_tokens: int = 0  # prompt tokens loaded from a prefix snapshot instead of prefilled
     num_failed_steps: int = 0  # engine steps that failed while running this request (see Scheduler.recover)
+    lora: LoraWeights | None = None  # its LoRA adapter, held to the end even if the name is unloaded meanwhile
+    adapter_slot: int = -1  # the device adapter slot it pins while running (-1: none)
 
     @property
     def num_prompt_tokens(self) -> int:

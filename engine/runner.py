@@ -23,6 +23,7 @@ class Runner:
         eos_token_ids: tuple[int, ...],
         seed: int = 0,
         decode_graphs: DecodeGraphs | None = None,
+        num_adapter_slots: int = 0,
     ):
         self.model = model
         self.pool = pool
@@ -34,6 +35,8 @@ class Runner:
         self._generators: dict[str, torch.Generator] = {}
         # captured decode forwards (CUDA only, unless enforce_eager); None runs every step eagerly
         self.decode_graphs = decode_graphs
+        self.num_adapter_slots = num_adapter_slots  # LoRA device slots beside each projection (0: LoRA off)
+        self._projections = model.projections() if num_adapter_slots else {}
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop what the runner keeps per request (seeded generators) for requests that ended."""
@@ -47,6 +50,8 @@ class Runner:
         self.pool.copy_rows(out.end_saves)
         self.pool.reset(out.slots_to_reset)
         self.pool.copy_rows(out.loads)
+        for slot, weights in out.adapter_loads:
+            self._load_adapter(slot, weights)
         if out.is_empty:
             return StepResult({})
         hidden = self._forward(out.sequences)  # [B, D]: each sequence's last token
@@ -79,19 +84,31 @@ class Runner:
                 result.logprobs[r.request_id] = Logprob(token_ids[i], lps[i], top)
         return result
 
+    def _load_adapter(self, slot: int, weights) -> None:
+        """Copy a LoRA adapter (LoraWeights, host) into device slot `slot` of every projection; the projections
+        it leaves alone get zeros there, so nothing of the slot's previous adapter remains."""
+        for name, projection in self._projections.items():
+            lora_a, lora_b = weights.modules.get(name, (None, None))
+            projection.set_lora_slot(slot, lora_a, lora_b)
+
     def _forward(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
         """Run the model over the scheduled sequences; returns the hidden state of each one's last token
         [B, D]. A decode-only step that fits a captured bucket replays its CUDA graph."""
         graphs = self.decode_graphs
         if graphs is not None and len(seqs) <= graphs.max_batch_size and all(len(s.token_ids) == 1 for s in seqs):
             return graphs.replay(
-                [s.token_ids[0] for s in seqs], [s.start_position for s in seqs], [s.slot_id for s in seqs]
+                [s.token_ids[0] for s in seqs],
+                [s.start_position for s in seqs],
+                [s.slot_id for s in seqs],
+                [s.adapter_slot for s in seqs],
             )
         batch = ForwardBatch.build(
             [len(s.token_ids) for s in seqs],
             [s.start_position for s in seqs],
             [s.slot_id for s in seqs],
             device=self.device,
+            adapter_slots=[s.adapter_slot for s in seqs] if self.num_adapter_slots else None,
+            num_adapter_slots=self.num_adapter_slots,
         )
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, batch, self.pool.layers)

@@ -14,11 +14,13 @@ MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's top_logprobs limit, vLLM's
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses (HTTP 400); `param` names the offending field when one does."""
+    """A request the engine refuses (HTTP 400); `param` names the offending field when one does, `code` is
+    OpenAI's error code where one applies (context_length_exceeded)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,6 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     skip_special_tokens: bool = True  # drop special tokens from the text
-    # Not a sampling knob, but it rides with the request: prefix-cache states are shared only between
-    # requests with the same salt (vLLM's `cache_salt`), so tenants cannot probe each other's prompts.
-    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise list inputs so that the dataclass stays hashable and immutable.
@@ -89,8 +88,6 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"expected logprobs in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}", "logprobs"
             )
-        if self.cache_salt is not None and not self.cache_salt:
-            raise InvalidRequestError("expected a non-empty cache_salt or None, got an empty string", "cache_salt")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(f"expected at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
         if any(not s for s in self.stop):

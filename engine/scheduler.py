@@ -48,6 +48,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from linrec.engine.adapters import AdapterSlots
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.sampling_params import InvalidRequestError
@@ -83,6 +84,7 @@ class ScheduledSequence:
     token_ids: list[int]  # tokens fed this step: a prefill chunk or the one pending decode token
     start_position: int  # tokens already folded into the state before this step
     needs_sample: bool  # the chunk ends the prompt, or it is a decode: sample the next token
+    adapter_slot: int = -1  # device LoRA slot of its adapter (-1: the base model)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class SchedulerOutput:
     # A quarantine step: a group of requests rebuilding their states after a failed step, nothing else; if it
     # fails too, the group is split (a group of one is the cause).
     is_quarantine: bool = False
+    # LoRA adapters to copy into device slots before the forward: (slot, its new adapter's LoraWeights).
+    adapter_loads: list[tuple[int, object]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -171,6 +175,7 @@ class Scheduler:
         min_save_tokens: int = MIN_SAVE_TOKENS,
         long_prefill_token_threshold: int | None = None,
         max_long_partial_prefills: int = 1,
+        adapter_slots: AdapterSlots | None = None,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -213,6 +218,10 @@ class Scheduler:
         self._quarantine: deque[list[Request]] = deque()
         self._samples_owed: dict[str, int] = {}  # suspect request id -> samples left before it is cleared
         self._pending_resets: list[int] = []
+        # LoRA device slots (None: the engine serves no adapters). A request with an adapter is admitted only
+        # once a slot holds it; loads planned this step go to the runner in SchedulerOutput.adapter_loads.
+        self.adapter_slots = adapter_slots
+        self._adapter_loads: list[tuple[int, object]] = []
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -280,6 +289,9 @@ class Scheduler:
                 self._save_end_state(request)
             self.allocator.free(request.slot_id)
             request.slot_id = 0
+        if request.adapter_slot >= 0 and self.adapter_slots is not None:
+            self.adapter_slots.release(request.adapter_slot)
+            request.adapter_slot = -1
         request.status = status
         request.stop_reason = stop_reason
         self.requests.pop(request.request_id, None)
@@ -360,6 +372,8 @@ class Scheduler:
             is_long = self._is_long(request.num_prompt_tokens - self._hit_depth(request, plan))
             if is_long and num_long >= self.max_long_partial_prefills:
                 continue
+            if request.lora is not None and not self._can_place_adapter(request):
+                continue  # every adapter slot is pinned by other adapters' requests: it waits, keeping its place
             hit: RadixNode | None = None
             if plan is not None:
                 hit, wait_on = self._plan_admission(request, plan)
@@ -369,6 +383,8 @@ class Scheduler:
                     continue
             self._unqueue(request)
             request.slot_id = self.allocator.allocate()
+            if request.lora is not None:
+                self._place_adapter(request)
             if hit is not None:
                 loads.append((hit.row, request.slot_id))
                 request.num_computed_tokens = request.num_cached_tokens = hit.depth
@@ -415,9 +431,36 @@ class Scheduler:
                 samples.extend((child, index) for child in children)
         finished, self._finished_since_step = self._finished_since_step, []
         end_saves, self._end_saves = self._end_saves, []
+        adapter_loads, self._adapter_loads = self._adapter_loads, []
         return SchedulerOutput(
-            sequences, slots_to_reset, forks, samples, finished, end_saves, loads, saves, is_quarantine
+            sequences, slots_to_reset, forks, samples, finished, end_saves, loads, saves, is_quarantine, adapter_loads
         )
+
+    # -- LoRA adapter slots --------------------------------------------------------------------------
+
+    def _can_place_adapter(self, request: Request) -> bool:
+        return self.adapter_slots is not None and self.adapter_slots.can_acquire(request.lora)
+
+    def _place_adapter(self, request: Request) -> None:
+        """Pin a device slot holding the request's adapter for it and its children (one pin per sample)."""
+        samples = [request, *request.children]
+        placed = self.adapter_slots.acquire(request.lora, count=len(samples))
+        if placed is None:  # _can_place_adapter said yes within this same step
+            raise RuntimeError("an adapter slot checked free was taken")
+        slot, needs_load = placed
+        if needs_load:
+            self._adapter_loads.append((slot, request.lora))
+        for sample in samples:
+            sample.adapter_slot = slot
+
+    def running_adapters(self) -> list[str]:
+        """Names of the adapters running requests use (vLLM's running_lora_adapters)."""
+        return self.adapter_slots.running_names() if self.adapter_slots is not None else []
+
+    def waiting_adapters(self) -> list[str]:
+        """Names of the adapters waiting requests ask for (vLLM's waiting_lora_adapters)."""
+        waiting = (r for r in self.requests.values() if r.status is RequestStatus.WAITING and r.parent_id is None)
+        return sorted({r.lora.name for r in waiting if r.lora is not None})
 
     def _is_long(self, num_prefill_tokens: int) -> bool:
         return 0 < self.long_prefill_token_threshold < num_prefill_tokens
@@ -534,7 +577,9 @@ class Scheduler:
     def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
         token_ids = request.token_ids_to_compute(num_tokens)
         feeds_all = num_tokens >= request.num_pending_tokens  # the prompt's end, a decode, a rebuilt state
-        return ScheduledSequence(request, request.slot_id, token_ids, request.num_computed_tokens, feeds_all)
+        return ScheduledSequence(
+            request, request.slot_id, token_ids, request.num_computed_tokens, feeds_all, request.adapter_slot
+        )
 
     def _num_reserved(self) -> int:
         """Slots held by children that have not forked yet (they count against max_num_seqs)."""

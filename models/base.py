@@ -11,6 +11,7 @@ from torch import nn
 
 from linrec.kernels.backend import resolve_backend
 from linrec.models.batch import ForwardBatch, ForwardContext
+from linrec.models.layers import Projection
 
 # One layer's state: name -> tensor [num_rows, *spec.shape]. Row r is the state of whichever request
 # holds slot r; models read and write rows batch.slot_ids in place.
@@ -101,6 +102,16 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
     # -- shared helpers --------------------------------------------------------------------------
+
+    def projections(self) -> dict[str, Projection]:
+        """Every projection of the decoder layers by module name (the checkpoint's, less `.weight`): what a
+        LoRA adapter may target."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Projection)}
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> None:
+        """Give every projection `num_slots` device adapter slots of rank up to `max_rank` (zeros)."""
+        for module in self.projections().values():
+            module.enable_lora(num_slots, max_rank)
 
     def state_bytes_per_request(self) -> int:
         return sum(spec.num_bytes for layer in self.state_spec() for spec in layer.values())

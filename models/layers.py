@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linrec.kernels.lora import lora_add_
 from linrec.models.batch import ForwardContext
 
 _ACTIVATIONS = {
@@ -45,9 +46,40 @@ class Projection(nn.Linear):
     names, and a forward that sees the step's ForwardContext, so that per-request add-ons (LoRA) land here
     once for every projection of every family, the recurrent ones included."""
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        # The device adapter slots of this projection (plain tensors, not parameters: no checkpoint has them):
+        # lora_a [S, R, in], lora_b [S, out, R] with the adapter's scaling folded in; None while LoRA is off.
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> None:
+        """Allocate `num_slots` zeroed adapter slots of rank up to `max_rank` beside the weight."""
+        w = self.weight
+        self.lora_a = torch.zeros(num_slots, max_rank, self.in_features, dtype=w.dtype, device=w.device)
+        self.lora_b = torch.zeros(num_slots, self.out_features, max_rank, dtype=w.dtype, device=w.device)
+
+    @torch.no_grad()
+    def set_lora_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None) -> None:
+        """Write one adapter's A [r, in] and scaled B [out, r] into `slot` (zeros beyond rank r); None clears
+        the slot (an adapter that leaves this projection alone)."""
+        if self.lora_a is None or self.lora_b is None:
+            raise ValueError("expected LoRA enabled on this projection before writing an adapter slot")
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if lora_a is None or lora_b is None:
+            return
+        rank = lora_a.shape[0]
+        self.lora_a[slot, :rank].copy_(lora_a)
+        self.lora_b[slot, :, :rank].copy_(lora_b)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        """x [T, in_features] -> [T, out_features]; ctx None (a caller outside the engine) is the base layer."""
-        return F.linear(x, self.weight, self.bias)
+        """x [T, in_features] -> [T, out_features]; ctx None (a caller outside the engine) is the base layer.
+        Tokens with an adapter get its term added; the others' rows are the base output bit for bit."""
+        y = F.linear(x, self.weight, self.bias)
+        if ctx is not None and ctx.batch.lora is not None and self.lora_a is not None:
+            lora_add_(y, x, self.lora_a, self.lora_b, ctx.batch.lora, ctx.backend)
+        return y
 
 
 def projection(in_features: int, out_features: int, bias: bool = False) -> Projection:

@@ -1,8 +1,10 @@
-"""Merging a PEFT LoRA adapter into a checkpoint's weights while they stream into the model.
+"""PEFT LoRA adapters: read from disk, then merged into a checkpoint's weights at load, or placed on the
+model's projections for serving per request.
 
 W' = W + scaling * B @ A, scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora): what
 peft's `merge_and_unload()` computes, done here in fp32 on each tensor as it is read, so the base
-checkpoint is never held twice in memory.
+checkpoint is never held twice in memory. Served per request (`place_lora_adapter`), the same A and
+scaling * B go into a device adapter slot of each projection they target.
 """
 
 from __future__ import annotations
@@ -193,3 +195,97 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return None
+
+
+# Fused projections some trainers and architectures write (one LoRA over q, k and v stacked on the output
+# axis) -> linrec's split projections, in output order. A fused adapter splits exactly: its lora_A is
+# shared and its lora_B's rows divide along the split, since B @ A stacks row blocks the same way.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A LoRA adapter placed on a model's projections, ready to copy into a device adapter slot."""
+
+    name: str
+    path: Path
+    rank: int  # the largest rank over its modules (what the slot's R must hold)
+    # projection module name -> (A [r, in], scaling * B [out, r]) in the model's dtype, on the CPU
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    uid: int = 0  # the engine's registration number (engine/adapters.py); 0 outside a registry
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+
+def place_lora_adapter(
+    adapter: LoraAdapter,
+    name: str,
+    projections: dict[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype,
+) -> LoraWeights:
+    """Map an adapter's modules onto a model's projections ({module name: (in_features, out_features)}).
+
+    Raises ValueError for anything that cannot be served per request: full-tensor replacements
+    (modules_to_save, saved embeddings), embedding or lm_head targets, a module name that maps to no
+    projection (never a silent zero), a shape that does not fit, or a rank above max_rank.
+    """
+    where = f"LoRA adapter {name!r} ({str(adapter.path)!r})"
+    if adapter.replacements:
+        first = sorted(adapter.replacements)[0]
+        raise ValueError(
+            f"{where} saves full tensors (modules_to_save or embedding layers, first {first!r}); per-request "
+            "adapters must be pure LoRA (merge this one at load with --merge-lora instead)"
+        )
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for weight_name, delta in sorted(adapter.deltas.items()):
+        module = weight_name.removesuffix(".weight")
+        if delta.is_transposed:
+            raise ValueError(
+                f"{where} adapts {module!r} as an embedding or a fan_in_fan_out (Conv1D) layer; per-request "
+                "LoRA applies to the decoder's linear projections only"
+            )
+        targets = _split_targets(module, projections)
+        if targets is None:
+            raise ValueError(
+                f"{where} targets module {module!r}, which is not a projection of this model; per-request LoRA "
+                f"applies to the decoder's linear projections (e.g. {next(iter(sorted(projections)), 'none')!r})"
+            )
+        rank = delta.lora_a.shape[0]
+        if rank > max_rank:
+            raise ValueError(f"{where} has rank {rank} on {module!r}, above max_lora_rank={max_rank}")
+        in_features = projections[targets[0]][0]
+        out_total = sum(projections[t][1] for t in targets)
+        if tuple(delta.lora_a.shape) != (rank, in_features) or tuple(delta.lora_b.shape) != (out_total, rank):
+            raise ValueError(
+                f"{where}: expected lora_A [{rank}, {in_features}] and lora_B [{out_total}, {rank}] for {module!r}, "
+                f"got {tuple(delta.lora_a.shape)} and {tuple(delta.lora_b.shape)}"
+            )
+        lora_b = delta.lora_b.float() * delta.scaling
+        offset = 0
+        for target in targets:
+            out_features = projections[target][1]
+            if target in modules:
+                raise ValueError(f"{where} adapts {target!r} twice (split and fused)")
+            modules[target] = (
+                delta.lora_a.to(dtype).contiguous(),
+                lora_b[offset : offset + out_features].to(dtype).contiguous(),
+            )
+            offset += out_features
+    if not modules:
+        raise ValueError(f"{where} holds no LoRA tensors")
+    return LoraWeights(name, adapter.path, max(a.shape[0] for a, _ in modules.values()), modules)
+
+
+def _split_targets(module: str, projections: dict[str, tuple[int, int]]) -> tuple[str, ...] | None:
+    """The projections `module` lands on: itself, or the split parts of a fused name; None when none exist."""
+    if module in projections:
+        return (module,)
+    prefix, _, leaf = module.rpartition(".")
+    parts = FUSED_PROJECTIONS.get(leaf)
+    if parts is None:
+        return None
+    names = tuple(f"{prefix}.{part}" if prefix else part for part in parts)
+    return names if all(n in projections for n in names) else None

@@ -46,6 +46,13 @@ def model_name_for(engine_config: EngineConfig, server_config: ServerConfig) -> 
 
 def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     """One app per engine; each app has its own metrics registry and drain state (app.state.server)."""
+    adapters = llm.engine.adapters
+    if config.lora_modules and adapters is None:
+        raise ValueError("--lora-modules needs --enable-lora (the engine allocates adapter slots only then)")
+    for name, path in config.lora_modules:
+        if name == model_name:
+            raise ValueError(f"expected LoRA module names other than the served model's {model_name!r}")
+        adapters.load(name, path)
     metrics = Metrics(model_name, llm.engine.stats)
     serving = OpenAIServing(llm, model_name, metrics)
     state = ServerState()

@@ -7,6 +7,7 @@ uvicorn, so that `linrec serve --help` is fast.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from linrec.engine.config import parse_byte_size
@@ -27,6 +28,25 @@ def parse_byte_count(text: str) -> int:
     if value < 1 or value != int(value):
         raise ValueError(f"expected a byte count such as 16MiB or 1000000, got {text!r}")
     return int(value)
+
+
+def parse_lora_module(text: str) -> tuple[str, str]:
+    """vLLM's --lora-modules item: 'NAME=DIR' or '{"name": NAME, "path": DIR}' -> (NAME, DIR)."""
+    if text.lstrip().startswith("{"):
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError:
+            item = None
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
+            raise ValueError(f'expected a LoRA module as NAME=DIR or {{"name": ..., "path": ...}}, got {text!r}')
+        name, path = item["name"], item["path"]
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise ValueError(f"expected a LoRA module as NAME=DIR, got {text!r}")
+    if not name or not path:
+        raise ValueError(f"expected a LoRA module as NAME=DIR with both parts non-empty, got {text!r}")
+    return name, path
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,23 @@ class ServerConfig:
         metadata={"help": "put /metrics behind --api-key too (Prometheus: `authorization: {credentials: KEY}`)"},
     )
 
+    # Adapters served from start-up (needs --enable-lora); more come and go through /v1/load_lora_adapter.
+    lora_modules: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": 'LoRA adapters to serve, each NAME=DIR (or JSON {"name": ..., "path": ...}); a request\'s '
+            "model picks one by NAME",
+            "parse": parse_lora_module,
+            "nargs": "+",
+            "metavar": "NAME=DIR",
+        },
+    )
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_modules", tuple(tuple(m) for m in self.lora_modules or ()))
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expected distinct LoRA module names, got {names}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"expected a port in [0, 65535], got {self.port}")
         if self.drain_timeout < 0:

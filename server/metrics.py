@@ -9,6 +9,7 @@ finished requests only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
@@ -111,6 +112,19 @@ class _EngineCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self._model_name], value)
             yield family
+        if stats.max_lora:
+            # vLLM's lora_requests_info: the adapters in use as labels (comma-separated names), the value the
+            # time of the snapshot, so that dashboards built for vLLM read it as they do there.
+            info = GaugeMetricFamily(
+                PREFIX + "lora_requests_info",
+                "LoRA adapters with running and waiting requests (labels), and the device adapter slots.",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            info.add_metric(
+                [str(stats.max_lora), ",".join(stats.running_lora_adapters), ",".join(stats.waiting_lora_adapters)],
+                time.time(),
+            )
+            yield info
 
 
 class Metrics:

@@ -294,7 +294,24 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "linrec"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base model itself
     max_model_len: int | None = None
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter body: a name for requests' `model` and a local adapter directory."""
+
+    model_config = REQUEST_CONFIG
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_int_id: int | None = None  # vLLM accepts it; linrec keys adapters by name
 
 
 class ModelList(BaseModel):

@@ -121,6 +121,22 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
         return await serving.create_chat_completion(body, raw, raw.state.request_id)
 
+    @router.post(
+        "/v1/load_lora_adapter",
+        response_model=None,
+        responses=_responses(*_BODY_ERRORS, content={"text/plain": {"schema": {"type": "string"}}}),
+    )
+    async def load_lora_adapter(body: p.LoadLoRAAdapterRequest) -> Response:
+        return await serving.load_lora_adapter(body)
+
+    @router.post(
+        "/v1/unload_lora_adapter",
+        response_model=None,
+        responses=_responses(*_BODY_ERRORS, content={"text/plain": {"schema": {"type": "string"}}}),
+    )
+    async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest) -> Response:
+        return await serving.unload_lora_adapter(body)
+
     @router.post("/tokenize", response_model=None, responses=_responses(*_BODY_ERRORS, ok=p.TokenizeResponse))
     async def tokenize(body: p.TokenizeRequest) -> Response:
         return await serving.tokenize(body)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
 import time
 import unicodedata
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from linrec.engine.adapters import AdapterNotFoundError
 from linrec.engine.async_llm import AsyncLLM, EngineError
 from linrec.engine.output import SampleDelta
 from linrec.engine.request import Logprob
@@ -37,6 +39,8 @@ from linrec.engine.sampling_params import SamplingParams
 from linrec.engine.scheduler import QueueFullError
 from linrec.server import protocol as p
 from linrec.server.metrics import Metrics, RequestTimer
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -141,19 +145,52 @@ class OpenAIServing:
 
     # -- shared pieces ------------------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"The model `{model}` does not exist; this server serves `{self.model_name}`",
-                type="NotFoundError",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model). 404 model_not_found otherwise."""
+        if model is None or model == self.model_name:
+            return None
+        adapters = self.llm.engine.adapters
+        if adapters is not None and model in adapters:
+            return model
+        served = ", ".join(f"`{n}`" for n in [self.model_name, *(a.name for a in self.llm.list_lora_adapters())])
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist; this server serves {served}",
+            type="NotFoundError",
+            param="model",
+            code="model_not_found",
+        )
 
     def models(self) -> dict[str, Any]:
-        card = p.ModelCard(id=self.model_name, root=self.llm.engine.model_path, max_model_len=self.max_model_len)
-        return p.dump(p.ModelList(data=[card]))
+        root = self.llm.engine.model_path
+        cards = [p.ModelCard(id=self.model_name, root=root, max_model_len=self.max_model_len)]
+        cards += [
+            p.ModelCard(id=a.name, root=a.path, parent=self.model_name, max_model_len=self.max_model_len)
+            for a in self.llm.list_lora_adapters()
+        ]
+        return p.dump(p.ModelList(data=cards))
+
+    # -- LoRA adapters at runtime (vLLM's endpoints and answers) ---------------------------------------
+
+    async def load_lora_adapter(self, req: p.LoadLoRAAdapterRequest) -> PlainTextResponse:
+        if self.llm.engine.adapters is None:
+            raise APIError(400, "this server serves no LoRA adapters (start it with --enable-lora)", param="lora_name")
+        if req.lora_name == self.model_name:
+            raise APIError(400, f"expected an adapter name other than the base model's `{self.model_name}`")
+        try:
+            await self.llm.load_lora_adapter(req.lora_name, req.lora_path)
+        except (FileNotFoundError, ValueError) as exc:  # AdapterExistsError too: vLLM answers 400
+            raise APIError(400, str(exc), param="lora_path" if isinstance(exc, FileNotFoundError) else None) from None
+        logger.info("linrec: LoRA adapter %r loaded from %s", req.lora_name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, req: p.UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        try:
+            self.llm.unload_lora_adapter(req.lora_name)
+        except AdapterNotFoundError as exc:
+            raise APIError(404, str(exc), type="NotFoundError", param="lora_name") from None
+        logger.info("linrec: LoRA adapter %r unloaded (its running requests finish on it)", req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     def _sampling_params(self, req: p._SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bias: dict[int, float] | None = None
@@ -166,13 +203,7 @@ class OpenAIServing:
                     raise APIError(
                         400, f"expected logit_bias keys as token ids, got {key!r}", param="logit_bias"
                     ) from None
-                if not 0 <= token_id < self.vocab_size:
-                    raise APIError(
-                        400,
-                        f"expected logit_bias token ids in [0, {self.vocab_size}), got {token_id}",
-                        param="logit_bias",
-                    )
-                bias[token_id] = value
+                bias[token_id] = value  # the engine checks the range (EngineCore.validate)
         if max_tokens < 1:
             raise APIError(400, f"expected max_tokens >= 1, got {max_tokens}", param="max_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -195,19 +226,9 @@ class OpenAIServing:
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
-                cache_salt=req.cache_salt,
             )
         except ValueError as exc:
             raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
-
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise APIError(400, "expected a non-empty prompt, got 0 tokens", param="prompt")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise APIError(400, f"expected token ids in [0, {self.vocab_size}), got {bad[0]}", param="prompt")
-        if len(prompt_ids) >= self.max_model_len:
-            raise self._too_long(f"{len(prompt_ids)} tokens")
 
     def _too_long(self, size: str, param: str = "prompt", generates: bool = True) -> APIError:
         need = " (prompt plus at least one generated token)" if generates else ""
@@ -243,28 +264,52 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     def _generate(
-        self, prompts: list[list[int]], params: SamplingParams, base_id: str
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        base_id: str,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[tuple[int, SampleDelta]]:
-        """Every prompt's deltas, merged, tagged with the prompt's index; metrics observed on the way."""
+        """Every prompt's deltas, merged, tagged with the prompt's index; metrics observed on the way. The
+        engine validates each prompt (EngineCore.validate): a refusal ends the merged stream before any delta."""
         if self._expired_message is not None:
             raise self._expired()
         arrival = time.monotonic()
         gens = [
-            self._timed(self.llm.generate(ids, params, f"{base_id}-{i}"), RequestTimer(self.metrics, arrival, len(ids)))
+            self._timed(
+                self.llm.generate(ids, params, f"{base_id}-{i}", lora_name=lora_name, cache_salt=cache_salt),
+                RequestTimer(self.metrics, arrival, len(ids)),
+                f"{base_id}-{i}",
+                lora_name or self.model_name,
+                len(ids),
+            )
             for i, ids in enumerate(prompts)
         ]
         merged = _merge(gens)
         self._open_streams.add(merged)
         return merged
 
-    async def _timed(self, gen: AsyncIterator[SampleDelta], timer: RequestTimer) -> AsyncIterator[SampleDelta]:
+    async def _timed(
+        self, gen: AsyncIterator[SampleDelta], timer: RequestTimer, request_id: str, model: str, num_prompt_tokens: int
+    ) -> AsyncIterator[SampleDelta]:
+        num_generated = 0
         async for delta in gen:
             now = time.monotonic()
             timer.on_delta(now, delta.index, len(delta.token_ids), delta.first_scheduled_time)
+            num_generated += len(delta.token_ids)
             if delta.finish_reason is not None:
                 timer.on_sample_finished(delta.finish_reason)
             yield delta
         timer.on_finished(time.monotonic())
+        # usage per request and model (an adapter's name when it ran on one): who used what, in the log
+        logger.info(
+            "linrec: request %s model=%s prompt_tokens=%d completion_tokens=%d",
+            request_id,
+            model,
+            num_prompt_tokens,
+            num_generated,
+        )
 
     async def _first(self, gen: AsyncIterator[T], raw: Request) -> T:
         """The first item, with engine refusals turned into 4xx/5xx errors."""
@@ -280,7 +325,7 @@ class OpenAIServing:
     # -- /v1/completions ----------------------------------------------------------------------------
 
     async def create_completion(self, req: p.CompletionRequest, raw: Request, request_id: str):
-        self.check_model(req.model)
+        lora_name = self.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -293,7 +338,7 @@ class OpenAIServing:
         response_id = f"cmpl-{request_id}"
         created = int(time.time())
         echo_texts = await self._offload(self._echo_texts, prompts) if req.echo else [""] * len(prompts)
-        merged = self._generate(prompts, params, f"cmpl-{uuid.uuid4().hex}")
+        merged = self._generate(prompts, params, f"cmpl-{uuid.uuid4().hex}", lora_name, req.cache_salt)
         first = await self._first(merged, raw)
         num_prompt_tokens = sum(map(len, prompts))
         if req.stream:
@@ -368,8 +413,8 @@ class OpenAIServing:
             prompts = [list(prompt)]
         else:
             prompts = [list(x) for x in prompt]
-        for ids in prompts:
-            self._check_prompt(ids)
+        if any(not ids for ids in prompts):
+            raise APIError(400, "expected a non-empty prompt, got 0 tokens", param="prompt")
         return prompts
 
     def _echo_texts(self, prompts: list[list[int]]) -> list[str]:
@@ -478,7 +523,7 @@ class OpenAIServing:
         return self._encode(text, "messages", generates, add_special_tokens=False)
 
     async def create_chat_completion(self, req: p.ChatCompletionRequest, raw: Request, request_id: str):
-        self.check_model(req.model)
+        lora_name = self.check_model(req.model)
         prompt_ids = await self._offload(self._checked_chat_prompt, req.messages, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
@@ -488,7 +533,7 @@ class OpenAIServing:
         params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         response_id = f"chatcmpl-{request_id}"
         created = int(time.time())
-        merged = self._generate([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}")
+        merged = self._generate([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", lora_name, req.cache_salt)
         first = await self._first(merged, raw)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -511,9 +556,7 @@ class OpenAIServing:
         return await self._offload(self._chat_response, req, choices, response_id, created, len(prompt_ids))
 
     def _checked_chat_prompt(self, messages: list[p.ChatMessage], add_generation_prompt: bool) -> list[int]:
-        prompt_ids = self.chat_prompt(messages, add_generation_prompt)
-        self._check_prompt(prompt_ids)
-        return prompt_ids
+        return self.chat_prompt(messages, add_generation_prompt)
 
     def _chat_response(
         self,
@@ -759,7 +802,9 @@ def _engine_error(exc: BaseException) -> APIError:
         return APIError(500, str(exc), type="InternalServerError")
     if isinstance(exc, StopAsyncIteration):
         return APIError(500, "the engine ended the request without output", type="InternalServerError")
-    return APIError(400, str(exc), param=getattr(exc, "param", None))
+    if isinstance(exc, AdapterNotFoundError):  # unloaded between the model check and the engine
+        return APIError(404, str(exc), type="NotFoundError", param="model", code="model_not_found")
+    return APIError(400, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None))
 
 
 def _fold(choice: _Choice, delta: SampleDelta) -> None:

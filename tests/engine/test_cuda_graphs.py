@@ -48,13 +48,15 @@ def test_enforce_eager_flag_and_no_graphs_on_cpu(demo_model_dir):
 class _EagerGraph:
     """Stands in for a captured graph: replay() runs the forward the capture would have recorded."""
 
-    def __init__(self, graphs: EagerReplayGraphs, size: int):
-        self.graphs, self.size, self.batch = graphs, size, graphs._batch(size)
+    def __init__(self, graphs: EagerReplayGraphs, size: int, with_lora: bool):
+        self.graphs, self.size, self.with_lora = graphs, size, with_lora
 
     def replay(self) -> None:
         g = self.graphs
         g.num_replays += 1
-        g._outputs[self.size] = g.model(g._inputs[0, : self.size], self.batch, g.pool.layers)
+        # capture() builds the batch (and the LoRA mapping, on the device) inside the graph: so does each replay
+        batch = g._batch(self.size, self.with_lora)
+        g._outputs[self.size, self.with_lora] = g.model(g._inputs[0, : self.size], batch, g.pool.layers)
 
 
 class EagerReplayGraphs(DecodeGraphs):
@@ -64,7 +66,8 @@ class EagerReplayGraphs(DecodeGraphs):
     def capture(self) -> None:
         self.num_replays = 0
         for size in self.buckets:
-            self._graphs[size] = _EagerGraph(self, size)
+            for with_lora in self._variants():
+                self._graphs[size, with_lora] = _EagerGraph(self, size, with_lora)
 
 
 FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2"]
@@ -164,14 +167,20 @@ def test_capture_safety_mode_catches_syncs_and_data_dependent_shapes():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_forward_is_capture_safe(demo_model_dir, family, backend):
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_decode_forward_is_capture_safe(demo_model_dir, family, backend, lora):
     """The forward a DecodeGraphs bucket captures, with real values in its static buffers (tokens, positions
-    past the window, out-of-order slots and a padding row), does no host sync and no data-dependent op."""
-    llm = LLM(demo_model_dir(family), device="cpu", kernel_backend=backend, max_num_seqs=4)
-    graphs = DecodeGraphs(llm.engine.model, llm.engine.pool, torch.device("cpu"), 4)
-    graphs._inputs[:, :4] = torch.tensor([[5, 17, 99, 0], [70, 3, 0, 0], [2, 4, 1, 0]])  # ids, positions, slots
+    past the window, out-of-order slots, adapters mixed with none, and a padding row), does no host sync and
+    no data-dependent op: the LoRA variant groups the tokens by adapter on the device."""
+    if lora and backend == "triton" and family != "liger_gla":
+        pytest.skip("the LoRA kernels are the same for every family: one family under the interpreter suffices")
+    extra = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 4} if lora else {}
+    llm = LLM(demo_model_dir(family), device="cpu", kernel_backend=backend, max_num_seqs=4, **extra)
+    graphs = DecodeGraphs(llm.engine.model, llm.engine.pool, torch.device("cpu"), 4, num_adapter_slots=2 * lora)
+    # ids, positions, slots, adapter slots
+    graphs._inputs[:, :4] = torch.tensor([[5, 17, 99, 0], [70, 3, 0, 0], [2, 4, 1, 0], [1, -1, 0, -1]])
     with torch.inference_mode(), CaptureSafetyMode() as mode:
-        hidden = graphs.model(graphs._inputs[0, :4], graphs._batch(4), graphs.pool.layers)
+        hidden = graphs.model(graphs._inputs[0, :4], graphs._batch(4, with_lora=lora), graphs.pool.layers)
     assert hidden.shape[0] == 4 and torch.isfinite(hidden).all()
     assert mode.unsafe == [], f"{family} ({backend}) decode forward cannot be captured: {mode.unsafe}"
 

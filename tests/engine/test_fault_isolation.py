@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from linrec import LLM, SamplingParams
+from linrec.engine.request import EngineRequest
 from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, InvalidRequestError
 
 
@@ -26,7 +27,7 @@ def greedy(max_tokens: int = 6, **kw) -> SamplingParams:
 def test_ids_a_step_would_index_are_refused_before_the_engine(demo_model_dir, params, param):
     llm = LLM(demo_model_dir(), max_num_seqs=4)
     with pytest.raises(InvalidRequestError) as info:
-        llm.engine.add_request("bad", [1, 2, 3], greedy(**params))
+        llm.engine.add_request(EngineRequest("bad", [1, 2, 3], greedy(**params)))
     assert info.value.param == param
     assert not llm.engine.has_unfinished()
     assert llm.generate([[1, 2, 3]], greedy())[0].outputs[0].finish_reason == "length"
@@ -89,7 +90,7 @@ def prompts_for(num: int, seed: int, shared_prefix: list[int] | None = None) -> 
 def run(engine, prompts: dict[str, list[int]], params: SamplingParams) -> dict[str, dict[int, tuple]]:
     """Every prompt through EngineCore directly: request id -> sample index -> (token ids, finish reason)."""
     for rid, prompt in prompts.items():
-        engine.add_request(rid, prompt, params)
+        engine.add_request(EngineRequest(rid, prompt, params))
     out: dict[str, dict[int, tuple]] = {rid: {} for rid in prompts}
     for _ in range(10_000):
         if not engine.has_unfinished():
@@ -174,8 +175,8 @@ def test_faults_with_the_prefix_cache_keep_it_consistent(demo_model_dir):
 def test_a_fault_in_the_engines_own_bookkeeping_resets_it_and_it_goes_on(demo_model_dir):
     engine = LLM(demo_model_dir(), max_num_seqs=4).engine
     params = greedy(max_tokens=4)
-    engine.add_request("a", [1, 2, 3], params)
-    engine.add_request("b", [4, 5, 6], params)
+    engine.add_request(EngineRequest("a", [1, 2, 3], params))
+    engine.add_request(EngineRequest("b", [4, 5, 6], params))
     engine.step()
     update = engine.scheduler.update
 

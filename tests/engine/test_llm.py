@@ -7,7 +7,7 @@ import random
 import pytest
 
 from linrec import LLM, SamplingParams
-from linrec.engine.request import RequestStatus
+from linrec.engine.request import EngineRequest, RequestStatus
 
 FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2"]
 
@@ -56,13 +56,13 @@ def test_reused_slot_leaks_nothing(demo_model_dir):
 def test_abort_frees_the_slot_within_one_step(demo_model_dir):
     llm = LLM(demo_model_dir(), max_num_seqs=2, max_num_batched_tokens=64)
     engine = llm.engine
-    engine.add_request("long", [1, 2, 3], greedy(max_tokens=1000))
-    engine.add_request("other", [4, 5, 6], greedy(max_tokens=1000))
+    engine.add_request(EngineRequest("long", [1, 2, 3], greedy(max_tokens=1000)))
+    engine.add_request(EngineRequest("other", [4, 5, 6], greedy(max_tokens=1000)))
     engine.step()
     assert engine.scheduler.allocator.num_free == 0
     engine.abort(["long"])
     assert engine.scheduler.allocator.num_free == 1
-    engine.add_request("next", [7, 8], greedy(max_tokens=2))
+    engine.add_request(EngineRequest("next", [7, 8], greedy(max_tokens=2)))
     engine.step()
     assert "next" in {r.request_id for r in engine.scheduler.running}
     engine.abort(["other", "next"])
@@ -149,10 +149,10 @@ def test_chat_uses_the_template_and_logprobs_are_returned(demo_model_dir):
 def test_bad_requests_are_refused_and_the_engine_goes_on(demo_model_dir):
     llm = LLM(demo_model_dir(), max_model_len=64)
     with pytest.raises(ValueError, match="token ids"):
-        llm.engine.add_request("bad", [10**9], greedy())
+        llm.engine.add_request(EngineRequest("bad", [10**9], greedy()))
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.engine.add_request("long", list(range(60)), greedy(max_tokens=10))
+        llm.engine.add_request(EngineRequest("long", list(range(60)), greedy(max_tokens=10)))
     with pytest.raises(ValueError, match="non-empty"):
-        llm.engine.add_request("empty", [], greedy())
+        llm.engine.add_request(EngineRequest("empty", [], greedy()))
     assert llm.generate([[1, 2, 3]], greedy(max_tokens=3))[0].outputs[0].finish_reason == "length"
     assert not any(r.status is RequestStatus.RUNNING for r in llm.engine.scheduler.requests.values())

@@ -117,7 +117,7 @@ def make_scheduler(num_rows: int = 8, group: bool = True, **kwargs) -> tuple[Sch
 
 
 def request(rid: str, prompt: list[int], max_tokens: int = 2, salt: str | None = None) -> Request:
-    params = SamplingParams(max_tokens=max_tokens, cache_salt=salt)
+    params = SamplingParams(max_tokens=max_tokens)
     return Request(rid, prompt, params, cache_key=PrefixKey("m", cache_salt=salt))
 
 
@@ -325,13 +325,13 @@ def test_chat_turns_hit_the_previous_turn(demo_model_dir):
 def test_salted_requests_do_not_share_states(demo_model_dir):
     llm = LLM(demo_model_dir())
     prompt = tokens(60, 3)
-    a = llm.generate([prompt], greedy(cache_salt="a"))
+    a = llm.generate([prompt], greedy(), cache_salt="a")
     stats = llm.engine.stats()
-    b = llm.generate([prompt], greedy(cache_salt="b"))
+    b = llm.generate([prompt], greedy(), cache_salt="b")
     assert llm.engine.stats().prefix_cache_hits == stats.prefix_cache_hits
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
     # (A hit leaves the last prompt token to prefill, so the same prompt again would only hit a chunk end.)
-    llm.generate([prompt + [1, 2, 3]], greedy(cache_salt="a"))
+    llm.generate([prompt + [1, 2, 3]], greedy(), cache_salt="a")
     assert llm.engine.stats().prefix_cache_hits == stats.prefix_cache_hits + 1
 
 

@@ -47,6 +47,8 @@ OPERATIONS = [
     "POST /v1/chat/completions",
     "POST /tokenize",
     "POST /detokenize",
+    "POST /v1/load_lora_adapter",
+    "POST /v1/unload_lora_adapter",
 ]
 
 
