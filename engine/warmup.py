@@ -25,6 +25,9 @@ sizes), and on a pointer's 16-byte alignment. What differs between steps, and th
 - decode: linrec's decode kernels take no argument that depends on the batch (strides are the model's, the
   batch is the grid); on CUDA the graph capture has already run every bucket, and with enforce_eager (or no
   graphs) eager decode batches of 1, 3, 16 and max_num_seqs run here.
+- LoRA (EngineConfig.enable_lora): every shape again with adapters on every other sequence (slot 0, zeros at
+  start-up), so that the shrink/expand kernels compile for each token-count class (their row block follows T)
+  beside base rows; the CUDA graphs captured their LoRA variant already.
 The sampler is torch, not Triton: its paths run here so that CUDA's lazily loaded kernels (sort, top-k,
 exponential draws, scatter) are loaded before a request needs them.
 What cannot be enumerated: a kernel that specializes on something the list above does not vary (fla's
@@ -76,6 +79,7 @@ class ForwardShape:
     what: str  # the specialization class it covers (the progress bar shows it)
     seq_lens: tuple[int, ...]  # tokens per sequence, in batch order
     start_positions: tuple[int, ...]  # tokens already in each sequence's state
+    adapter_slots: tuple[int, ...] | None = None  # LoRA slot of each sequence (-1 none); None: LoRA off
 
     @property
     def num_tokens(self) -> int:
@@ -83,10 +87,11 @@ class ForwardShape:
 
 
 def forward_shapes(
-    max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eager_decode: bool
+    max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, eager_decode: bool, lora: bool = False
 ) -> list[ForwardShape]:
     """The dummy steps of a warm-up (see the module docstring), without those the engine can never run: more
-    sequences than max_num_seqs, more tokens than max_num_batched_tokens, positions past max_model_len."""
+    sequences than max_num_seqs, more tokens than max_num_batched_tokens, positions past max_model_len. With
+    `lora`, each shape once more with an adapter on every other sequence."""
     shapes: list[ForwardShape] = []
 
     def add(what: str, seq_lens: Sequence[int], starts: Sequence[int] | None = None) -> None:
@@ -116,6 +121,13 @@ def forward_shapes(
     if eager_decode:
         for batch in sorted({*EAGER_DECODE_BATCHES, max_num_seqs}):
             add(f"eager decode, batch {batch}", (1,) * batch, (9,) * batch)
+    if lora:
+        shapes += [
+            ForwardShape(
+                f"{s.what}, with LoRA", s.seq_lens, s.start_positions, tuple(-(i % 2) for i in range(len(s.seq_lens)))
+            )
+            for s in list(shapes)
+        ]
     return shapes
 
 
@@ -182,6 +194,7 @@ def warm_up(engine: EngineCore, progress: bool = False, watch: CompileWatch | No
         config.max_num_batched_tokens,
         engine.max_model_len,
         eager_decode=engine.runner.decode_graphs is None,
+        lora=engine.runner.num_adapter_slots > 0,
     )
     report = run_warmup(
         engine.model,
@@ -193,6 +206,7 @@ def warm_up(engine: EngineCore, progress: bool = False, watch: CompileWatch | No
         sampler_cases(),
         progress=progress,
         watch=watch,
+        num_adapter_slots=engine.runner.num_adapter_slots,
     )
     if progress:
         print(report.summary(), file=sys.stderr)
@@ -212,6 +226,7 @@ def run_warmup(
     cases: Sequence[tuple[str, list[SamplingParams]]],
     progress: bool = False,
     watch: CompileWatch | None = None,
+    num_adapter_slots: int = 0,
 ) -> WarmupReport:
     """The forwards of `shapes` on the null slot and the sampler over `cases`; row 0 of the pool is restored."""
     from tqdm import tqdm
@@ -226,7 +241,7 @@ def run_warmup(
         for shape in shapes:
             bar.set_postfix_str(shape.what, refresh=False)
             try:
-                logits = _forward(model, pool, device, vocab_size, shape)
+                logits = _forward(model, pool, device, vocab_size, shape, num_adapter_slots)
             except Exception as exc:  # a request would have failed here too: say which shape at start-up
                 raise RuntimeError(
                     f"linrec warm-up failed on {shape.what} (seq_lens {list(shape.seq_lens)}, start positions "
@@ -258,10 +273,22 @@ def run_warmup(
 
 
 def _forward(
-    model: CausalLM, pool: StatePool, device: torch.device, vocab_size: int, shape: ForwardShape
+    model: CausalLM,
+    pool: StatePool,
+    device: torch.device,
+    vocab_size: int,
+    shape: ForwardShape,
+    num_adapter_slots: int = 0,
 ) -> torch.Tensor:
     """One eager step as the runner runs it (every sequence in the null slot); its sampled rows' logits [N, V]."""
-    batch = ForwardBatch.build(shape.seq_lens, shape.start_positions, (NULL_SLOT,) * len(shape.seq_lens), device=device)
+    batch = ForwardBatch.build(
+        shape.seq_lens,
+        shape.start_positions,
+        (NULL_SLOT,) * len(shape.seq_lens),
+        device=device,
+        adapter_slots=shape.adapter_slots,
+        num_adapter_slots=num_adapter_slots,
+    )
     # Deterministic token ids spread over the vocabulary; no RNG is drawn.
     input_ids = (torch.arange(shape.num_tokens, device=device, dtype=torch.int64) * 7919 + 1) % vocab_size
     hidden = model(input_ids, batch, pool.layers)

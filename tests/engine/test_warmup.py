@@ -146,6 +146,38 @@ def test_outputs_are_the_same_with_and_without_warmup(demo_model_dir, backend):
     assert outputs["on"] == outputs["off"]
 
 
+def test_lora_warmup_runs_each_shape_with_adapters_beside_base_rows(demo_model_dir):
+    """With LoRA on, every shape is warmed up a second time with an adapter on every other sequence (the
+    shrink/expand kernels' own specializations); the warm-up still leaves the outputs as they were."""
+    shapes = warmup.forward_shapes(4, 64, 256, eager_decode=True, lora=True)
+    base = [s for s in shapes if s.adapter_slots is None]
+    with_lora = [s for s in shapes if s.adapter_slots is not None]
+    assert len(base) == len(with_lora) and all(s.what.endswith("with LoRA") for s in with_lora)
+    assert all(s.adapter_slots[0] == 0 and set(s.adapter_slots) <= {0, -1} for s in with_lora)
+    assert any(-1 in s.adapter_slots for s in with_lora)  # base rows beside adapted ones
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2)
+    outputs = {}
+    for setting in ("off", "on"):
+        llm = LLM(
+            demo_model_dir("liger_gla"),
+            kernel_backend="triton",
+            max_num_seqs=3,
+            max_num_batched_tokens=8,
+            max_model_len=64,
+            warmup=setting,
+            enable_lora=True,
+            max_loras=2,
+            max_lora_rank=4,
+        )
+        report = llm.engine.warmup_report
+        assert (report is None) == (setting == "off")
+        if report is not None:
+            assert report.num_forwards == len(warmup.forward_shapes(3, 8, 64, eager_decode=True, lora=True))
+        results = llm.generate(PROMPTS, params)
+        outputs[setting] = [(c.token_ids, [lp.logprob for lp in c.logprobs]) for r in results for c in r.outputs]
+    assert outputs["on"] == outputs["off"]
+
+
 class _CompilingModel(torch.nn.Module):
     """A model stand-in whose forward 'compiles' a kernel (calls the watch as Triton's hook would) on the
     first call of each token count."""
