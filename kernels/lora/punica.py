@@ -40,6 +40,18 @@ def _block_r(rank: int) -> int:
 
 
 @triton.jit
+def _slot_rows(sorted_ids_ptr, slot_starts_ptr, slot, i_m, BLOCK_M: tl.constexpr):
+    """Rows (token indices) of m-block i_m of `slot`'s group, their mask, and the group's token count. Past the
+    group's end the mask is all False and nothing is read."""
+    start = tl.load(slot_starts_ptr + slot)
+    count = tl.load(slot_starts_ptr + slot + 1) - start
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < count
+    tokens = tl.load(sorted_ids_ptr + start + o_m, mask=m_m, other=0).to(tl.int64)
+    return tokens, m_m, count
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -63,13 +75,9 @@ def _shrink_kernel(
     i_m = tl.program_id(0) // num_r_blocks
     i_r = tl.program_id(0) % num_r_blocks
     slot = tl.program_id(1).to(tl.int64)
-    start = tl.load(slot_starts_ptr + slot)
-    count = tl.load(slot_starts_ptr + slot + 1) - start
+    tokens, m_m, count = _slot_rows(sorted_ids_ptr, slot_starts_ptr, slot, i_m, BLOCK_M)
     if i_m * BLOCK_M >= count:
         return
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < count
-    tokens = tl.load(sorted_ids_ptr + start + o_m, mask=m_m, other=0).to(tl.int64)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < R
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -111,13 +119,9 @@ def _expand_kernel(
     i_m = tl.program_id(0) // num_n_blocks
     i_n = tl.program_id(0) % num_n_blocks
     slot = tl.program_id(1).to(tl.int64)
-    start = tl.load(slot_starts_ptr + slot)
-    count = tl.load(slot_starts_ptr + slot + 1) - start
+    tokens, m_m, count = _slot_rows(sorted_ids_ptr, slot_starts_ptr, slot, i_m, BLOCK_M)
     if i_m * BLOCK_M >= count:
         return
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < count
-    tokens = tl.load(sorted_ids_ptr + start + o_m, mask=m_m, other=0).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_r = tl.arange(0, BLOCK_R)  # the whole rank in one block: R <= BLOCK_R
