@@ -66,6 +66,10 @@ MIN_SAVE_TOKENS = 4
 MAX_FAILED_STEPS = 3
 # A suspect is cleared once its rebuilt state sampled and one more step ran and sampled.
 QUARANTINE_SAMPLES = 2
+# A request whose adapter found every device slot pinned by other adapters waits, and requests behind it on
+# resident adapters go first; after this many steps of waiting, nobody behind it is admitted any more, so the
+# slots drain and it gets one (bounded wait, no starvation by a steady stream on the resident adapters).
+MAX_ADAPTER_WAIT_STEPS = 32
 
 
 class QueueFullError(RuntimeError):
@@ -222,6 +226,7 @@ class Scheduler:
         # once a slot holds it; loads planned this step go to the runner in SchedulerOutput.adapter_loads.
         self.adapter_slots = adapter_slots
         self._adapter_loads: list[tuple[int, object]] = []
+        self._adapter_waits: dict[str, int] = {}  # request id -> steps it waited for an adapter slot
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -289,6 +294,7 @@ class Scheduler:
                 self._save_end_state(request)
             self.allocator.free(request.slot_id)
             request.slot_id = 0
+        self._adapter_waits.pop(request.request_id, None)
         if request.adapter_slot >= 0 and self.adapter_slots is not None:
             self.adapter_slots.release(request.adapter_slot)
             request.adapter_slot = -1
@@ -373,7 +379,12 @@ class Scheduler:
             if is_long and num_long >= self.max_long_partial_prefills:
                 continue
             if request.lora is not None and not self._can_place_adapter(request):
-                continue  # every adapter slot is pinned by other adapters' requests: it waits, keeping its place
+                # every adapter slot is pinned by other adapters' requests: it waits, keeping its place
+                waited = self._adapter_waits[request.request_id] = self._adapter_waits.get(request.request_id, 0) + 1
+                if waited > MAX_ADAPTER_WAIT_STEPS:
+                    break
+                continue
+            self._adapter_waits.pop(request.request_id, None)
             hit: RadixNode | None = None
             if plan is not None:
                 hit, wait_on = self._plan_admission(request, plan)
