@@ -51,6 +51,7 @@ KERNEL_NAMES = (
     "liger_step",
     "liger_step_d128",
     "short_conv",
+    "lora",
 )  # bench/kernels.py KERNEL_SHAPES (not imported: it stays light)
 OUTPUT_CHARS = 6000  # of each step's output kept in the report (its end)
 

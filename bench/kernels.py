@@ -1,7 +1,8 @@
 """`linrec bench kernels`: each decode kernel against its physical limit and its peers.
 
 Each decode kernel (gated delta rule, Mamba2 SSD, GLA with one state per head and with one state per KV
-head, Liger's window ring, the fused Liger step, the short-conv update) at batch 1/8/64/256 on a 1.3B-class
+head, Liger's window ring, the fused Liger step, the short-conv update, and the LoRA add-on of a batch
+mixing adapters) at batch 1/8/64/256 on a 1.3B-class
 layer shape (KERNEL_SHAPES), timed beside its peers in one run. A decode step is memory bound: it reads and
 writes every state it advances (recurrent state, ring, conv state) and reads its inputs once, so the figure
 of merit is the achieved bandwidth (bytes moved / time) as a share of the device's measured copy bandwidth
@@ -48,6 +49,8 @@ from linrec.bench.common import DEFAULT_BATCH_SIZES, NOTE_CPU, NOTE_GPU, check_b
 #   liger_step       the fused Liger step (ring + GLA + mix) on Llama-3.2-1B's heads, and liger_step_d128 on
 #                    Llama-3-8B's (32/8 heads of 128), where the fused kernel's register tiles are largest
 #   short_conv       Mamba2-1.3B's conv1d update (conv_dim 4096 + 2 * 128 = 4352 channels, kernel 4)
+#   lora             the LoRA add-on of one decode step on Llama-3.2-1B's q_proj (2048 -> 2048), rank 16, with S
+#                    adapter slots and the batch's tokens spread round-robin over them (min(batch, S) in use)
 KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
     "1.3b": {
         "gated_delta": {"H": 6, "HV": 6, "K": 256, "V": 512},
@@ -58,6 +61,7 @@ KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
         "liger_step": {"H": 32, "Hk": 8, "D": 64, "W": 64},
         "liger_step_d128": {"H": 32, "Hk": 8, "D": 128, "W": 64},
         "short_conv": {"D": 4352, "W": 4},
+        "lora": {"IN": 2048, "OUT": 2048, "R": 16, "S": 16},
     },
     "small": {
         "gated_delta": {"H": 2, "HV": 2, "K": 16, "V": 16},
@@ -68,6 +72,7 @@ KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
         "liger_step": {"H": 4, "Hk": 2, "D": 16, "W": 8},
         "liger_step_d128": {"H": 4, "Hk": 2, "D": 32, "W": 8},
         "short_conv": {"D": 48, "W": 4},
+        "lora": {"IN": 40, "OUT": 24, "R": 8, "S": 3},
     },
 }
 
@@ -560,6 +565,44 @@ def _short_conv_cases(shape: dict[str, int], batch: int, device, run_triton: boo
     return KernelCases(cases, state_bytes + input_bytes + output_bytes, (conv_state,))
 
 
+def _lora_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
+    """y += B[s] A[s] x per token: the grouped shrink/expand (host-grouped and device-grouped mappings, the
+    latter what a CUDA graph replays) against torch's grouped matmuls and its per-token gather + bmm."""
+    import torch
+
+    from linrec.kernels.lora import LoraMapping, lora_add_
+
+    IN, OUT, R, S = shape["IN"], shape["OUT"], shape["R"], shape["S"]
+    act = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, IN, device=device, generator=gen).to(act)
+    y = torch.randn(batch, OUT, device=device, generator=gen).to(act)
+    lora_a = (torch.randn(S, R, IN, device=device, generator=gen) * IN**-0.5).to(act)
+    lora_b = (torch.randn(S, OUT, R, device=device, generator=gen) * 1e-3).to(act)
+    token_slots = [t % S for t in range(batch)]
+    host = LoraMapping.build(token_slots, S, device)
+    on_device = LoraMapping.from_device(torch.tensor(token_slots, device=device), S)
+    active = min(batch, S)
+    adapter_bytes = active * R * (IN + OUT) * act.itemsize
+    num_bytes = x.numel() * act.itemsize + 2 * y.numel() * act.itemsize + adapter_bytes + batch * 8
+
+    def add(mapping, backend):
+        def step():
+            lora_add_(y, x, lora_a, lora_b, mapping, backend)
+            return y
+
+        return step
+
+    cases = []
+    if run_triton:
+        cases.append(("linrec triton shrink/expand", add(host, "triton")))
+        cases.append(("linrec triton, device-grouped (graphs)", add(on_device, "triton")))
+    # torch's grouped path gathers each adapter's rows and scatters the sum back: the bench's reference name
+    cases.append(("linrec torch (gather/scatter)", add(host, "torch")))
+    cases.append(("linrec torch, device-grouped (gather + bmm)", add(on_device, "torch")))
+    return KernelCases(cases, num_bytes, (y,))
+
+
 def _kernel_cases(
     kernel: str, shape: dict[str, int], batch: int, device, run_triton: bool, run_fla: bool
 ) -> KernelCases:
@@ -576,6 +619,8 @@ def _kernel_cases(
         return _liger_step_cases(shape, batch, device, run_triton, run_fla)
     if kernel == "short_conv":
         return _short_conv_cases(shape, batch, device, run_triton)
+    if kernel == "lora":
+        return _lora_cases(shape, batch, device, run_triton)
     raise ValueError(f"expected a kernel in {tuple(KERNEL_SHAPES['1.3b'])}, got {kernel!r}")
 
 

@@ -39,7 +39,7 @@ def test_bench_kernels_small_cpu_json(capsys):
     assert result["shapes"] == shapes
     impls = {(r["kernel"], r["impl"], r["batch"]) for r in result["rows"]}
     fused = "linrec triton fused (in place, one launch)"
-    triton_impl = {"liger_step": fused, "liger_step_d128": fused}
+    triton_impl = {"liger_step": fused, "liger_step_d128": fused, "lora": "linrec triton shrink/expand"}
     for batch in (1, 2):
         for kernel in shapes:  # every kernel has its torch path, and its Triton kernel under the interpreter
             assert (kernel, "linrec torch (gather/scatter)", batch) in impls
