@@ -179,6 +179,18 @@ class Client(BaseClient):
         response = self._send("GET", "/version", None, None)
         return str(response.json()["version"])
 
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> str:
+        """POST /v1/load_lora_adapter: serve the adapter in the server's directory `lora_path` as the model
+        `lora_name`; the server's text. BadRequestError for a name already loaded, a directory that is not a
+        servable adapter, or a server started without --enable-lora."""
+        body = {"lora_name": lora_name, "lora_path": lora_path}
+        return self._send("POST", "/v1/load_lora_adapter", body, None).text
+
+    def unload_lora_adapter(self, lora_name: str) -> str:
+        """POST /v1/unload_lora_adapter: later requests naming `lora_name` get 404 (running ones finish on it);
+        the server's text. NotFoundError for a name the server does not serve."""
+        return self._send("POST", "/v1/unload_lora_adapter", {"lora_name": lora_name}, None).text
+
     # -- plumbing --------------------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T]) -> T:
@@ -348,6 +360,13 @@ class AsyncClient(BaseClient):
     async def version(self) -> str:
         response = await self._send("GET", "/version", None, None)
         return str(response.json()["version"])
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str) -> str:
+        body = {"lora_name": lora_name, "lora_path": lora_path}
+        return (await self._send("POST", "/v1/load_lora_adapter", body, None)).text
+
+    async def unload_lora_adapter(self, lora_name: str) -> str:
+        return (await self._send("POST", "/v1/unload_lora_adapter", {"lora_name": lora_name}, None)).text
 
     # -- plumbing --------------------------------------------------------------------------------------
 

@@ -120,7 +120,8 @@ class Model(_Response):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = ""
-    root: str | None = None
+    root: str | None = None  # the model's directory; a LoRA adapter's own directory
+    parent: str | None = None  # a LoRA adapter's base model; None for the base model itself
     max_model_len: int | None = None
 
 
