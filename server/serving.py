@@ -161,6 +161,10 @@ class OpenAIServing:
             code="model_not_found",
         )
 
+    def response_model(self, model: str | None) -> str:
+        """The model a response names: the adapter a checked request ran on (as vLLM answers), else the base."""
+        return model if model is not None else self.model_name
+
     def models(self) -> dict[str, Any]:
         root = self.llm.engine.model_path
         cards = [p.ModelCard(id=self.model_name, root=root, max_model_len=self.max_model_len)]
@@ -315,7 +319,8 @@ class OpenAIServing:
         """The first item, with engine refusals turned into 4xx/5xx errors."""
         try:
             return await _unless_disconnected(gen.__anext__(), raw)
-        except (ValueError, QueueFullError, EngineError, StopAsyncIteration) as exc:
+        # AdapterNotFoundError is a KeyError: the adapter was unloaded after check_model (a 404, not a 500).
+        except (ValueError, QueueFullError, EngineError, StopAsyncIteration, AdapterNotFoundError) as exc:
             await gen.aclose()
             raise _engine_error(exc) from None
         except BaseException:
@@ -398,7 +403,9 @@ class OpenAIServing:
             completion_tokens=num_generated,
             total_tokens=num_prompt_tokens + num_generated,
         )
-        body = p.CompletionResponse(id=response_id, created=created, model=self.model_name, choices=out, usage=usage)
+        body = p.CompletionResponse(
+            id=response_id, created=created, model=self.response_model(req.model), choices=out, usage=usage
+        )
         return JSONResponse(p.dump(body))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -471,7 +478,7 @@ class OpenAIServing:
                         stop_reason=delta.stop_reason,
                     )
                     chunk = p.CompletionResponse(
-                        id=response_id, created=created, model=self.model_name, choices=[choice]
+                        id=response_id, created=created, model=self.response_model(req.model), choices=[choice]
                     )
                     yield _event(p.dump(chunk))
                 item = await anext(merged, None)
@@ -482,7 +489,7 @@ class OpenAIServing:
                     total_tokens=num_prompt_tokens + num_generated,
                 )
                 chunk = p.CompletionResponse(
-                    id=response_id, created=created, model=self.model_name, choices=[], usage=usage
+                    id=response_id, created=created, model=self.response_model(req.model), choices=[], usage=usage
                 )
                 yield _event(p.dump(chunk))
         except (EngineError, APIError) as exc:  # APIError: the drain expired
@@ -584,7 +591,7 @@ class OpenAIServing:
             total_tokens=num_prompt_tokens + num_generated,
         )
         body = p.ChatCompletionResponse(
-            id=response_id, created=created, model=self.model_name, choices=out, usage=usage
+            id=response_id, created=created, model=self.response_model(req.model), choices=out, usage=usage
         )
         return JSONResponse(p.dump(body))
 
@@ -615,7 +622,7 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:
         def chunk(choices: list[p.ChatChunkChoice], usage: p.UsageInfo | None = None) -> str:
             body = p.ChatCompletionChunk(
-                id=response_id, created=created, model=self.model_name, choices=choices, usage=usage
+                id=response_id, created=created, model=self.response_model(req.model), choices=choices, usage=usage
             )
             return _event(p.dump(body))
 
