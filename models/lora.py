@@ -114,7 +114,13 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
 
     from safetensors.torch import load_file
 
-    tensors = load_file(str(weights_file))
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors' own error type (a corrupt or truncated file) is no ValueError
+        raise ValueError(
+            f"LoRA adapter {str(path)!r}: {ADAPTER_WEIGHTS} is not a readable safetensors file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ) from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A"/"B": tensor}
     is_embedding: dict[str, bool] = {}
     replacements: dict[str, torch.Tensor] = {}

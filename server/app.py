@@ -127,6 +127,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> int:
+    if config.lora_modules and not engine_config.enable_lora:  # before minutes of model loading, not after
+        raise ValueError("--lora-modules needs --enable-lora (the engine allocates adapter slots only then)")
     llm = AsyncLLM(engine_config, progress=True)
     try:
         app = build_app(llm, config, model_name_for(engine_config, config))

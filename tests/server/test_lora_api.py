@@ -251,11 +251,6 @@ def test_a_bad_adapter_directory_is_a_one_line_400_and_the_server_goes_on(lora_s
     assert lora_server.client().completions.create(model="a0", prompt="x", max_tokens=2).usage.completion_tokens
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/lora.read_lora_adapter lets safetensors' SafetensorError (not a ValueError) out for a "
-    "corrupt adapter_model.safetensors, so /v1/load_lora_adapter answers 500 instead of a one-line 400",
-)
 def test_a_corrupt_adapter_weights_file_is_a_400(lora_server, dirs, tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text(Path(dirs["a0"], "adapter_config.json").read_text())
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors" * 4)
@@ -520,3 +515,10 @@ def test_bad_lora_flags_are_one_line_errors(dirs, tools, capsys, monkeypatch) ->
         err = capsys.readouterr().err
         lines = [line for line in err.strip().splitlines() if line.startswith("linrec:")]
         assert "Traceback" not in err and len(lines) == 1 and expected in lines[0], err
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the model was loaded before --lora-modules without --enable-lora was refused")
+
+    monkeypatch.setattr("linrec.server.app.AsyncLLM", no_engine)  # refused before minutes of model loading
+    assert cli.main([*common, "--lora-modules", f"a0={dirs['a0']}"]) == 1
+    assert "--lora-modules needs --enable-lora" in capsys.readouterr().err
