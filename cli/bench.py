@@ -18,8 +18,8 @@ SCHEDULING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
 
 
 def add_parser(commands) -> None:
-    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup` and `serve`:
-    contenders side by side, in one run."""
+    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup`, `lora` and
+    `serve`: contenders side by side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -27,6 +27,7 @@ def add_parser(commands) -> None:
     for add in (
         _add_throughput,
         _add_prefix,
+        _add_lora,
         _add_stop_strings,
         _add_fairness,
         _add_kernels,
@@ -166,6 +167,74 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     print(result.to_json() if args.json else result.format())
+    return 0
+
+
+def _add_lora(kinds) -> None:
+    lora = kinds.add_parser(
+        "lora",
+        help="per-request LoRA over 1/4/16 adapters vs the base model alone vs merging one adapter at a time",
+        description="One workload (all requests queued at once, greedy) served by the base model without LoRA, by "
+        "the LoRA engine with base requests and with the requests spread round-robin over k adapters, and by the "
+        "merge-switching peer (the engine without LoRA; adapter by adapter: merge its delta into the weights in "
+        "place, run its requests as one batch, restore the weights; merge time counted). Adapters: PEFT LoRA of "
+        "--rank on every projection, seeded random, written to a temporary directory. Median of --repeats "
+        "interleaved runs; ratios lora-k / base and lora-k / merge-k.",
+    )
+    lora.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="a checkpoint (Llama/Qwen2/Mistral are served as Liger-GLA); default: the seeded bench model of "
+        "--family, written once under the cache dir",
+    )
+    lora.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    lora.add_argument("--num-requests", dest="num_requests", type=int, default=256)
+    lora.add_argument("--prompt-len", dest="prompt_len", type=int, default=128, help="tokens per prompt")
+    lora.add_argument("--output-len", dest="output_len", type=int, default=128, help="tokens generated per request")
+    lora.add_argument(
+        "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
+    )
+    lora.add_argument("--rank", type=int, default=8, help="rank of the written adapters (and of the LoRA slots)")
+    lora.add_argument(
+        "--max-loras", dest="max_loras", type=int, default=None, help="LoRA device slots (default: the largest K)"
+    )
+    add_config_args(
+        lora,
+        EngineConfig,
+        ("device", "kernel_backend"),
+        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
+    )
+    lora.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
+    lora.add_argument("--seed", type=int, default=0, help="prompt RNG")
+    lora.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    lora.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
+    lora.set_defaults(handler=_run_bench_lora)
+
+
+def _run_bench_lora(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linrec.bench.lora import run_lora_bench
+
+    result = run_lora_bench(
+        args.model,
+        family=args.family,
+        num_requests=args.num_requests,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        adapter_counts=args.adapters,
+        rank=args.rank,
+        max_loras=args.max_loras,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    print(result.format())
+    if args.out:
+        Path(args.out).write_text(result.to_json() + "\n")
     return 0
 
 
