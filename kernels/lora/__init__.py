@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -54,6 +55,28 @@ class LoraMapping:
             groups=tuple((s, ints(tokens)) for s, tokens in enumerate(by_slot[:num_slots]) if tokens),
             has_lora=starts[-1] > 0,
         )
+
+    @cached_property
+    def padded_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """For the torch path, the groups padded to one size m so that all adapters run as one batched matmul:
+        (slots [k], gather [k*m] token index per padded row (pads read token 0), valid [n] positions of the
+        real rows in group order, m). None without host groups, or when padding would more than double the
+        rows (a long prefill beside short decodes): the path loops over the groups then. Computed once per
+        mapping, which every projection of a step shares."""
+        if self.groups is None or len(self.groups) < 2:
+            return None
+        sizes = [tokens.numel() for _, tokens in self.groups]
+        m, n = max(sizes), sum(sizes)
+        if m * len(sizes) > 2 * n:
+            return None
+        device = self.token_slots.device
+        gather = torch.zeros(len(sizes), m, dtype=torch.int64, device=device)
+        valid = []
+        for g, ((_, tokens), size) in enumerate(zip(self.groups, sizes)):
+            gather[g, :size] = tokens
+            valid.extend(range(g * m, g * m + size))
+        slots = torch.tensor([s for s, _ in self.groups], dtype=torch.int64, device=device)
+        return slots, gather.view(-1), torch.tensor(valid, dtype=torch.int64, device=device), m
 
     @classmethod
     def from_device(cls, token_slots: torch.Tensor, num_slots: int) -> LoraMapping:
@@ -149,4 +172,45 @@ def lora_add_(
     rounding to y's dtype); other rows untouched. x [T, in]; lora_a [S, R, in]; lora_b [S, out, R]."""
     if not mapping.has_lora:  # checked first: a batch without adapters launches nothing
         return
+    if backend == "torch" and mapping.groups is not None:
+        _check(backend, mapping, x.shape[0], lora_a, "lora_a")
+        _check(backend, mapping, y.shape[0], lora_b, "lora_b")
+        _torch_segments_add_(y, x, lora_a, lora_b, mapping)
+        return
     lora_expand_(y, lora_shrink(x, lora_a, mapping, backend), lora_b, mapping, backend)
+
+
+def _torch_segments_add_(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, mapping: LoraMapping
+) -> None:
+    """The torch path with host-known groups, in few ops whatever the number of adapters: the adapted rows are
+    gathered once in slot order; groups of similar sizes run as one padded bmm per half (padded_groups), others
+    as two matmuls per adapter into views of one buffer; the sums go back in one scatter (SGMV's shape, in
+    torch). The same fp32 math as lora_shrink + lora_expand_."""
+    sizes = [tokens.numel() for _, tokens in mapping.groups]
+    num_adapted = sum(sizes)
+    is_whole = len(sizes) == 1 and num_adapted == x.shape[0]  # one adapter for every token: no gather at all
+    rows = mapping.sorted_token_ids[:num_adapted]  # adapted tokens, grouped by slot
+    padded = mapping.padded_groups
+    if padded is not None:  # groups of similar sizes (decode): one bmm for all adapters, not two mm per adapter
+        slots, gather, valid, m = padded
+        xs = x.index_select(0, gather).float().view(len(sizes), m, -1)  # [k, m, in]
+        shrunk = torch.bmm(xs, lora_a.index_select(0, slots).float().transpose(1, 2))  # [k, m, R]
+        delta = torch.bmm(shrunk, lora_b.index_select(0, slots).float().transpose(1, 2))  # [k, m, out]
+        delta = delta.view(-1, delta.shape[-1]).index_select(0, valid)  # [n, out], rows' order
+    else:
+        xs = x.float() if is_whole else x.index_select(0, rows).float()
+        shrunk = xs.new_empty(num_adapted, lora_a.shape[1])
+        delta = xs.new_empty(num_adapted, lora_b.shape[1])
+        start = 0
+        for (slot, _), size in zip(mapping.groups, sizes):
+            end = start + size
+            torch.mm(xs[start:end], lora_a[slot].float().T, out=shrunk[start:end])
+            torch.mm(shrunk[start:end], lora_b[slot].float().T, out=delta[start:end])
+            start = end
+    if is_whole:
+        y.copy_(y.float() + delta) if y.dtype != torch.float32 else y.add_(delta)
+    elif y.dtype == torch.float32:
+        y.index_add_(0, rows, delta)  # y + delta in fp32: the one rounding
+    else:
+        y.index_copy_(0, rows, (y.index_select(0, rows).float() + delta).to(y.dtype))

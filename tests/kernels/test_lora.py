@@ -20,7 +20,17 @@ S = 3
 SLOTS_7 = [2, -1, 0, 2, -1, 1, -1]  # out of order, three tokens without an adapter
 SMALL_RANK = 3  # slot 1's adapter has this rank: zero rows of A and columns of B beyond it
 # (slots, in, out, R)
-CASES = [([1], 16, 24, 8), ([-1], 40, 16, 1), (SLOTS_7, 16, 24, 8), (SLOTS_7, 40, 16, 1)]
+# [0, 0, 0]: one adapter on every token (the torch path's no-gather case); [2, 0, 1, 0]: every token adapted;
+# SLOTS_7 and [2, 0, 1, 0] run the torch path's padded bmm, [0] * 6 + [1, 2] its loop (padding would triple it)
+CASES = [
+    ([1], 16, 24, 8),
+    ([-1], 40, 16, 1),
+    (SLOTS_7, 16, 24, 8),
+    (SLOTS_7, 40, 16, 1),
+    ([0, 0, 0], 16, 24, 8),
+    ([2, 0, 1, 0], 40, 16, 1),
+    ([0] * 6 + [1, 2], 16, 24, 8),
+]
 # fp32 summation order differs from the reference's: |d| <= ATOL (values here are below ~50). bf16 y: the
 # fp32 sum y + delta is then rounded to bf16 once: to nearest by torch (and a GPU), at most half an ulp, 2^-9
 # relative, allowed 2^-8 (an order difference can move a sum across a tie); the Triton interpreter's
@@ -140,6 +150,27 @@ def test_from_device_equals_build(slots):
     for s, tokens in host.groups:
         lo, hi = host.slot_starts[s].item(), host.slot_starts[s + 1].item()
         assert tokens.tolist() == host.sorted_token_ids[lo:hi].tolist() == [t for t, v in enumerate(slots) if v == s]
+
+
+def test_padded_groups_only_where_padding_at_most_doubles_the_rows():
+    padded = LoraMapping.build(SLOTS_7, S, "cpu").padded_groups
+    assert padded is not None
+    slots, gather, valid, m = padded
+    assert (
+        slots.tolist() == [0, 1, 2]
+        and m == 2
+        and gather.tolist() == [2, 0, 5, 0, 0, 3]
+        and valid.tolist()
+        == [
+            0,
+            2,
+            4,
+            5,
+        ]
+    )
+    assert LoraMapping.build([0] * 6 + [1, 2], S, "cpu").padded_groups is None  # 3 groups of 6 rows for 8
+    assert LoraMapping.build([1, 1, -1], S, "cpu").padded_groups is None  # one group: nothing to batch
+    assert LoraMapping.from_device(torch.tensor(SLOTS_7), S).padded_groups is None  # no host groups
 
 
 def test_build_groups_and_slot_starts():
