@@ -97,7 +97,7 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
 
     Raises FileNotFoundError for a missing directory or file and ValueError for an adapter kind
-    this merge does not implement (non-LoRA peft_type, DoRA, ...) or a tensor it cannot place.
+    linrec does not implement (non-LoRA peft_type, DoRA, ...) or a tensor it cannot place.
     """
     path = Path(path)
     if not path.exists():
@@ -137,9 +137,11 @@ def read_lora_adapter(path: str | Path) -> LoraAdapter:
             pairs.setdefault(module, {})[kind[-1]] = tensor
             is_embedding[module] = kind.startswith("lora_embedding")
         elif "lora_magnitude_vector" in name:
-            raise ValueError(f"LoRA adapter {str(path)!r} is a DoRA adapter ({key!r}); only plain LoRA can be merged")
+            raise ValueError(
+                f"LoRA adapter {str(path)!r} is a DoRA adapter ({key!r}); only plain LoRA is served or merged"
+            )
         elif "lora_" in name:
-            raise ValueError(f"LoRA adapter {str(path)!r} has tensor {key!r} of a kind this merge does not implement")
+            raise ValueError(f"LoRA adapter {str(path)!r} has tensor {key!r} of a kind linrec does not implement")
         else:
             # modules_to_save and saved embedding layers: full tensors that replace the base ones.
             # Older peft writes them as <module>.modules_to_save.<adapter>.<param>.
@@ -183,11 +185,13 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     if peft_type != "LORA":
         raise ValueError(
             f"unsupported adapter kind peft_type={config.get('peft_type')!r} in {str(config_file)!r}; "
-            "only LORA adapters can be merged"
+            "only LORA adapters are served or merged"
         )
     for switch, what in _UNSUPPORTED_SWITCHES.items():
         if config.get(switch):
-            raise ValueError(f"unsupported LoRA variant in {str(config_file)!r}: {what}; only plain LoRA can be merged")
+            raise ValueError(
+                f"unsupported LoRA variant in {str(config_file)!r}: {what}; only plain LoRA is served or merged"
+            )
     for field in ("r", "lora_alpha"):
         value = config.get(field)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
