@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from linrec.engine.prefix_cache import PrefixKey
 from linrec.engine.sampling_params import SamplingParams
 from linrec.models.lora import LoraWeights
+
+if TYPE_CHECKING:
+    from linrec.models.sparse import SparseWeights
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens loaded from a prefix snapshot instead of prefilled
     num_failed_steps: int = 0  # engine steps that failed while running this request (see Scheduler.recover)
     lora: LoraWeights | None = None  # its LoRA adapter, held to the end even if the name is unloaded meanwhile
+    sparse: SparseWeights | None = None  # its sparse (SHiRA) adapter, scattered into the weights while it runs
     adapter_slot: int = -1  # the device adapter slot it pins while running (-1: none)
 
     @property
