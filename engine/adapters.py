@@ -1,4 +1,7 @@
-"""LoRA adapters served per request: the registry of known adapters with its host tier, and the device slots.
+"""Adapters served per request: the registry of known adapters with its host tier, and LoRA's device slots.
+
+One registry serves both kinds; the kind is read from the adapter's adapter_config.json (peft_type LORA, or
+SHIRA / LINREC_SPARSE for sparse adapters, which engine/sparse_switch.py scatters into the weights).
 
 Three tiers, as vLLM has them:
 - known: every adapter registered by name (--lora-modules, /v1/load_lora_adapter, an LLM's lora_request),
@@ -26,6 +29,9 @@ from pathlib import Path
 import torch
 
 from linrec.models.lora import LoraWeights, place_lora_adapter, read_lora_adapter
+from linrec.models.sparse import SparseWeights, adapter_kind, read_sparse_adapter
+
+Adapter = LoraWeights | SparseWeights
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class AdapterInfo:
     name: str
     path: str
     uid: int  # registration number: a name unloaded and loaded again is a new adapter
+    kind: str = "lora"  # "lora" | "shira" | "sparse_delta"
 
 
 class AdapterRegistry:
@@ -70,15 +77,17 @@ class AdapterRegistry:
         self.dtype = dtype
         self.max_cpu_loras = max_cpu_loras
         self._known: dict[str, AdapterInfo] = {}
-        self._host: OrderedDict[int, LoraWeights] = OrderedDict()  # uid -> weights, least recently used first
+        self._host: OrderedDict[int, Adapter] = OrderedDict()  # uid -> weights, least recently used first
         self._lock = threading.Lock()
         self._next_uid = 1
 
-    def read(self, name: str, path: str | Path, uid: int = 0) -> LoraWeights:
-        """Read and place an adapter directory (no registration). Raises FileNotFoundError or ValueError
-        with one line saying what was expected."""
-        adapter = read_lora_adapter(path)
-        weights = place_lora_adapter(adapter, name, self.projections, self.max_rank, self.dtype)
+    def read(self, name: str, path: str | Path, uid: int = 0) -> Adapter:
+        """Read and place an adapter directory of either kind (no registration). Raises FileNotFoundError or
+        ValueError with one line saying what was expected."""
+        if adapter_kind(path) == "lora":
+            weights = place_lora_adapter(read_lora_adapter(path), name, self.projections, self.max_rank, self.dtype)
+        else:
+            weights = read_sparse_adapter(path, name, self.projections)
         return dataclasses.replace(weights, uid=uid)
 
     def load(self, name: str, path: str | Path) -> AdapterInfo:
@@ -93,7 +102,8 @@ class AdapterRegistry:
         with self._lock:
             if name in self._known:  # a concurrent load of the same name won
                 raise AdapterExistsError(f"The lora adapter '{name}' has already been loaded.")
-            info = AdapterInfo(name, str(path), self._next_uid)
+            kind = weights.kind if isinstance(weights, SparseWeights) else "lora"
+            info = AdapterInfo(name, str(path), self._next_uid, kind)
             self._next_uid += 1
             self._known[name] = info
             self._put_host(dataclasses.replace(weights, uid=info.uid))
@@ -107,7 +117,7 @@ class AdapterRegistry:
                 raise AdapterNotFoundError(f"The lora adapter '{name}' cannot be found.")
             self._host.pop(info.uid, None)
 
-    def get(self, name: str) -> LoraWeights:
+    def get(self, name: str) -> Adapter:
         """The weights of a known adapter: from the host tier, else read again from its directory (in the
         caller's thread) and kept as most recently used. Raises AdapterNotFoundError."""
         with self._lock:
@@ -137,7 +147,7 @@ class AdapterRegistry:
         with self._lock:
             return len(self._host)
 
-    def _put_host(self, weights: LoraWeights) -> None:
+    def _put_host(self, weights: Adapter) -> None:
         self._host[weights.uid] = weights
         self._host.move_to_end(weights.uid)
         while len(self._host) > self.max_cpu_loras:

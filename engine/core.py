@@ -16,9 +16,12 @@ from linrec.engine.request import EngineRequest, Request, RequestStatus
 from linrec.engine.runner import Runner
 from linrec.engine.sampling_params import InvalidRequestError
 from linrec.engine.scheduler import Scheduler
+from linrec.engine.sparse_switch import SparseSwitch
 from linrec.engine.state_pool import StatePool, num_slots_for_budget
 from linrec.engine.warmup import warm_up
 from linrec.kernels.toolchain import current_compile_watch
+from linrec.models.lora import LoraWeights
+from linrec.models.sparse import SparseWeights
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,9 @@ class EngineCore:
             config.seed,
             decode_graphs,
             num_adapter_slots=config.max_loras if config.enable_lora else 0,
+            sparse_switch=SparseSwitch(self.model.projections(), self.device, config.max_loras)
+            if config.enable_lora
+            else None,
         )
         # Every kernel a request can reach is compiled and tuned before the engine reports ready.
         self.warmup_report = warm_up(self, progress=progress)
@@ -194,19 +200,21 @@ class EngineCore:
         (an unknown adapter name) or QueueFullError; nothing is queued then."""
         prompt = self.validate(request)
         params = request.sampling_params
-        lora = self.resolve_adapter(request.lora_name)
+        adapter = self.resolve_adapter(request.lora_name)
         key = None
         if self.prefix_cache is not None:
             key = PrefixKey(
                 self.model_key,
-                adapter=f"{lora.name}#{lora.uid}" if lora is not None else None,
+                adapter=f"{adapter.name}#{adapter.uid}" if adapter is not None else None,
                 layer_route=request.layer_route,
                 cache_salt=request.cache_salt,
             )
         request_id = request.request_id
-        parent = Request(request_id, prompt, params, cache_key=key, lora=lora)
+        # LoRA adds a term per token; a sparse adapter is scattered into the weights for its requests' steps
+        kinds = {"sparse": adapter} if isinstance(adapter, SparseWeights) else {"lora": adapter}
+        parent = Request(request_id, prompt, params, cache_key=key, **kinds)
         parent.children = [
-            Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key, lora=lora)
+            Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key, **kinds)
             for i in range(1, params.n)
         ]
         # Outputs first: a request the scheduler holds always has somewhere to stream to.
@@ -217,9 +225,9 @@ class EngineCore:
             self.outputs.abort([parent.request_id, *(c.request_id for c in parent.children)])
             raise
 
-    def resolve_adapter(self, lora_name: str | None):
-        """The LoraWeights of a known adapter name (None for the base model). On the engine thread this is a
-        host-tier hit: front ends read the adapter in their own thread first (AsyncLLM.generate)."""
+    def resolve_adapter(self, lora_name: str | None) -> LoraWeights | SparseWeights | None:
+        """The LoraWeights or SparseWeights of a known adapter name (None for the base model). On the engine
+        thread this is a host-tier hit: front ends read the adapter in their own thread first (AsyncLLM)."""
         if lora_name is None:
             return None
         if self.adapters is None:

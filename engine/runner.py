@@ -8,6 +8,7 @@ from linrec.engine.cuda_graphs import DecodeGraphs
 from linrec.engine.request import Logprob, Request
 from linrec.engine.sampler import Sampler, SamplingMetadata, make_generator
 from linrec.engine.scheduler import ScheduledSequence, SchedulerOutput, StepResult
+from linrec.engine.sparse_switch import SparseSwitch
 from linrec.engine.state_pool import StatePool
 from linrec.models.base import CausalLM
 from linrec.models.batch import ForwardBatch
@@ -24,6 +25,7 @@ class Runner:
         seed: int = 0,
         decode_graphs: DecodeGraphs | None = None,
         num_adapter_slots: int = 0,
+        sparse_switch: SparseSwitch | None = None,
     ):
         self.model = model
         self.pool = pool
@@ -37,6 +39,7 @@ class Runner:
         self.decode_graphs = decode_graphs
         self.num_adapter_slots = num_adapter_slots  # LoRA device slots beside each projection (0: LoRA off)
         self._projections = model.projections() if num_adapter_slots else {}
+        self.sparse_switch = sparse_switch  # scatters the step's sparse adapter into the weights (None: no sparse)
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop what the runner keeps per request (seeded generators) for requests that ended."""
@@ -54,6 +57,10 @@ class Runner:
             self._load_adapter(slot, weights)
         if out.is_empty:
             return StepResult({})
+        if self.sparse_switch is not None:
+            self.sparse_switch.switch_to(out.sparse)  # the step's weight group: one sparse adapter, or the base
+        elif out.sparse is not None:
+            raise ValueError("expected a sparse switch to run a sparse adapter's step")
         hidden = self._forward(out.sequences)  # [B, D]: each sequence's last token
         for src, dsts in out.forks:
             self.pool.copy(src, dsts)
