@@ -78,6 +78,9 @@ class EngineStats:
     running_lora_adapters: tuple[str, ...] = ()
     waiting_lora_adapters: tuple[str, ...] = ()
     max_lora: int = 0
+    # Sparse adapters (cumulative): scatters into and restores of the weights, and changes of a step's weight group.
+    num_sparse_switches: int = 0
+    num_weight_group_switches: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -328,6 +331,8 @@ class EngineCore:
             running_lora_adapters=tuple(self.scheduler.running_adapters()),
             waiting_lora_adapters=tuple(self.scheduler.waiting_adapters()),
             max_lora=self.config.max_loras if self.adapters is not None else 0,
+            num_sparse_switches=switch.num_switches if (switch := self.runner.sparse_switch) is not None else 0,
+            num_weight_group_switches=self.scheduler.num_group_switches,
         )
 
     def step(self) -> list[SampleDelta]:

@@ -102,6 +102,11 @@ class _EngineCollector(Collector):
                 stats.num_failed_requests,
             ),
             (
+                "sparse_adapter_switches",
+                "Sparse (SHiRA) adapters scattered into the weights or restored out of them.",
+                stats.num_sparse_switches,
+            ),
+            (
                 "kernel_compilations_after_warmup",
                 "Triton kernels compiled after the start-up warm-up: each one a request that waited on the compiler "
                 "(a bug: see the warning log line naming the kernel).",

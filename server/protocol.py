@@ -295,6 +295,7 @@ class ModelCard(BaseModel):
     owned_by: str = "linrec"
     root: str | None = None
     parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base model itself
+    adapter_type: str | None = None  # "lora" | "shira" | "sparse_delta" for an adapter; None for the base model
     max_model_len: int | None = None
 
 

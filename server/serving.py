@@ -169,7 +169,9 @@ class OpenAIServing:
         root = self.llm.engine.model_path
         cards = [p.ModelCard(id=self.model_name, root=root, max_model_len=self.max_model_len)]
         cards += [
-            p.ModelCard(id=a.name, root=a.path, parent=self.model_name, max_model_len=self.max_model_len)
+            p.ModelCard(
+                id=a.name, root=a.path, parent=self.model_name, adapter_type=a.kind, max_model_len=self.max_model_len
+            )
             for a in self.llm.list_lora_adapters()
         ]
         return p.dump(p.ModelList(data=cards))

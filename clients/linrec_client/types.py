@@ -122,6 +122,7 @@ class Model(_Response):
     owned_by: str = ""
     root: str | None = None  # the model's directory; a LoRA adapter's own directory
     parent: str | None = None  # a LoRA adapter's base model; None for the base model itself
+    adapter_type: str | None = None  # "lora" | "shira" | "sparse_delta" for an adapter; None for the base model
     max_model_len: int | None = None
 
 
