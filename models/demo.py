@@ -24,6 +24,21 @@ DEFAULT_DEMO_FAMILY = "liger_gla"
 _SEEDED_INIT_LOCK = threading.Lock()
 
 
+def demo_llama_config() -> dict[str, Any]:
+    """The tiny Llama (transformers' `LlamaConfig(**demo_llama_config())`) that tests build with transformers
+    to convert, to train adapters on with peft and to serve as Liger-GLA: the demo vocabulary, hidden 64,
+    2 layers, 4 query and 2 KV heads, an untied lm_head."""
+    return {
+        "vocab_size": DEMO_VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    }
+
+
 def write_demo_model(dst: str | Path, family: str = DEFAULT_DEMO_FAMILY) -> Path:
     """Write a tiny `family` checkpoint (config.json, model.safetensors, generation_config.json,
     tokenizer.json, tokenizer_config.json) to `dst`, which must not exist or be empty. Returns `dst`.

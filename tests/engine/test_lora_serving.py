@@ -29,6 +29,7 @@ from linrec.engine.adapters import AdapterExistsError, AdapterNotFoundError, LoR
 from linrec.engine.request import CompletionOutput, EngineRequest
 from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.models.batch import ForwardBatch
+from linrec.models.demo import demo_llama_config
 from linrec.models.loader import load_model
 from linrec.models.lora import place_lora_adapter, read_lora_adapter
 from linrec.models.tokenizer import DEMO_VOCAB_SIZE, demo_special_token_ids, write_byte_tokenizer
@@ -187,13 +188,7 @@ def one_line(exc_info: pytest.ExceptionInfo) -> str:
 def build_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=DEMO_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+        **demo_llama_config(),
         initializer_range=0.1,  # peaked logits: greedy choices far from ties
         **demo_special_token_ids(),
     )

@@ -14,9 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linrec.models.convert import convert_checkpoint
-from linrec.models.demo import write_demo_model
+from linrec.models.demo import demo_llama_config, write_demo_model
 from linrec.models.loader import load_model, load_tokenizer
-from linrec.models.tokenizer import DEMO_VOCAB_SIZE, write_byte_tokenizer
+from linrec.models.tokenizer import write_byte_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +26,7 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _tiny_llama(dst: Path, max_shard_size: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=DEMO_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**demo_llama_config(), max_position_embeddings=256)
     model = LlamaForCausalLM(config).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(dst), safe_serialization=True, **kwargs)

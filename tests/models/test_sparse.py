@@ -13,6 +13,7 @@ from peft import PeftModel, ShiraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from linrec.models.demo import demo_llama_config
 from linrec.models.loader import load_model
 from linrec.models.sparse import SparseWeights, adapter_kind, read_sparse_adapter, write_sparse_delta
 from linrec.models.tokenizer import DEMO_VOCAB_SIZE
@@ -28,15 +29,7 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _llama(dst: Path) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=DEMO_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**demo_llama_config())
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(dst), safe_serialization=True)
     return model

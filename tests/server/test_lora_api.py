@@ -26,7 +26,8 @@ import linrec_client as lc
 from linrec import cli
 from linrec.engine.async_llm import AsyncLLM
 from linrec.engine.config import EngineConfig
-from linrec.models.tokenizer import DEMO_VOCAB_SIZE, write_byte_tokenizer
+from linrec.models.demo import demo_llama_config
+from linrec.models.tokenizer import write_byte_tokenizer
 from linrec.server.app import DrainingServer
 from linrec.server.config import parse_lora_module
 
@@ -60,15 +61,7 @@ LORA_ENGINE = {**ENGINE, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8
 
 
 def _llama_config():
-    return transformers.LlamaConfig(
-        vocab_size=DEMO_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    return transformers.LlamaConfig(**demo_llama_config())
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import torch
 
 from linrec.engine.async_llm import AsyncLLM
 from linrec.engine.config import EngineConfig
+from linrec.models.demo import demo_llama_config
 from linrec.models.sparse import write_sparse_delta
-from linrec.models.tokenizer import DEMO_VOCAB_SIZE, write_byte_tokenizer
+from linrec.models.tokenizer import write_byte_tokenizer
 
 openai = pytest.importorskip("openai")
 peft = pytest.importorskip("peft")
@@ -28,15 +29,7 @@ ENGINE = {"linearize": "liger-gla", "device": "cpu", "dtype": "float32", "max_nu
 
 
 def _llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=DEMO_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = transformers.LlamaConfig(**demo_llama_config())
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
