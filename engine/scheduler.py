@@ -463,7 +463,7 @@ class Scheduler:
             self._last_step[seq.request.request_id] = self._step_index
             if seq.request.sparse is not None:
                 sparse = seq.request.sparse
-        if sparse is not None and any(seq.request.sparse is not sparse for seq in sequences):
+        if sparse is not None and any(self._group(seq.request) != sparse.uid for seq in sequences):
             raise RuntimeError("a step mixed weight groups: one sparse adapter's requests run alone")
         saves = self._plan_saves(sequences) if self.cache is not None else []
         for seq in sequences:

@@ -381,12 +381,6 @@ def test_mixed_batch_equals_each_request_alone(llama):
             assert (mixed[i].token_ids, mixed[i].logprobs) == (ref.token_ids, ref.logprobs), i
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/scheduler.py _output groups by uid (_group) but checks the step by identity "
-    "(`seq.request.sparse is not sparse`): a sparse adapter re-read from disk after falling out of the host tier "
-    "is a new object with the same uid, so the step raises RuntimeError and the engine fails every request",
-)
 def test_host_tier_reread_keeps_a_sparse_group_together(llama):
     """Two sparse adapters with a host tier of one (max_cpu_loras=1): each request resolves its adapter, and
     a second request on B after one on A finds B read again from disk (a new SparseWeights object with the
