@@ -18,8 +18,8 @@ SCHEDULING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
 
 
 def add_parser(commands) -> None:
-    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup`, `lora` and
-    `serve`: contenders side by side, in one run."""
+    """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup`, `lora`,
+    `sparse` and `serve`: contenders side by side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -28,6 +28,7 @@ def add_parser(commands) -> None:
         _add_throughput,
         _add_prefix,
         _add_lora,
+        _add_sparse,
         _add_stop_strings,
         _add_fairness,
         _add_kernels,
@@ -236,6 +237,115 @@ def _run_bench_lora(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(result.to_json() + "\n")
     return 0
+
+
+def _add_sparse(kinds) -> None:
+    sparse = kinds.add_parser(
+        "sparse",
+        help="sparse (SHiRA) adapters: switch time vs LoRA merge/unmerge; sparse-k vs lora-k vs base under load",
+        description="Switch time: the runner's SparseSwitch scattering one sparse adapter (--density of every "
+        "projection's entries) into the weights and restoring them, against merging and unmerging a LoRA of the same "
+        "parameter count (W += / -= scaling * B @ A) and against merge + restore from a saved copy; weights checked "
+        "bit for bit. Then one workload (greedy, EOS ignored), requests round-robin over k adapters, all queued at "
+        "once or arriving at --rate: base, sparse-k, lora-k, and a mixed run (half base, half sparse); output tok/s, "
+        "req/s, p50/p99 latency, weight-group switches, median of --repeats interleaved runs. Self-checks: sparse-k "
+        "tokens equal an engine with the adapter merged by hand, base weights bit for bit after every run. "
+        "--switch-only times the switch alone (e.g. on --size 1.3b, too large to serve on a CPU).",
+    )
+    sparse.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="a checkpoint (Llama/Qwen2/Mistral are served as Liger-GLA); default: the seeded bench model of "
+        "--family, written once under the cache dir",
+    )
+    sparse.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    sparse.add_argument(
+        "--size",
+        default="bench",
+        choices=("bench", "1.3b"),
+        help="model without --model: throughput's bench model (hidden 512) or decode's 1.3B-class one",
+    )
+    sparse.add_argument("--num-requests", dest="num_requests", type=int, default=256)
+    sparse.add_argument("--prompt-len", dest="prompt_len", type=int, default=128, help="tokens per prompt")
+    sparse.add_argument("--output-len", dest="output_len", type=int, default=128, help="tokens generated per request")
+    sparse.add_argument(
+        "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
+    )
+    sparse.add_argument(
+        "--density", type=float, default=0.01, help="share of every projection's entries a sparse adapter changes"
+    )
+    sparse.add_argument(
+        "--arrival", default="burst", choices=("burst", "rate"), help="all queued at once, or at --rate req/s"
+    )
+    sparse.add_argument("--rate", type=float, default=None, help="requests per second (with --arrival rate)")
+    sparse.add_argument(
+        "--mixed-adapters",
+        dest="mixed_adapters",
+        type=int,
+        default=None,
+        help="sparse adapters of the mixed run's sparse half (default: 4, at most the largest K)",
+    )
+    sparse.add_argument(
+        "--max-num-seqs",
+        dest="max_num_seqs",
+        type=int,
+        default=None,
+        help="requests running at once (default: --num-requests; fewer leaves a queue, served in whole weight groups)",
+    )
+    add_config_args(
+        sparse,
+        EngineConfig,
+        ("device", "kernel_backend"),
+        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
+    )
+    sparse.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
+    sparse.add_argument(
+        "--switch-repeats", dest="switch_repeats", type=int, default=20, help="timed switches; the median counts"
+    )
+    sparse.add_argument(
+        "--switch-only", dest="switch_only", action="store_true", help="time the switch alone (no workload)"
+    )
+    sparse.add_argument("--seed", type=int, default=0, help="prompt RNG")
+    sparse.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sparse.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
+    sparse.set_defaults(handler=_run_bench_sparse)
+
+
+def _run_bench_sparse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linrec.bench.sparse import run_sparse_bench
+
+    try:
+        result = run_sparse_bench(
+            args.model,
+            family=args.family,
+            size=args.size,
+            num_requests=args.num_requests,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            adapter_counts=args.adapters,
+            density=args.density,
+            arrival=args.arrival,
+            rate=args.rate,
+            mixed_adapters=args.mixed_adapters,
+            max_num_seqs=args.max_num_seqs,
+            device=args.device,
+            kernel_backend=args.kernel_backend,
+            repeats=args.repeats,
+            switch_repeats=args.switch_repeats,
+            switch_only=args.switch_only,
+            seed=args.seed,
+            threads=args.threads,
+        )
+    except ValueError as exc:  # a flag out of range: one line, no traceback
+        print(f"linrec: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.format())
+    if args.out:
+        Path(args.out).write_text(result.to_json() + "\n")
+    return 0 if result.checks_passed() else 1
 
 
 def _add_stop_strings(kinds) -> None:
