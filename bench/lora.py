@@ -189,24 +189,51 @@ def write_lora_adapter(
     return dst
 
 
-def serve(engine, prompts: list[list[int]], output_len: int, lora_names: Sequence[str | None]) -> list[list[int]]:
-    """Queue every prompt at once (prompt i with adapter lora_names[i]), step the engine to the end; the
-    generated tokens of each request."""
+@dataclass(frozen=True)
+class Served:
+    """One pass of a workload through the engine."""
+
+    seconds: float  # first arrival to the last token
+    latencies: list[float]  # per request: arrival to the end of the step that returned its last token
+    token_ids: list[list[int]]
+
+
+def serve(
+    engine, prompts: list[list[int]], output_len: int, lora_names: Sequence[str | None], rate: float | None = None
+) -> Served:
+    """Submit prompt i (with adapter lora_names[i]) at i / rate seconds (all at 0 without a rate) while stepping
+    the engine, until every request has its output_len tokens."""
     from linrec.engine.request import EngineRequest
     from linrec.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    token_ids: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    for i, (prompt, lora_name) in enumerate(zip(prompts, lora_names, strict=True)):
-        engine.add_request(EngineRequest(str(i), prompt, params, lora_name=lora_name))
-    while engine.has_unfinished():
-        for delta in engine.step():
-            token_ids[delta.request_id].extend(delta.token_ids)
-    out = [token_ids[str(i)] for i in range(len(prompts))]
-    for i, ids in enumerate(out):
+    n = len(prompts)
+    arrivals = [0.0] * n if rate is None else [i / rate for i in range(n)]
+    token_ids: list[list[int]] = [[] for _ in range(n)]
+    finished: list[float | None] = [None] * n
+    submitted = 0
+    start = time.perf_counter()
+    while submitted < n or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while submitted < n and arrivals[submitted] <= now:
+            request = EngineRequest(str(submitted), prompts[submitted], params, lora_name=lora_names[submitted])
+            engine.add_request(request)
+            submitted += 1
+        if not engine.has_unfinished():  # idle until the next arrival
+            time.sleep(max(0.0, arrivals[submitted] - (time.perf_counter() - start)))
+            continue
+        deltas = engine.step()
+        now = time.perf_counter() - start
+        for delta in deltas:
+            i = int(delta.request_id)
+            token_ids[i].extend(delta.token_ids)
+            if delta.finish_reason is not None:
+                finished[i] = now
+    seconds = time.perf_counter() - start
+    for i, ids in enumerate(token_ids):
         if len(ids) != output_len:
             raise RuntimeError(f"request {i} generated {len(ids)} tokens, expected {output_len}")
-    return out
+    return Served(seconds, [end - arrival for end, arrival in zip(finished, arrivals, strict=True)], token_ids)
 
 
 class MergeSwitching:
@@ -265,7 +292,7 @@ class MergeSwitching:
         import torch
 
         return all(
-            torch.equal(_bits(self.projections[module].weight.detach()), _bits(original))
+            torch.equal(as_bytes(self.projections[module].weight.detach()), as_bytes(original))
             for module, original in self.saved.items()
         )
 
@@ -281,7 +308,7 @@ class MergeSwitching:
             rows = [i for i, a in enumerate(adapter_of) if a == name]
             merge_seconds += self.merge(name)
             try:
-                outputs = serve(engine, [prompts[i] for i in rows], output_len, [None] * len(rows))
+                outputs = serve(engine, [prompts[i] for i in rows], output_len, [None] * len(rows)).token_ids
             finally:
                 merge_seconds += self.restore()
             for i, ids in zip(rows, outputs):
@@ -289,10 +316,38 @@ class MergeSwitching:
         return merge_seconds, token_ids  # type: ignore[return-value]
 
 
-def _bits(t):
+def as_bytes(t):
+    """A tensor's bits as bytes: torch.equal on them is bitwise (-0.0 and NaN included)."""
     import torch
 
     return t.contiguous().view(torch.uint8)
+
+
+def adapter_engine_setup(path: Path, device: str, kernel_backend: str, num_requests: int, prompt_len: int,
+                         max_num_seqs: int, seed: int):  # fmt: skip
+    """What the adapter benches (lora, sparse) serve with: (hf_config, linearize, torch device, dtype, the
+    seeded prompts, the engine arguments). Llama/Qwen2/Mistral are served as Liger-GLA; fp32 on the CPU, bf16
+    on CUDA; every request in one batch's token budget; the prefix cache off (repeats resend the prompts)."""
+    from linrec.bench.common import LINEARIZABLE
+    from linrec.engine.core import resolve_device
+    from linrec.models.loader import read_hf_config
+
+    hf_config = read_hf_config(path)
+    linearize = "liger-gla" if hf_config.get("model_type") in LINEARIZABLE else None
+    torch_device = resolve_device(device)
+    dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
+    prompts = make_prompts(num_requests, prompt_len, int(hf_config["vocab_size"]), seed)
+    engine_args = dict(
+        dtype=dtype,
+        device=device,
+        kernel_backend=kernel_backend,
+        linearize=linearize,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(2048, num_requests),
+        enable_prefix_caching=False,
+        seed=seed,
+    )
+    return hf_config, linearize, torch_device, dtype, prompts, engine_args
 
 
 def run_lora_bench(
@@ -349,28 +404,14 @@ def _bench(
     """run_lora_bench's body, under its thread setting, with its arguments checked."""
     import torch
 
-    from linrec.bench.common import LINEARIZABLE, served_model_type
+    from linrec.bench.common import served_model_type
     from linrec.bench.throughput import bench_model_path
-    from linrec.engine.core import resolve_device
     from linrec.engine.llm import LLM
     from linrec.kernels.backend import resolve_backend
-    from linrec.models.loader import read_hf_config
 
     path = Path(model) if model is not None else bench_model_path(family)
-    hf_config = read_hf_config(path)
-    linearize = "liger-gla" if hf_config.get("model_type") in LINEARIZABLE else None
-    torch_device = resolve_device(device)
-    dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
-    prompts = make_prompts(num_requests, prompt_len, int(hf_config["vocab_size"]), seed)
-    engine_args = dict(
-        dtype=dtype,
-        device=device,
-        kernel_backend=kernel_backend,
-        linearize=linearize,
-        max_num_seqs=num_requests,
-        max_num_batched_tokens=max(2048, num_requests),
-        enable_prefix_caching=False,
-        seed=seed,
+    hf_config, linearize, torch_device, dtype, prompts, engine_args = adapter_engine_setup(
+        path, device, kernel_backend, num_requests, prompt_len, num_requests, seed
     )
     base_llm = LLM(str(path), **engine_args)
     lora_llm = LLM(str(path), enable_lora=True, max_loras=max_loras, max_lora_rank=rank, **engine_args)
@@ -389,7 +430,7 @@ def _bench(
     # Restored: equal to the copy the peer saved, and to the same checkpoint loaded by the other engine.
     lora_projections = lora.model.projections()
     weights_restored = peer.is_restored() and all(
-        torch.equal(_bits(m.weight.detach()), _bits(lora_projections[name].weight.detach()))
+        torch.equal(as_bytes(m.weight.detach()), as_bytes(lora_projections[name].weight.detach()))
         for name, m in base.model.projections().items()
     )
 
@@ -455,11 +496,11 @@ def _measure(
 
     # name -> (k, run(prompts, output_len) -> (merge seconds, token ids))
     configs = {
-        "base": (0, lambda p, n: (0.0, serve(base, p, n, [None] * len(p)))),
-        "lora base": (0, lambda p, n: (0.0, serve(lora, p, n, [None] * len(p)))),
+        "base": (0, lambda p, n: (0.0, serve(base, p, n, [None] * len(p)).token_ids)),
+        "lora base": (0, lambda p, n: (0.0, serve(lora, p, n, [None] * len(p)).token_ids)),
     }
     for k in counts:
-        configs[f"lora-{k}"] = (k, lambda p, n, k=k: (0.0, serve(lora, p, n, adapters_of(k, len(p)))))
+        configs[f"lora-{k}"] = (k, lambda p, n, k=k: (0.0, serve(lora, p, n, adapters_of(k, len(p))).token_ids))
         configs[f"merge-{k}"] = (k, lambda p, n, k=k: peer.serve(base, p, n, adapters_of(k, len(p))))
 
     for k, run in configs.values():  # a few requests, every adapter of the configuration among them

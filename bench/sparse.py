@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from linrec.bench.lora import ADAPTER_STD, MergeSwitching, make_prompts
+from linrec.bench.lora import ADAPTER_STD, MergeSwitching, Served, adapter_engine_setup, as_bytes, serve
 
 if TYPE_CHECKING:
     import torch
@@ -368,53 +368,6 @@ class MergeUnmerge(MergeSwitching):
         )
 
 
-@dataclass(frozen=True)
-class _Served:
-    """One pass of a workload through the engine."""
-
-    seconds: float  # first arrival to the last token
-    latencies: list[float]  # per request: arrival to the end of the step that returned its last token
-    token_ids: list[list[int]]
-
-
-def serve(
-    engine, prompts: list[list[int]], output_len: int, lora_names: Sequence[str | None], rate: float | None = None
-) -> _Served:
-    """Submit prompt i (with adapter lora_names[i]) at i / rate seconds (all at 0 without a rate) while stepping
-    the engine, until every request has its output_len tokens."""
-    from linrec.engine.request import EngineRequest
-    from linrec.engine.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    n = len(prompts)
-    arrivals = [0.0] * n if rate is None else [i / rate for i in range(n)]
-    token_ids: list[list[int]] = [[] for _ in range(n)]
-    finished: list[float | None] = [None] * n
-    submitted = 0
-    start = time.perf_counter()
-    while submitted < n or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while submitted < n and arrivals[submitted] <= now:
-            request = EngineRequest(str(submitted), prompts[submitted], params, lora_name=lora_names[submitted])
-            engine.add_request(request)
-            submitted += 1
-        if not engine.has_unfinished():  # idle until the next arrival
-            time.sleep(max(0.0, arrivals[submitted] - (time.perf_counter() - start)))
-            continue
-        deltas = engine.step()
-        now = time.perf_counter() - start
-        for delta in deltas:
-            i = int(delta.request_id)
-            token_ids[i].extend(delta.token_ids)
-            if delta.finish_reason is not None:
-                finished[i] = now
-    seconds = time.perf_counter() - start
-    for i, ids in enumerate(token_ids):
-        if len(ids) != output_len:
-            raise RuntimeError(f"request {i} generated {len(ids)} tokens, expected {output_len}")
-    return _Served(seconds, [end - arrival for end, arrival in zip(finished, arrivals, strict=True)], token_ids)
-
-
 def run_sparse_bench(
     model: str | None = None,
     *,
@@ -496,13 +449,11 @@ def _bench(
     """run_sparse_bench's body, under its thread setting, with its arguments checked."""
     import torch
 
-    from linrec.bench.common import LINEARIZABLE, served_model_type
+    from linrec.bench.common import served_model_type
     from linrec.bench.decode import decode_model_path
     from linrec.bench.throughput import bench_model_path
-    from linrec.engine.core import resolve_device
     from linrec.engine.llm import LLM
     from linrec.kernels.backend import resolve_backend
-    from linrec.models.loader import read_hf_config
     from linrec.models.sparse import write_sparse_delta
 
     if model is not None:
@@ -510,20 +461,8 @@ def _bench(
     else:
         path = bench_model_path(family) if size == "bench" else decode_model_path(family, size)
         model_name = f"{size} {family} (seeded random, {path.name})"
-    hf_config = read_hf_config(path)
-    linearize = "liger-gla" if hf_config.get("model_type") in LINEARIZABLE else None
-    torch_device = resolve_device(device)
-    dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
-    prompts = make_prompts(num_requests, prompt_len, int(hf_config["vocab_size"]), seed)
-    engine_args = dict(
-        dtype=dtype,
-        device=device,
-        kernel_backend=kernel_backend,
-        linearize=linearize,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max(2048, num_requests),
-        enable_prefix_caching=False,
-        seed=seed,
+    hf_config, linearize, torch_device, dtype, prompts, engine_args = adapter_engine_setup(
+        path, device, kernel_backend, num_requests, prompt_len, max_num_seqs, seed
     )
     if switch_only:
         return _switch_only(
@@ -747,7 +686,7 @@ def _configs(counts: list[int], mixed_adapters: int, n: int) -> dict[str, tuple[
 class _Run:
     """One timed run of one configuration."""
 
-    served: _Served
+    served: Served
     cpu_seconds: float
     group_switches: int
     sparse_switches: int
@@ -826,10 +765,7 @@ def _same_bits(projections, original) -> bool:
     """Whether every projection weight holds exactly `original`'s bits (as bytes: -0.0 and NaN too)."""
     import torch
 
-    def bits(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous().view(torch.uint8)
-
-    return all(torch.equal(bits(m.weight.detach()), bits(original[name])) for name, m in projections.items())
+    return all(torch.equal(as_bytes(m.weight.detach()), as_bytes(original[name])) for name, m in projections.items())
 
 
 def _median_percentile(runs: list[_Run], rows, q: float) -> float:
