@@ -171,6 +171,35 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapter_bench_args(parser: argparse.ArgumentParser) -> None:
+    """The flags the adapter benches (lora, sparse) share: the model, the workload, the device, the repeats,
+    the RNG, the threads and the JSON output."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="a checkpoint (Llama/Qwen2/Mistral are served as Liger-GLA); default: the seeded bench model of "
+        "--family, written once under the cache dir",
+    )
+    parser.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    parser.add_argument("--num-requests", dest="num_requests", type=int, default=256)
+    parser.add_argument("--prompt-len", dest="prompt_len", type=int, default=128, help="tokens per prompt")
+    parser.add_argument("--output-len", dest="output_len", type=int, default=128, help="tokens generated per request")
+    parser.add_argument(
+        "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
+    )
+    add_config_args(
+        parser,
+        EngineConfig,
+        ("device", "kernel_backend"),
+        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
+    parser.add_argument("--seed", type=int, default=0, help="prompt RNG")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
+
+
 def _add_lora(kinds) -> None:
     lora = kinds.add_parser(
         "lora",
@@ -182,34 +211,11 @@ def _add_lora(kinds) -> None:
         "--rank on every projection, seeded random, written to a temporary directory. Median of --repeats "
         "interleaved runs; ratios lora-k / base and lora-k / merge-k.",
     )
-    lora.add_argument(
-        "--model",
-        default=None,
-        metavar="DIR",
-        help="a checkpoint (Llama/Qwen2/Mistral are served as Liger-GLA); default: the seeded bench model of "
-        "--family, written once under the cache dir",
-    )
-    lora.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
-    lora.add_argument("--num-requests", dest="num_requests", type=int, default=256)
-    lora.add_argument("--prompt-len", dest="prompt_len", type=int, default=128, help="tokens per prompt")
-    lora.add_argument("--output-len", dest="output_len", type=int, default=128, help="tokens generated per request")
-    lora.add_argument(
-        "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
-    )
+    _add_adapter_bench_args(lora)
     lora.add_argument("--rank", type=int, default=8, help="rank of the written adapters (and of the LoRA slots)")
     lora.add_argument(
         "--max-loras", dest="max_loras", type=int, default=None, help="LoRA device slots (default: the largest K)"
     )
-    add_config_args(
-        lora,
-        EngineConfig,
-        ("device", "kernel_backend"),
-        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
-    )
-    lora.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
-    lora.add_argument("--seed", type=int, default=0, help="prompt RNG")
-    lora.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    lora.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
     lora.set_defaults(handler=_run_bench_lora)
 
 
@@ -252,25 +258,12 @@ def _add_sparse(kinds) -> None:
         "tokens equal an engine with the adapter merged by hand, base weights bit for bit after every run. "
         "--switch-only times the switch alone (e.g. on --size 1.3b, too large to serve on a CPU).",
     )
-    sparse.add_argument(
-        "--model",
-        default=None,
-        metavar="DIR",
-        help="a checkpoint (Llama/Qwen2/Mistral are served as Liger-GLA); default: the seeded bench model of "
-        "--family, written once under the cache dir",
-    )
-    sparse.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    _add_adapter_bench_args(sparse)
     sparse.add_argument(
         "--size",
         default="bench",
         choices=("bench", "1.3b"),
         help="model without --model: throughput's bench model (hidden 512) or decode's 1.3B-class one",
-    )
-    sparse.add_argument("--num-requests", dest="num_requests", type=int, default=256)
-    sparse.add_argument("--prompt-len", dest="prompt_len", type=int, default=128, help="tokens per prompt")
-    sparse.add_argument("--output-len", dest="output_len", type=int, default=128, help="tokens generated per request")
-    sparse.add_argument(
-        "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
     )
     sparse.add_argument(
         "--density", type=float, default=0.01, help="share of every projection's entries a sparse adapter changes"
@@ -293,22 +286,12 @@ def _add_sparse(kinds) -> None:
         default=None,
         help="requests running at once (default: --num-requests; fewer leaves a queue, served in whole weight groups)",
     )
-    add_config_args(
-        sparse,
-        EngineConfig,
-        ("device", "kernel_backend"),
-        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
-    )
-    sparse.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
     sparse.add_argument(
         "--switch-repeats", dest="switch_repeats", type=int, default=20, help="timed switches; the median counts"
     )
     sparse.add_argument(
         "--switch-only", dest="switch_only", action="store_true", help="time the switch alone (no workload)"
     )
-    sparse.add_argument("--seed", type=int, default=0, help="prompt RNG")
-    sparse.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    sparse.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
     sparse.set_defaults(handler=_run_bench_sparse)
 
 
