@@ -89,7 +89,7 @@ class AsyncLLM:
         if lora_name is not None:
             # An adapter that fell out of the host tier is read here, in a worker thread: the engine thread
             # then finds it in memory, and nobody else's request waits on this disk read.
-            await asyncio.to_thread(self._adapter_weights, lora_name)
+            await asyncio.to_thread(self.engine.resolve_adapter, lora_name)
         request_id = request_id or self.new_request_id()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
@@ -120,14 +120,6 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
-
-    def _adapter_weights(self, lora_name: str) -> None:
-        if self.engine.adapters is None:
-            raise InvalidRequestError(
-                f"the request names LoRA adapter {lora_name!r}, but this engine serves no adapters (--enable-lora)",
-                "model",
-            )
-        self.engine.adapters.get(lora_name)
 
     async def load_lora_adapter(self, lora_name: str, lora_path: str) -> AdapterInfo:
         """Read and register an adapter in a worker thread (the engine goes on meanwhile). Raises

@@ -229,8 +229,9 @@ class EngineCore:
             raise
 
     def resolve_adapter(self, lora_name: str | None) -> LoraWeights | SparseWeights | None:
-        """The LoraWeights or SparseWeights of a known adapter name (None for the base model). On the engine
-        thread this is a host-tier hit: front ends read the adapter in their own thread first (AsyncLLM)."""
+        """The LoraWeights or SparseWeights of a known adapter name (None for the base model). Thread-safe (the
+        registry locks): AsyncLLM calls it in a worker thread first, so that on the engine thread it is a
+        host-tier hit and no disk read happens there."""
         if lora_name is None:
             return None
         if self.adapters is None:
