@@ -118,12 +118,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoraMapping, bac
         from linrec.kernels.lora.punica import triton_lora_shrink  # triton loads only where it runs
 
         return triton_lora_shrink(x, lora_a, mapping)
-    if mapping.groups is not None:
-        shrunk = x.new_zeros(T, R, dtype=torch.float32)
-        for s, tokens in mapping.groups:
-            shrunk.index_copy_(0, tokens, x.index_select(0, tokens).float() @ lora_a[s].float().T)
-        return shrunk
-    # built on the device: every token gathers its slot's A (slot 0 for unadapted ones), then is masked
+    # every token gathers its slot's A (slot 0 for unadapted ones), then is masked: no host data, so a CUDA
+    # graph can capture it (lora_add_ takes a grouped path where the mapping has host groups)
     is_adapted = mapping.token_slots >= 0
     a = lora_a[mapping.token_slots.clamp(min=0)].float()  # [T, R, in]
     shrunk = torch.bmm(a, x.float()[:, :, None])[:, :, 0]
@@ -148,11 +144,6 @@ def lora_expand_(
         from linrec.kernels.lora.punica import triton_lora_expand_
 
         triton_lora_expand_(y, shrunk, lora_b, mapping)
-        return
-    if mapping.groups is not None:
-        for s, tokens in mapping.groups:
-            rows = y.index_select(0, tokens).float() + shrunk.index_select(0, tokens) @ lora_b[s].float().T
-            y.index_copy_(0, tokens, rows.to(y.dtype))
         return
     is_adapted = mapping.token_slots >= 0
     b = lora_b[mapping.token_slots.clamp(min=0)].float()  # [T, out, R]
