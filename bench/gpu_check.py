@@ -92,6 +92,9 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         paths.insert(0, holder)
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
+    # `python -m` run from the repo root would put it first on sys.path, where its kernels/ folder shadows the
+    # PyPI package `kernels` that transformers (5.25 on) imports; linrec comes from PYTHONPATH instead
+    env["PYTHONSAFEPATH"] = "1"
     env.update(extra or {})
     return env
 

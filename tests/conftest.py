@@ -14,6 +14,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Subprocesses the tests start (`python -m linrec...` from the checkout) must not put the working directory
+# first on sys.path: this checkout's kernels/ folder would shadow the PyPI package `kernels`, which transformers
+# (5.25 on) imports. linrec itself is importable through its editable install.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
 @pytest.fixture(scope="session")
