@@ -1,0 +1,99 @@
+"""Sparse-adapter add-on for a step whose tokens use several weight groups: y[t] += D[g] x[t] for each token t
+whose request runs sparse adapter g, D[g] an [out, in] delta with nnz entries, over the flat batch axis.
+
+A step whose tokens all use one sparse adapter needs none of this: the engine scatters that adapter into the
+weights (engine/sparse_switch.py). A step that mixes adapters, or an adapter with base or LoRA requests, keeps
+the base weights and adds each adapter's delta to its tokens' outputs here, as LoRA adds its term.
+
+Each delta is a CSR matrix [out, in] in fp32, so that a group of n tokens costs one sparse-dense product over
+nnz x n entries (torch.sparse.mm: MKL on the CPU, cuSPARSE on CUDA). The delta is computed in fp32 and added
+with one rounding, (y.float() + delta).to(y.dtype); a token without a sparse adapter keeps its row of y bit
+for bit, and a step without one launches nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Per projection (any hashable key, the engine uses the Projection module), the group's delta: CSR [out, in] fp32.
+Deltas = Mapping[Hashable, torch.Tensor]
+
+
+def sparse_csr(flat_indices: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """CSR [out, in] fp32 from flat indices (row * in + col, unique, ascending) and their values [nnz]."""
+    if flat_indices.dim() != 1 or values.shape != flat_indices.shape:
+        raise ValueError(
+            f"expected flat indices [nnz] and values [nnz], got {tuple(flat_indices.shape)} and {tuple(values.shape)}"
+        )
+    flat_indices = flat_indices.to(torch.int64)
+    rows = torch.div(flat_indices, in_features, rounding_mode="floor")
+    cols = flat_indices - rows * in_features
+    counts = torch.bincount(rows, minlength=out_features)
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=flat_indices.device)
+    crow[1:] = counts.cumsum(0)
+    with warnings.catch_warnings():  # torch calls CSR "beta" once per process; the ops used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values.float(), (out_features, in_features), check_invariants=False)
+
+
+@dataclass(frozen=True)
+class SparseMapping:
+    """The step's tokens grouped by sparse adapter: (token indices [n] int64 on the device, or None when the group
+    is every token of the step; that adapter's deltas by projection)."""
+
+    groups: tuple[tuple[torch.Tensor | None, Deltas], ...]
+    num_tokens: int
+
+    @classmethod
+    def build(
+        cls, seq_lens: Sequence[int], seq_deltas: Sequence[Deltas | None], device: torch.device | str
+    ) -> SparseMapping | None:
+        """seq_deltas[b] is sequence b's adapter's deltas (one object per adapter: sequences sharing it form one
+        group), or None for a sequence without a sparse adapter. None when no sequence has one."""
+        if len(seq_lens) != len(seq_deltas):
+            raise ValueError(f"expected {len(seq_lens)} sequences' deltas, got {len(seq_deltas)}")
+        tokens: dict[int, list[int]] = {}
+        by_id: dict[int, Deltas] = {}
+        start = 0
+        for n, deltas in zip(seq_lens, seq_deltas):
+            if deltas is not None:
+                by_id[id(deltas)] = deltas
+                tokens.setdefault(id(deltas), []).extend(range(start, start + n))
+            start += n
+        if not tokens:
+            return None
+        groups = tuple(
+            (None if len(ts) == start else torch.tensor(ts, dtype=torch.int64, device=device), by_id[key])
+            for key, ts in tokens.items()
+        )
+        return cls(groups, start)
+
+
+def sparse_add_(y: torch.Tensor, x: torch.Tensor, key: Hashable, mapping: SparseMapping) -> None:
+    """y [T, out] in place: (y.float() + D[g] x[t]).to(y.dtype) for each token t of each group g whose deltas
+    hold `key`; other rows untouched. x [T, in]."""
+    if x.shape[0] != mapping.num_tokens or y.shape[0] != mapping.num_tokens:
+        raise ValueError(
+            f"expected x and y over the mapping's {mapping.num_tokens} tokens, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    for tokens, deltas in mapping.groups:
+        delta = deltas.get(key)
+        if delta is None:  # this adapter leaves the projection alone
+            continue
+        if delta.shape != (y.shape[1], x.shape[1]):
+            raise ValueError(f"expected a delta [{y.shape[1]}, {x.shape[1]}], got {tuple(delta.shape)}")
+        xs = x if tokens is None else x.index_select(0, tokens)
+        d = torch.sparse.mm(delta, xs.float().T.contiguous()).T  # [n, out] fp32
+        if tokens is None:
+            if y.dtype == torch.float32:
+                y.add_(d)
+            else:
+                y.copy_(y.float() + d)
+        elif y.dtype == torch.float32:
+            y.index_add_(0, tokens, d)  # y + delta in fp32: the one rounding
+        else:
+            y.index_copy_(0, tokens, (y.index_select(0, tokens).float() + d).to(y.dtype))
