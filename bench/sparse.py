@@ -9,7 +9,8 @@ Adapters, written by this bench into a temporary directory:
   projection (at least 1; rank_pattern), A and B ~ N(0, ADAPTER_STD^2), lora_alpha = 2r (scaling 2).
 
 1. Switch time, on the served engine's weights (median over `switch_repeats`, synchronized on CUDA):
-   - sparse: the runner's SparseSwitch, `switch_to(adapter)` then `switch_to(None)` (scatter, restore);
+   - sparse: the runner's SparseSwitch, `switch_to(slot)` then `switch_to(BASE)` (scatter, restore), the
+     adapter placed in a device slot as the scheduler places a request's;
    - LoRA merge + unmerge, as peft's merge/unmerge do: W += scaling * B @ A on every projection, then
      W -= the same (A and B already on the device, in fp32);
    - LoRA merge + restore: the same merge, then every weight copied back from a saved copy.
@@ -26,17 +27,18 @@ Adapters, written by this bench into a temporary directory:
    - sparse-k: request i on sparse adapter i % k;
    - lora-k: request i on LoRA adapter i % k;
    - mixed-m: even requests on the base model, odd ones round-robin over m sparse adapters: what base (and
-     LoRA: same weight group) requests pay while sparse adapters hold the weights for some steps.
+     LoRA) requests pay for sharing their steps with sparse adapters' tokens (the per-token add-on).
    Each reports output tok/s, requests/s, p50/p99 latency (arrival to the step that returned the last token;
-   a request arriving during a step waits for it, as it would in a server) and the engine's weight-group
-   switches. Each configuration is warmed up once (a few requests, 2 tokens, every adapter touched), then
-   all run interleaved `repeats` times; each figure is the median over the runs.
+   a request arriving during a step waits for it, as it would in a server), the engine's mixed steps (sparse
+   tokens beside other weights: the add-on) and its scatters and restores. Each configuration is warmed up
+   once (a few requests, 2 tokens, every adapter touched), then all run interleaved `repeats` times; each
+   figure is the median over the runs.
    Checks: for the first few requests of each sparse-k, the greedy tokens equal those of a second engine
    (no adapters) whose weights the bench merged by hand from the indices and values it wrote
    (W = (W.float() + dense delta).to(dtype)); base tokens equal that engine's; the base half of the mixed run
    equals base; the adapters change tokens; the served weights are the checkpoint's bit for bit after
-   every run (the engine leaves the last step's adapter scattered until its next base step, so the bench calls
-   `switch_to(None)` before comparing).
+   every run (the engine leaves the last step's adapter scattered until its next other step, so the bench
+   calls `switch_to(BASE)` before comparing).
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ class SwitchResult:
     lora_params: int  # sum of r * (in + out) over every projection
     repeats: int
     # medians over the repeats, seconds
-    activate_s: float  # SparseSwitch.switch_to(adapter): scatter
-    deactivate_s: float  # SparseSwitch.switch_to(None): restore
+    activate_s: float  # SparseSwitch.switch_to(slot): scatter
+    deactivate_s: float  # SparseSwitch.switch_to(BASE): restore
     switch_s: float  # the pair
     merge_s: float  # W += scaling * B @ A, every projection
     unmerge_s: float  # W -= scaling * B @ A
@@ -113,7 +115,7 @@ class ConfigResult:
     p99_latency_s: float
     base_p50_latency_s: float | None  # the base-model requests' alone (base and mixed; else None)
     base_p99_latency_s: float | None
-    group_switches: float  # the scheduler's weight-group changes in a run
+    mixed_steps: float  # steps whose sparse tokens took the per-token add-on in a run
     sparse_switches: float  # SparseSwitch activations + deactivations in a run
     seconds_runs: list[float]  # every timed run, in order
     token_ids: list[list[int]] = field(default_factory=list, repr=False)  # per request, from the last run
@@ -242,14 +244,14 @@ class SparseBenchResult:
             f"{self.max_num_seqs}; median of "
             f"{self.repeats} interleaved runs",
             f"{'configuration':<13} {'seconds':>8} {'CPU s':>8} {'output tok/s':>13} {'req/s':>8} {'p50 s':>8} "
-            f"{'p99 s':>8} {'base p99':>9} {'switches':>9}",
+            f"{'p99 s':>8} {'base p99':>9} {'mixed':>6} {'switches':>9}",
         ]
         for c in self.configs:
             base_p99 = f"{c.base_p99_latency_s:>9.3f}" if c.base_p99_latency_s is not None else f"{'':>9}"
             rows.append(
                 f"{c.name:<13} {c.seconds:>8.2f} {c.cpu_seconds:>8.2f} {c.output_tokens_per_s:>13.1f} "
                 f"{c.requests_per_s:>8.2f} {c.p50_latency_s:>8.3f} {c.p99_latency_s:>8.3f} {base_p99} "
-                f"{c.group_switches:>9g}"
+                f"{c.mixed_steps:>6g} {c.sparse_switches:>9g}"
             )
         rows += ["", f"{'ratio (throughput; the mixed run: latency)':<44} {'wall':>7} {'CPU time':>9}"]
         cpu_ratios = self.ratios(cpu_time=True)
@@ -397,8 +399,7 @@ def run_sparse_bench(
     switch_only: part 1 alone (no workload, no reference engine), for models too large to serve on a CPU.
     dtype: float32 on the CPU, bfloat16 on CUDA. mixed_adapters: the sparse adapters of the mixed run (default:
     4, at most the largest k). max_num_seqs: requests running at once (default: all of them; fewer leaves a
-    queue, which the scheduler serves in whole weight groups). threads: torch CPU threads (None keeps torch's
-    default).
+    queue). threads: torch CPU threads (None keeps torch's default).
     """
     import torch
 
@@ -514,7 +515,7 @@ def _bench(
                 p99_latency_s=_median_percentile(config_runs, range(num_requests), 99),
                 base_p50_latency_s=_median_percentile(config_runs, base_rows, 50) if base_rows else None,
                 base_p99_latency_s=_median_percentile(config_runs, base_rows, 99) if base_rows else None,
-                group_switches=statistics.median(r.group_switches for r in config_runs),
+                mixed_steps=statistics.median(r.mixed_steps for r in config_runs),
                 sparse_switches=statistics.median(r.sparse_switches for r in config_runs),
                 seconds_runs=[r.served.seconds for r in config_runs],
                 token_ids=config_runs[-1].served.token_ids,
@@ -618,8 +619,15 @@ def _time_switch(engine, peer: MergeUnmerge, repeats: int) -> SwitchResult:
     interleaved, each timed alone; the weights end as they began."""
     import torch
 
+    from linrec.engine.sparse_switch import BASE
+
     switch = engine.runner.sparse_switch
     adapter = engine.adapters.get("sparse-0")
+    slots = engine.scheduler.adapter_slots  # a device slot holding it, placed as a request's would be
+    slot, needs_load = slots.acquire(adapter)
+    if needs_load:
+        engine.runner.load_adapter(slot, adapter)
+    slots.release(slot)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
@@ -629,8 +637,8 @@ def _time_switch(engine, peer: MergeUnmerge, repeats: int) -> SwitchResult:
         return time.perf_counter() - start
 
     # once untimed: the deltas' device copies, the allocator, the kernels
-    switch.switch_to(adapter)
-    switch.switch_to(None)
+    switch.switch_to(slot)
+    switch.switch_to(BASE)
     peer.merge("lora-0")
     peer.unmerge("lora-0")
     peer.restore()
@@ -638,8 +646,8 @@ def _time_switch(engine, peer: MergeUnmerge, repeats: int) -> SwitchResult:
     sparse_bitwise = unmerge_bitwise = True
     max_diff = 0.0
     for _ in range(repeats):
-        times["activate"].append(timed(lambda: switch.switch_to(adapter)))
-        times["deactivate"].append(timed(lambda: switch.switch_to(None)))
+        times["activate"].append(timed(lambda: switch.switch_to(slot)))
+        times["deactivate"].append(timed(lambda: switch.switch_to(BASE)))
         sparse_bitwise &= peer.is_restored()
         times["merge"].append(peer.merge("lora-0"))
         times["unmerge"].append(peer.unmerge("lora-0"))
@@ -688,13 +696,15 @@ class _Run:
 
     served: Served
     cpu_seconds: float
-    group_switches: int
+    mixed_steps: int
     sparse_switches: int
 
 
 def _measure(engine, configs, prompts, output_len, rate, repeats, original) -> tuple[dict[str, list[_Run]], bool]:
     """Warm up every configuration once, then run them interleaved `repeats` times. Returns {name: runs} and
     whether the projection weights were `original`'s bits after every run."""
+    from linrec.engine.sparse_switch import BASE
+
     for k, names in configs.values():  # a few requests, every adapter of the configuration among them
         m = min(len(prompts), max(2 * k, 4))
         serve(engine, prompts[:m], WARMUP_TOKENS, names[:m])
@@ -702,7 +712,7 @@ def _measure(engine, configs, prompts, output_len, rate, repeats, original) -> t
     restored = True
     for _ in range(repeats):
         for name, (_k, names) in configs.items():
-            groups, switches = engine.scheduler.num_group_switches, engine.runner.sparse_switch.num_switches
+            mixed, switches = engine.scheduler.num_sparse_mixed_steps, engine.runner.sparse_switch.num_switches
             cpu_start = time.process_time()
             result = serve(engine, prompts, output_len, names, rate)
             cpu_seconds = time.process_time() - cpu_start
@@ -710,13 +720,13 @@ def _measure(engine, configs, prompts, output_len, rate, repeats, original) -> t
                 _Run(
                     result,
                     cpu_seconds,
-                    engine.scheduler.num_group_switches - groups,
+                    engine.scheduler.num_sparse_mixed_steps - mixed,
                     engine.runner.sparse_switch.num_switches - switches,
                 )
             )
-            # the last step may leave an adapter scattered (the engine restores on the next base step): compare
-            # with the base weights in place, as the next base step would see them
-            engine.runner.sparse_switch.switch_to(None)
+            # the last step may leave an adapter scattered (the engine restores at its next other step): compare
+            # with the base weights in place, as that step would see them
+            engine.runner.sparse_switch.switch_to(BASE)
             restored &= _same_bits(engine.model.projections(), original)
     return runs, restored
 

@@ -284,7 +284,7 @@ def _add_sparse(kinds) -> None:
         dest="max_num_seqs",
         type=int,
         default=None,
-        help="requests running at once (default: --num-requests; fewer leaves a queue, served in whole weight groups)",
+        help="requests running at once (default: --num-requests; fewer leaves a queue)",
     )
     sparse.add_argument(
         "--switch-repeats", dest="switch_repeats", type=int, default=20, help="timed switches; the median counts"

@@ -81,7 +81,9 @@ class EngineConfig:
     enable_lora: bool = field(
         default=False, metadata={"help": "serve LoRA adapters per request (the request's model names one)"}
     )
-    max_loras: int = field(default=4, metadata={"help": "adapters resident on the device at once (LoRA slots)"})
+    max_loras: int = field(
+        default=4, metadata={"help": "adapters resident on the device at once, LoRA and sparse (the device slots)"}
+    )
     max_lora_rank: int = field(default=16, metadata={"help": "the largest adapter rank a slot holds"})
     max_cpu_loras: int | None = field(
         default=None, metadata={"help": "adapters kept in host memory, least recently used out (default: max-loras)"}

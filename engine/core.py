@@ -78,9 +78,10 @@ class EngineStats:
     running_lora_adapters: tuple[str, ...] = ()
     waiting_lora_adapters: tuple[str, ...] = ()
     max_lora: int = 0
-    # Sparse adapters (cumulative): scatters into and restores of the weights, and changes of a step's weight group.
+    # Sparse adapters (cumulative): scatters into and restores of the weights, and steps that mixed a sparse
+    # adapter with other weights (its tokens got the per-token add-on).
     num_sparse_switches: int = 0
-    num_weight_group_switches: int = 0
+    num_sparse_mixed_steps: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -213,7 +214,8 @@ class EngineCore:
                 cache_salt=request.cache_salt,
             )
         request_id = request.request_id
-        # LoRA adds a term per token; a sparse adapter is scattered into the weights for its requests' steps
+        # LoRA adds a term per token; a sparse adapter is scattered into the weights for a step of its requests
+        # alone, and added per token otherwise
         kinds = {"sparse": adapter} if isinstance(adapter, SparseWeights) else {"lora": adapter}
         parent = Request(request_id, prompt, params, cache_key=key, **kinds)
         parent.children = [
@@ -333,7 +335,7 @@ class EngineCore:
             waiting_lora_adapters=tuple(self.scheduler.waiting_adapters()),
             max_lora=self.config.max_loras if self.adapters is not None else 0,
             num_sparse_switches=switch.num_switches if (switch := self.runner.sparse_switch) is not None else 0,
-            num_weight_group_switches=self.scheduler.num_group_switches,
+            num_sparse_mixed_steps=self.scheduler.num_sparse_mixed_steps,
         )
 
     def step(self) -> list[SampleDelta]:

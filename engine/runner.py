@@ -10,8 +10,10 @@ from linrec.engine.sampler import Sampler, SamplingMetadata, make_generator
 from linrec.engine.scheduler import ScheduledSequence, SchedulerOutput, StepResult
 from linrec.engine.sparse_switch import SparseSwitch
 from linrec.engine.state_pool import StatePool
+from linrec.kernels.sparse import SparseMapping
 from linrec.models.base import CausalLM
 from linrec.models.batch import ForwardBatch
+from linrec.models.sparse import SparseWeights
 
 
 class Runner:
@@ -39,7 +41,8 @@ class Runner:
         self.decode_graphs = decode_graphs
         self.num_adapter_slots = num_adapter_slots  # LoRA device slots beside each projection (0: LoRA off)
         self._projections = model.projections() if num_adapter_slots else {}
-        self.sparse_switch = sparse_switch  # scatters the step's sparse adapter into the weights (None: no sparse)
+        # sparse adapters in the device adapter slots: scattered for a step of one, added per token in a mixed step
+        self.sparse_switch = sparse_switch
 
     def forget(self, request_ids: list[str]) -> None:
         """Drop what the runner keeps per request (seeded generators) for requests that ended."""
@@ -54,14 +57,11 @@ class Runner:
         self.pool.reset(out.slots_to_reset)
         self.pool.copy_rows(out.loads)
         for slot, weights in out.adapter_loads:
-            self._load_adapter(slot, weights)
+            self.load_adapter(slot, weights)
         if out.is_empty:
             return StepResult({})
-        if self.sparse_switch is not None:
-            self.sparse_switch.switch_to(out.sparse)  # the step's weight group: one sparse adapter, or the base
-        elif out.sparse is not None:
-            raise ValueError("expected a sparse switch to run a sparse adapter's step")
-        hidden = self._forward(out.sequences)  # [B, D]: each sequence's last token
+        sparse = self._sparse_step(out)
+        hidden = self._forward(out.sequences, sparse)  # [B, D]: each sequence's last token
         for src, dsts in out.forks:
             self.pool.copy(src, dsts)
         self.pool.copy_rows(out.saves)
@@ -91,18 +91,51 @@ class Runner:
                 result.logprobs[r.request_id] = Logprob(token_ids[i], lps[i], top)
         return result
 
-    def _load_adapter(self, slot: int, weights) -> None:
-        """Copy a LoRA adapter (LoraWeights, host) into device slot `slot` of every projection; the projections
-        it leaves alone get zeros there, so nothing of the slot's previous adapter remains."""
+    def load_adapter(self, slot: int, weights) -> None:
+        """Copy an adapter (host LoraWeights or SparseWeights) into device slot `slot`. A LoRA adapter's A and B
+        go beside every projection, zeros where it leaves one alone; a sparse adapter's entries go to the
+        sparse switch. Nothing of the slot's previous adapter, of either kind, remains."""
+        is_sparse = isinstance(weights, SparseWeights)
+        if is_sparse and self.sparse_switch is None:
+            raise ValueError("expected a sparse switch to hold a sparse adapter")
         for name, projection in self._projections.items():
-            lora_a, lora_b = weights.modules.get(name, (None, None))
+            lora_a, lora_b = (None, None) if is_sparse else weights.modules.get(name, (None, None))
             projection.set_lora_slot(slot, lora_a, lora_b)
+        if is_sparse:
+            self.sparse_switch.load(slot, weights)
+        elif self.sparse_switch is not None:
+            self.sparse_switch.clear(slot)
 
-    def _forward(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
-        """Run the model over the scheduled sequences; returns the hidden state of each one's last token
-        [B, D]. A decode-only step that fits a captured bucket replays its CUDA graph."""
+    def _sparse_step(self, out: SchedulerOutput) -> SparseMapping | None:
+        """Put the weights in the step's form: the scheduler's one sparse adapter scattered, or the base weights.
+        Returns the per-token add-on of the sparse sequences of a mixed step (None: nothing to add)."""
+        seqs = out.sequences
+        if self.sparse_switch is None:
+            if out.sparse_slot >= 0 or any(s.sparse_slot >= 0 for s in seqs):
+                raise ValueError("expected a sparse switch to run sparse adapters' requests")
+            return None
+        if out.sparse_slot >= 0 and any(s.sparse_slot != out.sparse_slot for s in seqs):
+            # never run a base, LoRA or other adapter's request on a scattered adapter's weights
+            raise RuntimeError("a step scattered one sparse adapter but holds requests on other weights")
+        self.sparse_switch.switch_to(out.sparse_slot)
+        if out.sparse_slot >= 0 or all(s.sparse_slot < 0 for s in seqs):
+            return None
+        addons = {s.sparse_slot: self.sparse_switch.addon(s.sparse_slot) for s in seqs if s.sparse_slot >= 0}
+        return SparseMapping.build(
+            [len(s.token_ids) for s in seqs], [addons.get(s.sparse_slot) for s in seqs], self.device
+        )
+
+    def _forward(self, seqs: list[ScheduledSequence], sparse: SparseMapping | None = None) -> torch.Tensor:
+        """Run the model over the scheduled sequences, with the sparse add-on `sparse` if any; returns the
+        hidden state of each one's last token [B, D]. A decode-only step without the sparse add-on that fits a
+        captured bucket replays its CUDA graph."""
         graphs = self.decode_graphs
-        if graphs is not None and len(seqs) <= graphs.max_batch_size and all(len(s.token_ids) == 1 for s in seqs):
+        if (
+            graphs is not None
+            and sparse is None
+            and len(seqs) <= graphs.max_batch_size
+            and all(len(s.token_ids) == 1 for s in seqs)
+        ):
             return graphs.replay(
                 [s.token_ids[0] for s in seqs],
                 [s.start_position for s in seqs],
@@ -117,6 +150,7 @@ class Runner:
             adapter_slots=[s.adapter_slot for s in seqs] if self.num_adapter_slots else None,
             num_adapter_slots=self.num_adapter_slots,
         )
+        batch.sparse = sparse
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, batch, self.pool.layers)
         return hidden[batch.last_token_indices()]

@@ -29,15 +29,15 @@ prompt, once prefilling, gets at least min(threshold, budget - decodes) tokens e
 (no starvation), and a waiting long prompt waits only for the long prefills ahead of it (FIFO). With the
 threshold at 0 every prompt is short: pure arrival order, the oldest prefill taking all the budget.
 
-Sparse adapters (SHiRA). A sparse adapter is scattered into the live weights for a step, so one step runs one
-weight group: the base weights (base and LoRA requests) or one sparse adapter's (its requests). Requests of
-every group hold slots side by side; each step schedules only the active group's requests and admits only
-its waiting ones. The active group stays while it has work and no request of another group has gone
-unscheduled for more than MAX_SPARSE_WAIT_STEPS steps; then the group of the request that waited longest
-becomes active (also when the active group runs out of work). Bound: a running request is scheduled again
-within MAX_SPARSE_WAIT_STEPS + G steps, G the number of groups with running requests (each over-bound group
-gets a step, the longest-waiting first); a waiting request, once a slot is free, counts the same way. With
-no sparse request in the engine, every request is in the base group and nothing here changes a step.
+Adapters. A request with an adapter (LoRA or sparse) is admitted once a device adapter slot holds its adapter
+(pinned while it runs: at most max_loras distinct adapters run at once); a request whose adapter finds every
+slot pinned by others waits, keeping its place, and after MAX_ADAPTER_WAIT_STEPS steps nobody behind it is
+admitted, so the slots drain (bounded wait). Once running, every request runs every step, whatever its adapter.
+Sparse adapters (SHiRA) take one of two forms per step, chosen in `_output` from the step's sequences alone: a
+step whose sequences all use one sparse adapter runs with it scattered into the weights
+(SchedulerOutput.sparse_slot: its requests pay nothing per token); any other step keeps the base weights, and
+the runner adds each sparse request's delta to its tokens (kernels/sparse), as LoRA adds its term. So base and
+LoRA requests never run on an adapter's weights and never wait for one.
 
 Failed steps. The runner only computes, so when it raises, the states of that step's requests (and the
 snapshot rows it wrote) are unknown, while everything else is intact. `recover` drops the step's snapshots
@@ -80,9 +80,11 @@ QUARANTINE_SAMPLES = 2
 # resident adapters go first; after this many steps of waiting, nobody behind it is admitted any more, so the
 # slots drain and it gets one (bounded wait, no starvation by a steady stream on the resident adapters).
 MAX_ADAPTER_WAIT_STEPS = 32
-# The bound on how many steps a request goes unscheduled while other weight groups run (sparse adapters: see
-# the module docstring).
-MAX_SPARSE_WAIT_STEPS = 16
+
+
+def _adapter(request: Request):
+    """The request's adapter, LoRA or sparse (LoraWeights | SparseWeights), or None for the base model."""
+    return request.lora if request.lora is not None else request.sparse
 
 
 class QueueFullError(RuntimeError):
@@ -101,7 +103,8 @@ class ScheduledSequence:
     token_ids: list[int]  # tokens fed this step: a prefill chunk or the one pending decode token
     start_position: int  # tokens already folded into the state before this step
     needs_sample: bool  # the chunk ends the prompt, or it is a decode: sample the next token
-    adapter_slot: int = -1  # device LoRA slot of its adapter (-1: the base model)
+    adapter_slot: int = -1  # device LoRA slot of its LoRA adapter (-1: none)
+    sparse_slot: int = -1  # device adapter slot of its sparse adapter (-1: none)
 
 
 @dataclass
@@ -125,10 +128,12 @@ class SchedulerOutput:
     # A quarantine step: a group of requests rebuilding their states after a failed step, nothing else; if it
     # fails too, the group is split (a group of one is the cause).
     is_quarantine: bool = False
-    # LoRA adapters to copy into device slots before the forward: (slot, its new adapter's LoraWeights).
+    # Adapters to copy into device slots before the forward: (slot, its new adapter's LoraWeights or
+    # SparseWeights).
     adapter_loads: list[tuple[int, object]] = field(default_factory=list)
-    # The sparse adapter (SparseWeights) scattered into the weights for this step; None: the base weights.
-    sparse: object | None = None
+    # The device slot of the sparse adapter scattered into the weights for this step: every sequence uses it.
+    # -1: the base weights (sparse sequences of a mixed step get the per-token add-on).
+    sparse_slot: int = -1
 
     @property
     def num_batched_tokens(self) -> int:
@@ -237,18 +242,13 @@ class Scheduler:
         self._quarantine: deque[list[Request]] = deque()
         self._samples_owed: dict[str, int] = {}  # suspect request id -> samples left before it is cleared
         self._pending_resets: list[int] = []
-        # LoRA device slots (None: the engine serves no adapters). A request with an adapter is admitted only
-        # once a slot holds it; loads planned this step go to the runner in SchedulerOutput.adapter_loads.
+        # Device adapter slots, LoRA and sparse (None: the engine serves no adapters). A request with an adapter is
+        # admitted only once a slot holds it; loads planned this step go to the runner in SchedulerOutput.adapter_loads.
         self.adapter_slots = adapter_slots
         self._adapter_loads: list[tuple[int, object]] = []
         self._adapter_waits: dict[str, int] = {}  # request id -> steps it waited for an adapter slot
-        # Weight groups (sparse adapters): the active group's key (None: the base weights), the step count, the
-        # step each unfinished request was last scheduled (or arrived), and how many sparse requests exist.
-        self.active_group: int | None = None
-        self._step_index = 0
-        self._last_step: dict[str, int] = {}
-        self._num_sparse = 0
-        self.num_group_switches = 0
+        # Steps whose sequences mixed a sparse adapter with other weights (the per-token add-on), for metrics.
+        self.num_sparse_mixed_steps = 0
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -268,12 +268,8 @@ class Scheduler:
                 "n",
             )
         self.requests[request.request_id] = request
-        self._last_step[request.request_id] = self._step_index
-        self._num_sparse += request.sparse is not None
         for child in request.children:
             self.requests[child.request_id] = child
-            self._last_step[child.request_id] = self._step_index
-            self._num_sparse += child.sparse is not None
         if self.cache is None or request.cache_key is None:
             self.waiting.append(request)
             return
@@ -321,8 +317,6 @@ class Scheduler:
             self.allocator.free(request.slot_id)
             request.slot_id = 0
         self._adapter_waits.pop(request.request_id, None)
-        if self._last_step.pop(request.request_id, None) is not None:
-            self._num_sparse -= request.sparse is not None
         if request.adapter_slot >= 0 and self.adapter_slots is not None:
             self.adapter_slots.release(request.adapter_slot)
             request.adapter_slot = -1
@@ -371,17 +365,16 @@ class Scheduler:
             return self._output(chunks, slots_to_reset, [], is_quarantine=True)
         budget = self.max_num_batched_tokens
         threshold = self.long_prefill_token_threshold
-        group = self._choose_group()
         chunks: list[list] = []  # [request, tokens to feed], in batch order
         # Pass 1: every decoding request gets its one token first: decode latency never waits on prefills.
         for request in self.running:
-            if not request.is_prefilling and self._group(request) == group:
+            if not request.is_prefilling:
                 chunks.append([request, 1])
                 budget -= 1
         # Pass 2: the prompts already started, oldest first; a long one at most `threshold` tokens for now.
         num_long = 0
         for request in self.running:
-            if not request.is_prefilling or self._group(request) != group:
+            if not request.is_prefilling:
                 continue
             cap = request.num_pending_tokens
             if self._is_long(cap):
@@ -403,13 +396,11 @@ class Scheduler:
                 or len(self.running) + self._num_reserved() + num_samples > self.max_num_seqs
             ):
                 break
-            if self._group(request) != group:
-                continue  # another weight group's: admitted when its group runs (bounded: see the docstring)
             plan = self._plans.get(request.request_id)
             is_long = self._is_long(request.num_prompt_tokens - self._hit_depth(request, plan))
             if is_long and num_long >= self.max_long_partial_prefills:
                 continue
-            if request.lora is not None and not self._can_place_adapter(request):
+            if _adapter(request) is not None and not self._can_place_adapter(request):
                 # every adapter slot is pinned by other adapters' requests: it waits, keeping its place
                 waited = self._adapter_waits[request.request_id] = self._adapter_waits.get(request.request_id, 0) + 1
                 if waited > MAX_ADAPTER_WAIT_STEPS:
@@ -425,7 +416,7 @@ class Scheduler:
                     continue
             self._unqueue(request)
             request.slot_id = self.allocator.allocate()
-            if request.lora is not None:
+            if _adapter(request) is not None:
                 self._place_adapter(request)
             if hit is not None:
                 loads.append((hit.row, request.slot_id))
@@ -457,14 +448,10 @@ class Scheduler:
         """The step's plain-data output for chunks of [request, tokens to feed] in batch order: the
         sequences, snapshot saves, n > 1 forks and the rows to sample."""
         sequences = [self._sequence(request, num_tokens) for request, num_tokens in chunks]
-        self._step_index += 1
-        sparse = None
-        for seq in sequences:
-            self._last_step[seq.request.request_id] = self._step_index
-            if seq.request.sparse is not None:
-                sparse = seq.request.sparse
-        if sparse is not None and any(self._group(seq.request) != sparse.uid for seq in sequences):
-            raise RuntimeError("a step mixed weight groups: one sparse adapter's requests run alone")
+        # One sparse adapter for every sequence: scattered into the weights; any other mix: the per-token add-on.
+        sparse_slots = {seq.sparse_slot for seq in sequences}
+        sparse_slot = sparse_slots.pop() if len(sparse_slots) == 1 else -1
+        self.num_sparse_mixed_steps += sparse_slot < 0 and any(seq.sparse_slot >= 0 for seq in sequences)
         saves = self._plan_saves(sequences) if self.cache is not None else []
         for seq in sequences:
             if seq.start_position < seq.request.num_prompt_tokens:
@@ -493,70 +480,35 @@ class Scheduler:
             saves,
             is_quarantine,
             adapter_loads,
-            sparse,
+            sparse_slot,
         )
 
-    # -- weight groups (sparse adapters) -------------------------------------------------------------
-
-    @staticmethod
-    def _group(request: Request) -> int | None:
-        """The weights a request runs on: its sparse adapter's uid, or None for the base weights."""
-        return request.sparse.uid if request.sparse is not None else None
-
-    def _choose_group(self) -> int | None:
-        """The weight group of this step (see the module docstring for the policy and its bound)."""
-        if not self._num_sparse:
-            self.active_group = None
-            return None
-        step = self._step_index
-
-        def waited(request: Request) -> int:
-            return step - self._last_step.get(request.request_id, step)
-
-        queued = [*self._ready, *self.waiting] if self.num_free_places else []  # admissible now
-        over_running = [r for r in self.running if waited(r) > MAX_SPARSE_WAIT_STEPS]
-        over_queued = [r for r in queued if waited(r) > MAX_SPARSE_WAIT_STEPS]
-        if over_running:  # running requests first: they hold slots, and their steps free them
-            chosen = self._group(max(over_running, key=waited))
-        elif over_queued:
-            chosen = self._group(max(over_queued, key=waited))
-        elif any(self._group(r) == self.active_group for r in [*self.running, *queued]):
-            chosen = self.active_group
-        elif self.running or queued:
-            chosen = self._group(max([*self.running, *queued], key=waited))
-        else:
-            chosen = self.active_group
-        if chosen != self.active_group:
-            self.num_group_switches += 1
-            self.active_group = chosen
-        return self.active_group
-
-    # -- LoRA adapter slots --------------------------------------------------------------------------
+    # -- device adapter slots (LoRA and sparse) ------------------------------------------------------------------------
 
     def _can_place_adapter(self, request: Request) -> bool:
-        return self.adapter_slots is not None and self.adapter_slots.can_acquire(request.lora)
+        return self.adapter_slots is not None and self.adapter_slots.can_acquire(_adapter(request))
 
     def _place_adapter(self, request: Request) -> None:
         """Pin a device slot holding the request's adapter for it and its children (one pin per sample)."""
         samples = [request, *request.children]
-        placed = self.adapter_slots.acquire(request.lora, count=len(samples))
+        adapter = _adapter(request)
+        placed = self.adapter_slots.acquire(adapter, count=len(samples))
         if placed is None:  # _can_place_adapter said yes within this same step
             raise RuntimeError("an adapter slot checked free was taken")
         slot, needs_load = placed
         if needs_load:
-            self._adapter_loads.append((slot, request.lora))
+            self._adapter_loads.append((slot, adapter))
         for sample in samples:
             sample.adapter_slot = slot
 
     def running_adapters(self) -> list[str]:
         """Names of the adapters (LoRA and sparse) running requests use (vLLM's running_lora_adapters)."""
-        names = set(self.adapter_slots.running_names()) if self.adapter_slots is not None else set()
-        return sorted(names | {r.sparse.name for r in self.running if r.sparse is not None})
+        return self.adapter_slots.running_names() if self.adapter_slots is not None else []
 
     def waiting_adapters(self) -> list[str]:
         """Names of the adapters waiting requests ask for (vLLM's waiting_lora_adapters)."""
         waiting = (r for r in self.requests.values() if r.status is RequestStatus.WAITING and r.parent_id is None)
-        return sorted({(r.lora or r.sparse).name for r in waiting if r.lora is not None or r.sparse is not None})
+        return sorted({adapter.name for r in waiting if (adapter := _adapter(r)) is not None})
 
     def _is_long(self, num_prefill_tokens: int) -> bool:
         return 0 < self.long_prefill_token_threshold < num_prefill_tokens
@@ -643,7 +595,6 @@ class Scheduler:
                 request.status = RequestStatus.RUNNING
                 request.num_computed_tokens = request.num_prompt_tokens
                 self.running.append(request)
-                self._last_step[request.request_id] = self._step_index  # it ran in its parent's row
         updates: list[RequestUpdate] = []
         for request, _index in output.samples:
             if request.status.is_finished:  # aborted while the step ran
@@ -674,8 +625,15 @@ class Scheduler:
     def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
         token_ids = request.token_ids_to_compute(num_tokens)
         feeds_all = num_tokens >= request.num_pending_tokens  # the prompt's end, a decode, a rebuilt state
+        is_sparse = request.sparse is not None
         return ScheduledSequence(
-            request, request.slot_id, token_ids, request.num_computed_tokens, feeds_all, request.adapter_slot
+            request,
+            request.slot_id,
+            token_ids,
+            request.num_computed_tokens,
+            feeds_all,
+            -1 if is_sparse else request.adapter_slot,
+            request.adapter_slot if is_sparse else -1,
         )
 
     def _num_reserved(self) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from linrec.kernels.lora import LoraMapping
+from linrec.kernels.sparse import SparseMapping
 
 
 @dataclass
@@ -20,8 +21,9 @@ class ForwardBatch:
     resumes from the state in its slot.
 
     Per request, besides its tokens: the device slot of its LoRA adapter (one per token, so the LoRA
-    kernels group tokens by adapter) and its layer route. A batch where no sequence has an adapter carries
-    lora=None and costs the projections nothing; layer_route None means every layer executes once.
+    kernels group tokens by adapter), its sparse adapter's add-on in a step that mixes weights, and its layer
+    route. A batch where no sequence has an adapter carries lora=None and sparse=None and costs the projections
+    nothing; layer_route None means every layer executes once.
     """
 
     cu_seqlens: torch.Tensor  # [B+1] int64, token offsets of each sequence on the flat axis
@@ -33,6 +35,9 @@ class ForwardBatch:
     # The tokens' LoRA adapters: adapter_ids [T] int64, the device adapter slot of each token (-1 none), grouped
     # by slot for the shrink/expand kernels. None when no token of the batch has an adapter.
     lora: LoraMapping | None = None
+    # The tokens of sparse adapters that are not scattered into the weights this step, grouped by adapter, with
+    # each adapter's deltas (kernels/sparse). None when no token needs the add-on.
+    sparse: SparseMapping | None = None
     # [B, L] int8 per sequence and layer: 0 skip, 1 execute, 2 repeat (frozen at prefill). None: all execute.
     layer_route: torch.Tensor | None = None
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linrec.kernels.lora import lora_add_
+from linrec.kernels.sparse import sparse_add_
 from linrec.models.batch import ForwardContext
 
 _ACTIVATIONS = {
@@ -43,8 +44,9 @@ class RMSNorm(nn.Module):
 
 class Projection(nn.Linear):
     """A linear layer of a decoder layer (every one but lm_head): nn.Linear's parameters under nn.Linear's
-    names, and a forward that sees the step's ForwardContext, so that per-request add-ons (LoRA) land here
-    once for every projection of every family, the recurrent ones included."""
+    names, and a forward that sees the step's ForwardContext, so that per-request add-ons (LoRA, and sparse
+    adapters in a step that mixes weights) land here once for every projection of every family, the recurrent
+    ones included."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
@@ -79,6 +81,8 @@ class Projection(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if ctx is not None and ctx.batch.lora is not None and self.lora_a is not None:
             lora_add_(y, x, self.lora_a, self.lora_b, ctx.batch.lora, ctx.backend)
+        if ctx is not None and ctx.batch.sparse is not None:
+            sparse_add_(y, x, self, ctx.batch.sparse)
         return y
 
 

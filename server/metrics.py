@@ -107,6 +107,11 @@ class _EngineCollector(Collector):
                 stats.num_sparse_switches,
             ),
             (
+                "sparse_adapter_mixed_steps",
+                "Engine steps that ran sparse adapters' tokens beside other weights, with the per-token add-on.",
+                stats.num_sparse_mixed_steps,
+            ),
+            (
                 "kernel_compilations_after_warmup",
                 "Triton kernels compiled after the start-up warm-up: each one a request that waited on the compiler "
                 "(a bug: see the warning log line naming the kernel).",

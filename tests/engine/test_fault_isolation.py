@@ -71,8 +71,8 @@ class Faults:
         self._forward = engine.runner._forward
         engine.runner._forward = self
 
-    def __call__(self, seqs):
-        hidden = self._forward(seqs)
+    def __call__(self, seqs, sparse=None):
+        hidden = self._forward(seqs, sparse)
         if self.should_fail(seqs):
             self.num_raised += 1
             raise RuntimeError(f"injected fault #{self.num_raised}")

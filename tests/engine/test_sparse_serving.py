@@ -33,6 +33,7 @@ from linrec.engine.async_llm import AsyncLLM
 from linrec.engine.config import EngineConfig
 from linrec.engine.request import CompletionOutput
 from linrec.engine.sampling_params import SamplingParams
+from linrec.engine.sparse_switch import BASE
 from linrec.models.batch import ForwardBatch
 from linrec.models.loader import load_model
 from linrec.models.sparse import write_sparse_delta
@@ -43,6 +44,9 @@ transformers = pytest.importorskip("transformers")
 
 # fp32 logprobs of two paths that compute the same weights (printed by each test)
 ATOL = 1e-4
+# A bf16 greedy choice within this logprob margin may go either way between two roundings of the same weights
+# (bf16 keeps 8 bits: logits of a few units move by about 0.01-0.05).
+BF16_TIE = 0.1
 MAX_TOKENS = 8
 # Three prompts of 5, 13 and 24 byte tokens (24 >= the prefix cache's minimum snapshot of 16 tokens).
 PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 53)), [(7 * i + 3) % 256 for i in range(24)]]
@@ -342,14 +346,14 @@ def test_mamba2_shira_equals_peft_unmerged_and_merged(tmp_path: Path):
     assert lp_diff < ATOL and merged_diff < ATOL
 
 
-# ------------------------------------------------------------------------ weight groups in one engine
+# --------------------------------------------------------------------- mixed steps in one engine
 
 
 def test_mixed_batch_equals_each_request_alone(llama):
     """Base, LoRA and three sparse adapters' requests (SHiRA A and B, and C: B in LINREC_SPARSE with a fused
-    qkv_proj) in one batch: each gets what it gets alone, which is its reference; base requests' tokens and
-    logprob floats equal an engine without adapters in the same batch shape; the weights switch a few times
-    per run, not per request (the scheduler runs one weight group a step)."""
+    qkv_proj) in one batch: each gets what it gets alone, which is its reference (alone, a sparse request runs
+    with its adapter scattered; here its tokens get the per-token add-on, the weights staying the base's);
+    base requests' tokens and logprob floats equal an engine without adapters in the same batch shape."""
     names = [None, "A", "lora", "B", "C", None, "A", "lora", "B", "C", None, "A"]
     prompts = [PROMPTS[i % 3] for i in range(len(names))]
     requests = requests_for(llama, names)
@@ -358,33 +362,48 @@ def test_mixed_batch_equals_each_request_alone(llama):
     alone = [first(llm.generate([p], params, lora_request=r))[0] for p, r in zip(prompts, requests)]
     assert [o.token_ids for o in alone] == [llama.answers[n][i % 3] for i, n in enumerate(names)]
 
-    switch = llm.engine.runner.sparse_switch
-    switches, group_switches = switch.num_switches, llm.engine.scheduler.num_group_switches
+    switch, scheduler = llm.engine.runner.sparse_switch, llm.engine.scheduler
+    switches, mixed_steps = switch.num_switches, scheduler.num_sparse_mixed_steps
     mixed = first(llm.generate(prompts, params, lora_request=requests))
-    switches, group_switches = switch.num_switches - switches, llm.engine.scheduler.num_group_switches - group_switches
+    switches, mixed_steps = switch.num_switches - switches, scheduler.num_sparse_mixed_steps - mixed_steps
     assert [o.token_ids for o in mixed] == [o.token_ids for o in alone]
     worst = max(logprobs_diff(m, a) for m, a in zip(mixed, alone))
-    print(f"mixed batch vs alone: max |logprob diff| {worst:.2e}; {switches} weight switches, {group_switches} groups")
+    print(f"mixed batch vs alone: max |logprob diff| {worst:.2e}; {switches} weight switches, {mixed_steps} mixed")
     assert worst < ATOL
-    # base, A, B, C: each sparse group scattered once and left once at most (the last one stays until a base
-    # step), the previous run's A restored once: 6 at most (per sparse request, 16; per step, far more)
-    assert switches <= 2 * 3 and group_switches <= 4
+    # every step of the run mixes weights (one prefill step, then the decodes): the add-on, never a scatter;
+    # the one switch restores the adapter the last request alone left scattered
+    assert mixed_steps == MAX_TOKENS and switches == 1
 
-    # The base group's steps run base and LoRA requests (the sparse ones run in steps of their own): an
-    # engine without adapters fed the same prompts as base requests runs the same batch shapes.
-    base_group = [i for i, n in enumerate(names) if n in (None, "lora")]
-    without = first(
-        LLM(llama.dir, enable_prefix_caching=False, **LIGER).generate([prompts[i] for i in base_group], params)
-    )
-    for i, ref in zip(base_group, without):
+    # Base requests' rows are the base model's bit for bit: an engine without adapters fed the same prompts,
+    # all as base requests, runs the same batch shapes.
+    without = first(LLM(llama.dir, enable_prefix_caching=False, **LIGER).generate(prompts, params))
+    for i, ref in enumerate(without):
         if names[i] is None:
             assert (mixed[i].token_ids, mixed[i].logprobs) == (ref.token_ids, ref.logprobs), i
+
+
+def test_a_scattered_adapter_never_runs_another_request(llama):
+    """The runner refuses a step that scatters one sparse adapter but holds a request on other weights (a base
+    request here): the check that keeps an adapter's weights away from everyone else's tokens."""
+    from linrec.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+    llm = LLM(llama.dir, max_loras=2, enable_prefix_caching=False, **ADAPTERS, **LIGER)
+    assert tokens(llm.generate(PROMPTS[:1], greedy(2), lora_request=requests_for(llama, ["A"])))  # A in a slot
+    slot = llm.engine.runner.sparse_switch.weights.index(next(w for w in llm.engine.runner.sparse_switch.weights if w))
+    request = SimpleNamespace(request_id="x")
+    sequences = [
+        ScheduledSequence(request, 1, [5], 0, True, sparse_slot=slot),
+        ScheduledSequence(request, 2, [5], 0, True),  # a base request
+    ]
+    out = SchedulerOutput(sequences, [], [], [], [], sparse_slot=slot)
+    with pytest.raises(RuntimeError, match="scattered one sparse adapter but holds requests on other weights"):
+        llm.engine.runner.execute(out)
 
 
 def test_host_tier_reread_keeps_a_sparse_group_together(llama):
     """Two sparse adapters with a host tier of one (max_cpu_loras=1): each request resolves its adapter, and
     a second request on B after one on A finds B read again from disk (a new SparseWeights object with the
-    same uid). B's two requests form one weight group and must run; each gets its reference."""
+    same uid). B's two requests share its device slot and must run; each gets its reference."""
     llm = LLM(llama.dir, max_loras=1, max_cpu_loras=1, enable_prefix_caching=False, **ADAPTERS, **LIGER)
     names = ["B", "A", "B"]
     got = tokens(llm.generate(PROMPTS, greedy(), lora_request=requests_for(llama, names)))
@@ -432,25 +451,34 @@ async def mixed_traffic(llm: AsyncLLM, llama, refs: dict, max_tokens: int) -> li
     return results
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 16], ids=["one-a-step", "mixed-steps"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_concurrent_switching_restores_base_weights_bit_for_bit(llama, dtype: str):
+def test_concurrent_switching_restores_base_weights_bit_for_bit(llama, dtype: str, max_num_seqs: int):
     """AsyncLLM under concurrent base / sparse A / sparse B traffic with an unload and reload of B mid-way:
     every answer is its reference (base answers the base model's: an adapter leaking into a base step would
     change them), and once the switch leaves the last adapter every projection weight equals its original bit
-    for bit, in bf16 too, where restoring by W' - delta would not."""
+    for bit, in bf16 too, where restoring by W' - delta would not. With one request a step, every sparse step
+    scatters its adapter and the next other step restores the weights; with 16, steps mix adapters.
+
+    In bf16 an adapter's answer may leave its reference only at a near-tie of the reference: alone, the
+    adapter ran scattered (x W'^T, one rounding); in a mixed step its tokens get the add-on, the base output
+    rounded to bf16 before the delta is added (docs/sparse-adapters.md)."""
     plain = dict(linearize="liger-gla", device="cpu", dtype=dtype)
     max_tokens = 12  # long enough that B is unloaded while its requests still decode
     # references in this dtype: the base model without adapters, and each adapter alone
     refs = {None: tokens(LLM(llama.dir, enable_prefix_caching=False, **plain).generate(PROMPTS, greedy(max_tokens)))}
     alone = LLM(llama.dir, max_loras=2, enable_prefix_caching=False, **ADAPTERS, **plain)
+    margins = {}  # each adapter reference's top-1 minus top-2 logprob, per token
     for name in ["A", "B"]:
         request = requests_for(llama, [name])[0]
-        refs[name] = [tokens(alone.generate([p], greedy(max_tokens), lora_request=request))[0] for p in PROMPTS]
+        outs = [first(alone.generate([p], greedy(max_tokens, logprobs=2), lora_request=request))[0] for p in PROMPTS]
+        refs[name] = [o.token_ids for o in outs]
+        margins[name] = [[lp.top[0][1] - lp.top[1][1] for lp in o.logprobs] for o in outs]
         assert all(a != b for a, b in zip(refs[name], refs[None])), name
         if dtype == "float32":
             assert [r[:MAX_TOKENS] for r in refs[name]] == llama.answers[name]
 
-    llm = AsyncLLM(EngineConfig(model=llama.dir, max_loras=2, **ADAPTERS, **plain))
+    llm = AsyncLLM(EngineConfig(model=llama.dir, max_loras=2, max_num_seqs=max_num_seqs, **ADAPTERS, **plain))
     try:
         model, switch = llm.engine.model, llm.engine.runner.sparse_switch
         before = weight_bits(model)
@@ -467,16 +495,33 @@ def test_concurrent_switching_restores_base_weights_bit_for_bit(llama, dtype: st
         results = asyncio.run(asyncio.wait_for(mixed_traffic(llm, llama, refs, max_tokens), 120))
     finally:
         llm.shutdown()
-    wrong = [(label, i, got) for label, i, got, expected, _ in results if got != expected]
+
+    def leaves_at_a_tie(label, i: int, got: list[int], expected: list[int]) -> bool:
+        if dtype == "float32" or label is None or max_num_seqs == 1:
+            return False
+        at = next(k for k, (a, b) in enumerate(zip(got, expected)) if a != b)
+        margin = margins["A" if label == "B'" else label][i][at]
+        print(f"bf16: {label} on prompt {i} leaves its reference at token {at}, a margin of {margin:.3f}")
+        return margin < BF16_TIE
+
+    wrong = [
+        (label, i, got)
+        for label, i, got, expected, _ in results
+        if got != expected and not leaves_at_a_tie(label, i, got, expected)
+    ]
     assert not wrong, wrong
     labels = [label for label, *_ in results]
     assert len(results) == 20 and labels.count(None) == 10 and labels.count("B") == 3 and labels.count("B'") == 2
     # at least one request on the old B finished on it after the unload (the others ran to their ends earlier)
     assert any(label == "B" and after for label, *_, after in results)
-    print(f"{dtype}: {len(results)} answers, {switch.num_switches} weight switches")
-    assert switch.num_switches >= 4  # A, old B and the new B each ran in steps of their own
-    switch.switch_to(None)
-    assert switch.active is None
+    mixed_steps = llm.engine.scheduler.num_sparse_mixed_steps
+    print(f"{dtype}: {len(results)} answers, {switch.num_switches} weight switches, {mixed_steps} mixed steps")
+    if max_num_seqs == 1:  # A, old B and the new B each scattered and restored, several times
+        assert mixed_steps == 0 and switch.num_switches >= 6
+    else:  # adapters' requests shared steps with base ones and each other
+        assert mixed_steps > 0
+    switch.switch_to(BASE)
+    assert switch.active == BASE
     assert_bits_equal(model, before)
 
 

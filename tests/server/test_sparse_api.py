@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -114,9 +115,19 @@ def test_sparse_adapters_answer_as_their_merged_models_and_leave_the_base_alone(
             assert answers(base_url, "sh") == references["shira_merged"]
             assert answers(base_url, MODEL) == references["base"]
             assert answers(base_url, "sd") == references["delta_merged"]
+        # the three models from concurrent clients, their requests sharing steps: the same answers
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda model: answers(base_url, model), ["sh", MODEL, "sd"]))
+        assert together == [references["shira_merged"], references["base"], references["delta_merged"]]
         metrics = httpx.get(base_url + "/metrics", timeout=60).text
-        switches = [line for line in metrics.splitlines() if line.startswith("linrec:sparse_adapter_switches_total")]
-        assert switches and float(switches[0].split()[-1]) >= 6, switches
-        llm.engine.runner.sparse_switch.switch_to(None)  # whatever ran last: back to the base weights
+
+        def metric(name: str) -> float:
+            lines = [line for line in metrics.splitlines() if line.startswith(f"linrec:{name}")]
+            assert lines, name
+            return float(lines[0].split()[-1])
+
+        assert metric("sparse_adapter_switches_total") >= 6
+        assert metric("sparse_adapter_mixed_steps_total") == llm.engine.scheduler.num_sparse_mixed_steps
+        llm.engine.runner.sparse_switch.switch_to(-1)  # whatever ran last: back to the base weights
         for name, module in projections.items():
             assert torch.equal(module.weight, before[name]), name  # bit for bit after every switch
