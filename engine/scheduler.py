@@ -37,7 +37,13 @@ Sparse adapters (SHiRA) take one of two forms per step, chosen in `_output` from
 step whose sequences all use one sparse adapter runs with it scattered into the weights
 (SchedulerOutput.sparse_slot: its requests pay nothing per token); any other step keeps the base weights, and
 the runner adds each sparse request's delta to its tokens (kernels/sparse), as LoRA adds its term. So base and
-LoRA requests never run on an adapter's weights and never wait for one.
+LoRA requests never run on an adapter's weights and never wait for one. Weight affinity keeps batches whole
+when slots are scarce: admission takes the waiting requests on the running batch's weights first (the base
+weights, LoRA included, or one sparse adapter; with nothing running, the queue head's), then the rest in queue
+order. A request passed over that way (left waiting while one that arrived after it was admitted) in
+MAX_SPARSE_PASSES steps turns admission back to queue order until it is admitted, so its wait stays bounded;
+when the running batch already mixes weights, admission is in queue order. Without sparse requests nothing
+here changes admission.
 
 Failed steps. The runner only computes, so when it raises, the states of that step's requests (and the
 snapshot rows it wrote) are unknown, while everything else is intact. `recover` drops the step's snapshots
@@ -76,10 +82,20 @@ MIN_SAVE_TOKENS = 4
 MAX_FAILED_STEPS = 3
 # A suspect is cleared once its rebuilt state sampled and one more step ran and sampled.
 QUARANTINE_SAMPLES = 2
+# Weight affinity: while slots are scarce, admission prefers requests on the running batch's weights, so that a
+# batch of one sparse adapter's requests stays one (scattered, nothing per token). A waiting request passed over
+# for it in this many steps turns admission back to queue order until it is admitted.
+MAX_SPARSE_PASSES = 16
+_NO_GROUP = object()  # admission in queue order
 # A request whose adapter found every device slot pinned by other adapters waits, and requests behind it on
 # resident adapters go first; after this many steps of waiting, nobody behind it is admitted any more, so the
 # slots drain and it gets one (bounded wait, no starvation by a steady stream on the resident adapters).
 MAX_ADAPTER_WAIT_STEPS = 32
+
+
+def _weights(request: Request) -> int | None:
+    """The weights a request runs on: its sparse adapter's uid, or None for the base weights (LoRA included)."""
+    return request.sparse.uid if request.sparse is not None else None
 
 
 def _adapter(request: Request):
@@ -247,8 +263,11 @@ class Scheduler:
         self.adapter_slots = adapter_slots
         self._adapter_loads: list[tuple[int, object]] = []
         self._adapter_waits: dict[str, int] = {}  # request id -> steps it waited for an adapter slot
-        # Steps whose sequences mixed a sparse adapter with other weights (the per-token add-on), for metrics.
+        # Steps whose sequences mixed a sparse adapter with other weights (the per-token add-on), for metrics;
+        # sparse requests in the scheduler; request id -> steps weight affinity passed it over.
         self.num_sparse_mixed_steps = 0
+        self._num_sparse = 0
+        self._passes: dict[str, int] = {}
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -268,6 +287,7 @@ class Scheduler:
                 "n",
             )
         self.requests[request.request_id] = request
+        self._num_sparse += request.sparse is not None
         for child in request.children:
             self.requests[child.request_id] = child
         if self.cache is None or request.cache_key is None:
@@ -317,6 +337,9 @@ class Scheduler:
             self.allocator.free(request.slot_id)
             request.slot_id = 0
         self._adapter_waits.pop(request.request_id, None)
+        self._passes.pop(request.request_id, None)
+        if request.parent_id is None and request.request_id in self.requests:
+            self._num_sparse -= request.sparse is not None
         if request.adapter_slot >= 0 and self.adapter_slots is not None:
             self.adapter_slots.release(request.adapter_slot)
             request.adapter_slot = -1
@@ -371,6 +394,8 @@ class Scheduler:
             if not request.is_prefilling:
                 chunks.append([request, 1])
                 budget -= 1
+        if self._num_sparse:  # decodes by sparse adapter: each adapter's add-on runs over one run of rows
+            chunks.sort(key=lambda chunk: chunk[0].adapter_slot if chunk[0].sparse is not None else -1)
         # Pass 2: the prompts already started, oldest first; a long one at most `threshold` tokens for now.
         num_long = 0
         for request in self.running:
@@ -386,7 +411,8 @@ class Scheduler:
         # Pass 3: admit waiting prompts while there are slots (n of them for an n-sample prompt). A long one
         # is passed over while the long prefills are at their bound; it keeps its place in the queue.
         loads: list[tuple[int, int]] = []
-        candidates = [*self._ready, *self.waiting] if budget > 0 and self.num_free_places else []
+        queued = [*self._ready, *self.waiting] if budget > 0 and self.num_free_places else []
+        candidates, group = self._weight_affinity(queued)
         for request in candidates:
             if budget <= 0:
                 break
@@ -432,6 +458,8 @@ class Scheduler:
             num_tokens = self._chunk_len(request, min(budget, threshold if is_long else budget))
             chunks.append([request, num_tokens])
             budget -= num_tokens
+        if group is not _NO_GROUP:
+            self._count_passes(queued, group)
         # Pass 4: what is left goes to the long prefills of this step, oldest first.
         for chunk in chunks:
             if budget <= 0:
@@ -482,6 +510,30 @@ class Scheduler:
             adapter_loads,
             sparse_slot,
         )
+
+    # -- weight affinity (sparse adapters) --------------------------------------------------------------------------
+
+    def _weight_affinity(self, queued: list[Request]) -> tuple[list[Request], object]:
+        """Admission order: the requests on the running batch's weights first (see the module docstring), and
+        the group preferred (_NO_GROUP: queue order)."""
+        if not self._num_sparse or not queued:
+            return queued, _NO_GROUP
+        running = {_weights(r) for r in self.running}
+        if len(running) > 1 or any(self._passes.get(r.request_id, 0) >= MAX_SPARSE_PASSES for r in queued):
+            return queued, _NO_GROUP
+        group = running.pop() if running else _weights(queued[0])
+        preferred = [r for r in queued if _weights(r) == group]
+        return preferred + [r for r in queued if _weights(r) != group], group
+
+    def _count_passes(self, queued: list[Request], group) -> None:
+        """A request of another group still waiting behind an admitted one that arrived after it was passed over."""
+        admitted = [i for i, r in enumerate(queued) if r.status is RequestStatus.RUNNING]
+        last = max(admitted, default=-1)
+        for i, request in enumerate(queued):
+            if request.status is RequestStatus.RUNNING:
+                self._passes.pop(request.request_id, None)
+            elif i < last and _weights(request) != group:
+                self._passes[request.request_id] = self._passes.get(request.request_id, 0) + 1
 
     # -- device adapter slots (LoRA and sparse) ------------------------------------------------------------------------
 

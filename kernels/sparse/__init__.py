@@ -42,35 +42,34 @@ def sparse_csr(flat_indices: torch.Tensor, values: torch.Tensor, out_features: i
 
 @dataclass(frozen=True)
 class SparseMapping:
-    """The step's tokens grouped by sparse adapter: (token indices [n] int64 on the device, or None when the group
-    is every token of the step; that adapter's deltas by projection)."""
+    """The step's tokens in runs of one sparse adapter: (start, end) on the flat token axis and that adapter's
+    deltas by projection. Consecutive sequences on one adapter form one run, so a batch ordered by adapter (the
+    scheduler orders its decodes so) has one run per adapter and its rows are views: no gather, no scatter."""
 
-    groups: tuple[tuple[torch.Tensor | None, Deltas], ...]
+    groups: tuple[tuple[int, int, Deltas], ...]
     num_tokens: int
 
     @classmethod
     def build(
         cls, seq_lens: Sequence[int], seq_deltas: Sequence[Deltas | None], device: torch.device | str
     ) -> SparseMapping | None:
-        """seq_deltas[b] is sequence b's adapter's deltas (one object per adapter: sequences sharing it form one
-        group), or None for a sequence without a sparse adapter. None when no sequence has one."""
+        """seq_deltas[b] is sequence b's adapter's deltas (one object per adapter: consecutive sequences sharing
+        it form one run), or None for a sequence without a sparse adapter. None when no sequence has one.
+        `device` is unused (runs are host ints); it is kept for the signature every mapping builder has."""
         if len(seq_lens) != len(seq_deltas):
             raise ValueError(f"expected {len(seq_lens)} sequences' deltas, got {len(seq_deltas)}")
-        tokens: dict[int, list[int]] = {}
-        by_id: dict[int, Deltas] = {}
+        runs: list[list] = []
         start = 0
         for n, deltas in zip(seq_lens, seq_deltas):
             if deltas is not None:
-                by_id[id(deltas)] = deltas
-                tokens.setdefault(id(deltas), []).extend(range(start, start + n))
+                if runs and runs[-1][2] is deltas and runs[-1][1] == start:
+                    runs[-1][1] = start + n
+                else:
+                    runs.append([start, start + n, deltas])
             start += n
-        if not tokens:
+        if not runs:
             return None
-        groups = tuple(
-            (None if len(ts) == start else torch.tensor(ts, dtype=torch.int64, device=device), by_id[key])
-            for key, ts in tokens.items()
-        )
-        return cls(groups, start)
+        return cls(tuple((s, e, d) for s, e, d in runs), start)
 
 
 def sparse_add_(y: torch.Tensor, x: torch.Tensor, key: Hashable, mapping: SparseMapping) -> None:
@@ -80,20 +79,15 @@ def sparse_add_(y: torch.Tensor, x: torch.Tensor, key: Hashable, mapping: Sparse
         raise ValueError(
             f"expected x and y over the mapping's {mapping.num_tokens} tokens, got {tuple(x.shape)}, {tuple(y.shape)}"
         )
-    for tokens, deltas in mapping.groups:
+    for start, end, deltas in mapping.groups:
         delta = deltas.get(key)
         if delta is None:  # this adapter leaves the projection alone
             continue
         if delta.shape != (y.shape[1], x.shape[1]):
             raise ValueError(f"expected a delta [{y.shape[1]}, {x.shape[1]}], got {tuple(delta.shape)}")
-        xs = x if tokens is None else x.index_select(0, tokens)
-        d = torch.sparse.mm(delta, xs.float().T.contiguous()).T  # [n, out] fp32
-        if tokens is None:
-            if y.dtype == torch.float32:
-                y.add_(d)
-            else:
-                y.copy_(y.float() + d)
-        elif y.dtype == torch.float32:
-            y.index_add_(0, tokens, d)  # y + delta in fp32: the one rounding
+        d = torch.sparse.mm(delta, x[start:end].float().T.contiguous()).T  # [n, out] fp32
+        rows = y[start:end]  # a view: updated in place
+        if y.dtype == torch.float32:
+            rows.add_(d)  # y + delta in fp32: the one rounding
         else:
-            y.index_copy_(0, tokens, (y.index_select(0, tokens).float() + d).to(y.dtype))
+            rows.copy_(rows.float() + d)

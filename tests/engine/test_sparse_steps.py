@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from linrec.engine.adapters import AdapterSlots
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.sampling_params import SamplingParams
-from linrec.engine.scheduler import MAX_ADAPTER_WAIT_STEPS, Scheduler, StepResult
+from linrec.engine.scheduler import MAX_ADAPTER_WAIT_STEPS, MAX_SPARSE_PASSES, Scheduler, StepResult
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,3 +148,41 @@ def test_an_aborted_sparse_request_releases_its_adapter_slot():
         out = step(sched)
         assert all(s.request.request_id != "a" for s in out.sequences)
     assert sched.adapter_slots.uids == [SPARSE[1].uid]
+
+
+def test_a_deep_queue_runs_in_whole_batches_of_one_adapter():
+    """32 requests queued at once, round-robin over the base and 3 sparse adapters, 8 slots: weight affinity
+    fills the slots with one group's requests at a time, so most steps scatter one adapter (or run the base
+    alone) instead of mixing four."""
+    sched = make_scheduler(num_slots=8)
+    for i in range(32):
+        sched.add_request(make_request(f"r{i}", SPARSE[i % 3] if i % 4 else None, max_tokens=6))
+    steps = pure = 0
+    while sched.has_unfinished():
+        out = step(sched)
+        steps += 1
+        pure += len(adapters_of(out)) == 1
+    print(f"{pure} of {steps} steps on one group's weights, {sched.num_sparse_mixed_steps} mixed")
+    assert pure >= 0.9 * steps
+
+
+def test_a_request_passed_over_for_affinity_is_admitted_within_the_bound():
+    """Two slots: a long request on adapter s0 in one, a steady stream of short s0 requests through the other,
+    and one base request queued behind the first: affinity prefers s0's newcomers, and after MAX_SPARSE_PASSES
+    passes the base request is admitted in queue order."""
+    sched = make_scheduler(num_slots=2)
+    sched.add_request(make_request("first", SPARSE[0], max_tokens=200))
+    sched.add_request(make_request("base", None, max_tokens=2))
+    t, admitted_at = 0, None
+    while sched.has_unfinished():
+        t += 1
+        if t < 200:
+            sched.add_request(make_request(f"s0-{t}", SPARSE[0], max_tokens=2))
+        step(sched)
+        base = sched.requests.get("base")
+        if admitted_at is None and (base is None or base.status is RequestStatus.RUNNING):
+            admitted_at = t
+        assert t < 1000
+    print(f"the base request was admitted at step {admitted_at}")
+    assert admitted_at is not None
+    assert MAX_SPARSE_PASSES <= admitted_at <= 3 * MAX_SPARSE_PASSES, admitted_at

@@ -35,7 +35,8 @@ def test_mixed_groups_equal_the_reference_and_leave_other_rows_alone(dtype):
     deltas["X"]["only_x"] = deltas["X"]["proj"]
     seq_lens = [3, 1, 4, 1]
     mapping = SparseMapping.build(seq_lens, [deltas["X"], None, deltas["Y"], deltas["X"]], "cpu")
-    assert mapping is not None and len(mapping.groups) == 2 and mapping.num_tokens == 9
+    assert mapping is not None and mapping.num_tokens == 9
+    assert [(s, e) for s, e, _ in mapping.groups] == [(0, 3), (4, 8), (8, 9)]  # X's two sequences: two runs
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, in_features, generator=g).to(dtype)
     y = torch.randn(9, out_features, generator=g).to(dtype)
@@ -54,11 +55,11 @@ def test_mixed_groups_equal_the_reference_and_leave_other_rows_alone(dtype):
     assert not torch.equal(got[:3], y[:3])
 
 
-def test_one_group_for_every_token_adds_in_place():
+def test_one_run_for_consecutive_sequences_of_one_adapter():
     flat, values = random_delta(8, 16, 10, seed=4)
     deltas = {"p": sparse_csr(flat, values, 8, 16)}
     mapping = SparseMapping.build([2, 3], [deltas, deltas], "cpu")
-    assert mapping.groups[0][0] is None  # the whole batch: no gather
+    assert [(s, e) for s, e, _ in mapping.groups] == [(0, 5)]  # consecutive sequences: one run
     x, y = torch.randn(5, 16), torch.randn(5, 8)
     got = y.clone()
     sparse_add_(got, x, "p", mapping)
