@@ -111,19 +111,27 @@ def test_a_request_waiting_for_an_adapter_slot_is_admitted_within_the_bound():
     the slot drains and it runs."""
     sched = make_scheduler(num_slots=4, adapter_slots=1)
     sched.add_request(make_request("first", SPARSE[0], max_tokens=3))
-    sched.add_request(make_request("other", SPARSE[1], max_tokens=3))
+    admitted_at = admission_step(sched, make_request("other", SPARSE[1], max_tokens=3), stream_tokens=3)
+    assert MAX_ADAPTER_WAIT_STEPS < admitted_at <= MAX_ADAPTER_WAIT_STEPS + 2 * 4, admitted_at
+
+
+def admission_step(sched: Scheduler, request: Request, stream_tokens: int) -> int:
+    """Queue `request`, then step while a new request on adapter s0 (`stream_tokens` long) arrives every step
+    for 200 steps; returns the step at which `request` was admitted."""
+    sched.add_request(request)
     t, admitted_at = 0, None
     while sched.has_unfinished():
         t += 1
-        sched.add_request(make_request(f"s0-{t}", SPARSE[0], max_tokens=3)) if t < 200 else None
+        if t < 200:
+            sched.add_request(make_request(f"s0-{t}", SPARSE[0], max_tokens=stream_tokens))
         step(sched)
-        other = sched.requests.get("other")
-        if admitted_at is None and (other is None or other.status is RequestStatus.RUNNING):
+        queued = sched.requests.get(request.request_id)
+        if admitted_at is None and (queued is None or queued.status is RequestStatus.RUNNING):
             admitted_at = t
         assert t < 1000
-    print(f"the s1 request was admitted at step {admitted_at}")
+    print(f"{request.request_id} was admitted at step {admitted_at}")
     assert admitted_at is not None
-    assert MAX_ADAPTER_WAIT_STEPS < admitted_at <= MAX_ADAPTER_WAIT_STEPS + 2 * 4, admitted_at
+    return admitted_at
 
 
 def test_without_sparse_requests_every_step_keeps_the_base_weights():
@@ -172,17 +180,5 @@ def test_a_request_passed_over_for_affinity_is_admitted_within_the_bound():
     passes the base request is admitted in queue order."""
     sched = make_scheduler(num_slots=2)
     sched.add_request(make_request("first", SPARSE[0], max_tokens=200))
-    sched.add_request(make_request("base", None, max_tokens=2))
-    t, admitted_at = 0, None
-    while sched.has_unfinished():
-        t += 1
-        if t < 200:
-            sched.add_request(make_request(f"s0-{t}", SPARSE[0], max_tokens=2))
-        step(sched)
-        base = sched.requests.get("base")
-        if admitted_at is None and (base is None or base.status is RequestStatus.RUNNING):
-            admitted_at = t
-        assert t < 1000
-    print(f"the base request was admitted at step {admitted_at}")
-    assert admitted_at is not None
+    admitted_at = admission_step(sched, make_request("base", None, max_tokens=2), stream_tokens=2)
     assert MAX_SPARSE_PASSES <= admitted_at <= 3 * MAX_SPARSE_PASSES, admitted_at
