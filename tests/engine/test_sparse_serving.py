@@ -413,6 +413,9 @@ def test_host_tier_reread_keeps_a_sparse_group_together(llama):
 # ------------------------------------------------------------------- switching under concurrent traffic
 
 
+FIRST_WAVE_B = 3  # requests on B before it is unloaded
+
+
 async def mixed_traffic(llm: AsyncLLM, llama, refs: dict, max_tokens: int) -> list[tuple]:
     """Base, A and B requests from concurrent tasks; once a B request streams, B is unloaded (its running
     requests finish on it, a new one is refused) and loaded again from A's directory as "B'": a new adapter
@@ -424,6 +427,8 @@ async def mixed_traffic(llm: AsyncLLM, llama, refs: dict, max_tokens: int) -> li
     await llm.load_lora_adapter("A", llama.paths["A"])
     await llm.load_lora_adapter("B", llama.paths["B"])
 
+    b_streaming: set[asyncio.Task] = set()  # first-wave B tasks whose request has streamed a token
+
     async def ask(i: int, label: str | None, delay: float) -> None:
         await asyncio.sleep(delay)
         out: list[int] = []
@@ -431,12 +436,16 @@ async def mixed_traffic(llm: AsyncLLM, llama, refs: dict, max_tokens: int) -> li
         async for delta in llm.generate(PROMPTS[i], params, lora_name=name):
             out += delta.token_ids
             if label == "B":
-                b_streams.set()
+                b_streaming.add(asyncio.current_task())
+                if len(b_streaming) == FIRST_WAVE_B:
+                    b_streams.set()
         expected = refs["A" if label == "B'" else label][i]
         results.append((label, i, out, expected, unloaded.is_set()))
 
     labels = [None, "A", None, "B", "A", None, "B", None, "A", "B", None, None]
+    assert labels.count("B") == FIRST_WAVE_B
     tasks = [asyncio.create_task(ask(k % 3, label, 0.003 * (k % 4))) for k, label in enumerate(labels)]
+    # every first-wave B request in the engine before B is unloaded (else a late one is refused as unknown)
     await b_streams.wait()
     llm.unload_lora_adapter("B")
     unloaded.set()
