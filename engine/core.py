@@ -205,18 +205,22 @@ class EngineCore:
         prompt = self.validate(request)
         params = request.sampling_params
         adapter = self.resolve_adapter(request.lora_name)
+        route = request.layer_route
+        route = tuple(int(r) for r in route) if route is not None and any(r != 1 for r in route) else None
         key = None
-        if self.prefix_cache is not None:
+        # A repeated layer's second lane is a state row of its own, which snapshots do not hold: not cached.
+        if self.prefix_cache is not None and (route is None or 2 not in route):
             key = PrefixKey(
                 self.model_key,
                 adapter=f"{adapter.name}#{adapter.uid}" if adapter is not None else None,
-                layer_route=request.layer_route,
+                layer_route=route,  # all-ones is no route: the same states, the same key
                 cache_salt=request.cache_salt,
             )
         request_id = request.request_id
         # LoRA adds a term per token; a sparse adapter is scattered into the weights for a step of its requests
         # alone, and added per token otherwise
         kinds = {"sparse": adapter} if isinstance(adapter, SparseWeights) else {"lora": adapter}
+        kinds["layer_route"] = route
         parent = Request(request_id, prompt, params, cache_key=key, **kinds)
         parent.children = [
             Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key, **kinds)
@@ -283,9 +287,10 @@ class EngineCore:
                 raise InvalidRequestError(
                     f"expected a layer route of {num_layers} counts in {{0, 1, 2}}, got {list(route)}", "layer_route"
                 )
-            if any(r != 1 for r in route):
+            if 2 in route and params.n > 1:
                 raise InvalidRequestError(
-                    "expected an all-execute layer route: skipping or repeating layers is not served yet",
+                    f"expected n=1 with a route that repeats a layer (each sample would need its own second "
+                    f"state lane), got n={params.n}",
                     "layer_route",
                 )
         return prompt

@@ -76,12 +76,16 @@ class LLM:
         *,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         cache_salt: str | None = None,
+        layer_route: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to its end. lora_request (one for all prompts, or one per prompt) serves them with a
         LoRA adapter (LLM(..., enable_lora=True)); an adapter name seen for the first time is read from its
-        lora_path. cache_salt keeps their prefix-cache states apart from other salts'."""
+        lora_path. cache_salt keeps their prefix-cache states apart from other salts'. layer_route (one route
+        for all prompts, or one per prompt, None for every layer once) gives each layer's count: 0 skip,
+        1 execute, 2 repeat (docs/routing.md)."""
         prompt_list = normalize_prompts(prompts)
         loras = self._lora_names(lora_request, len(prompt_list))
+        routes = _per_prompt_routes(layer_route, len(prompt_list))
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (
@@ -91,13 +95,13 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError(f"expected one SamplingParams per prompt, got {len(params_list)} for {len(prompt_list)}")
-        pending: list[tuple[str, str | None, list[int], SamplingParams, str | None]] = []
-        for prompt, params, lora_name in zip(prompt_list, params_list, loras):
+        pending: list[tuple] = []
+        for prompt, params, lora_name, route in zip(prompt_list, params_list, loras, routes):
             if isinstance(prompt, str):
                 token_ids = self.tokenizer.encode(prompt)
-                pending.append((str(next(self._ids)), prompt, token_ids, params, lora_name))
+                pending.append((str(next(self._ids)), prompt, token_ids, params, lora_name, route))
             else:
-                pending.append((str(next(self._ids)), None, [int(t) for t in prompt], params, lora_name))
+                pending.append((str(next(self._ids)), None, [int(t) for t in prompt], params, lora_name, route))
         results: dict[str, RequestOutput] = {
             rid: RequestOutput(
                 rid,
@@ -106,14 +110,16 @@ class LLM:
                 [CompletionOutput(i, "", [], [] if p.logprobs is not None else None, None) for i in range(p.n)],
                 False,
             )
-            for rid, text, ids, p, _ in pending
+            for rid, text, ids, p, *_ in pending
         }
         queue = list(reversed(pending))
         while queue or self.engine.has_unfinished():
             while queue:  # submit as many as the waiting queue takes; the rest wait for room
-                rid, _text, ids, params, lora_name = queue[-1]
+                rid, _text, ids, params, lora_name, route = queue[-1]
                 try:
-                    self.engine.add_request(EngineRequest(rid, ids, params, lora_name=lora_name, cache_salt=cache_salt))
+                    self.engine.add_request(
+                        EngineRequest(rid, ids, params, lora_name=lora_name, layer_route=route, cache_salt=cache_salt)
+                    )
                 except QueueFullError:
                     break
                 queue.pop()
@@ -176,3 +182,17 @@ class LLM:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
+
+
+def _per_prompt_routes(
+    layer_route: Sequence[int] | Sequence[Sequence[int] | None] | None, num_prompts: int
+) -> list[tuple[int, ...] | None]:
+    """One route (a sequence of ints) for every prompt, or one route or None per prompt."""
+    if layer_route is None:
+        return [None] * num_prompts
+    routes = list(layer_route)
+    if all(isinstance(r, int) for r in routes):
+        return [tuple(routes)] * num_prompts
+    if len(routes) != num_prompts:
+        raise ValueError(f"expected one layer_route per prompt, got {len(routes)} for {num_prompts}")
+    return [tuple(r) if r is not None else None for r in routes]

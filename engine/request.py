@@ -68,6 +68,15 @@ class Request:
     lora: LoraWeights | None = None  # its LoRA adapter, held to the end even if the name is unloaded meanwhile
     sparse: SparseWeights | None = None  # its sparse (SHiRA) adapter, scattered into the weights while it runs
     adapter_slot: int = -1  # the device adapter slot it pins while running (-1: none)
+    # Its layer route (one count per layer: 0 skip, 1 execute, 2 repeat), None for every layer once; and the
+    # state slot of its second lane, where a repeated layer's second pass keeps its state (0: none).
+    layer_route: tuple[int, ...] | None = None
+    lane_slot: int = 0
+
+    @property
+    def num_lanes(self) -> int:
+        """State slots it holds while running: 2 with a repeated layer, else 1."""
+        return 2 if self.layer_route is not None and 2 in self.layer_route else 1
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -106,9 +106,9 @@ class Runner:
         elif self.sparse_switch is not None:
             self.sparse_switch.clear(slot)
 
-    def _sparse_step(self, out: SchedulerOutput) -> SparseMapping | None:
+    def _sparse_step(self, out: SchedulerOutput) -> list | None:
         """Put the weights in the step's form: the scheduler's one sparse adapter scattered, or the base weights.
-        Returns the per-token add-on of the sparse sequences of a mixed step (None: nothing to add)."""
+        Returns, per sequence, the add-on deltas of its sparse adapter in a mixed step (None: nothing to add)."""
         seqs = out.sequences
         if self.sparse_switch is None:
             if out.sparse_slot >= 0 or any(s.sparse_slot >= 0 for s in seqs):
@@ -121,18 +121,18 @@ class Runner:
         if out.sparse_slot >= 0 or all(s.sparse_slot < 0 for s in seqs):
             return None
         addons = {s.sparse_slot: self.sparse_switch.addon(s.sparse_slot) for s in seqs if s.sparse_slot >= 0}
-        return SparseMapping.build(
-            [len(s.token_ids) for s in seqs], [addons.get(s.sparse_slot) for s in seqs], self.device
-        )
+        return [addons.get(s.sparse_slot) for s in seqs]
 
-    def _forward(self, seqs: list[ScheduledSequence], sparse: SparseMapping | None = None) -> torch.Tensor:
-        """Run the model over the scheduled sequences, with the sparse add-on `sparse` if any; returns the
-        hidden state of each one's last token [B, D]. A decode-only step without the sparse add-on that fits a
-        captured bucket replays its CUDA graph."""
+    def _forward(self, seqs: list[ScheduledSequence], sparse: list | None = None) -> torch.Tensor:
+        """Run the model over the scheduled sequences, with each one's sparse add-on deltas `sparse[b]` if any;
+        returns the hidden state of each one's last token [B, D]. A decode-only step without the sparse add-on
+        and without layer routes that fits a captured bucket replays its CUDA graph."""
         graphs = self.decode_graphs
+        routed = any(s.layer_route is not None for s in seqs)
         if (
             graphs is not None
             and sparse is None
+            and not routed
             and len(seqs) <= graphs.max_batch_size
             and all(len(s.token_ids) == 1 for s in seqs)
         ):
@@ -150,7 +150,12 @@ class Runner:
             adapter_slots=[s.adapter_slot for s in seqs] if self.num_adapter_slots else None,
             num_adapter_slots=self.num_adapter_slots,
         )
-        batch.sparse = sparse
+        if sparse is not None:
+            batch.sparse_deltas = tuple(sparse)
+            batch.sparse = SparseMapping.build(batch.seq_lens, batch.sparse_deltas, self.device)
+        if routed:
+            batch.layer_route = tuple(s.layer_route for s in seqs)
+            batch.lane_slot_ids = tuple(s.lane_slot for s in seqs)
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, batch, self.pool.layers)
         return hidden[batch.last_token_indices()]

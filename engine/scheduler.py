@@ -121,6 +121,8 @@ class ScheduledSequence:
     needs_sample: bool  # the chunk ends the prompt, or it is a decode: sample the next token
     adapter_slot: int = -1  # device LoRA slot of its LoRA adapter (-1: none)
     sparse_slot: int = -1  # device adapter slot of its sparse adapter (-1: none)
+    layer_route: tuple[int, ...] | None = None  # its route (None: every layer once)
+    lane_slot: int = 0  # state row of its second lane (a repeated layer's second pass; 0: none)
 
 
 @dataclass
@@ -336,6 +338,9 @@ class Scheduler:
                 self._save_end_state(request)
             self.allocator.free(request.slot_id)
             request.slot_id = 0
+            if request.lane_slot:
+                self.allocator.free(request.lane_slot)
+                request.lane_slot = 0
         self._adapter_waits.pop(request.request_id, None)
         self._passes.pop(request.request_id, None)
         if request.parent_id is None and request.request_id in self.requests:
@@ -418,7 +423,7 @@ class Scheduler:
                 break
             num_samples = 1 + len(request.children)
             if (
-                self.allocator.num_free < num_samples
+                self.allocator.num_free < num_samples + request.num_lanes - 1
                 or len(self.running) + self._num_reserved() + num_samples > self.max_num_seqs
             ):
                 break
@@ -442,6 +447,9 @@ class Scheduler:
                     continue
             self._unqueue(request)
             request.slot_id = self.allocator.allocate()
+            if request.num_lanes == 2:  # a repeated layer's second pass: a zeroed row of its own
+                request.lane_slot = self.allocator.allocate()
+                slots_to_reset.append(request.lane_slot)
             if _adapter(request) is not None:
                 self._place_adapter(request)
             if hit is not None:
@@ -601,6 +609,8 @@ class Scheduler:
         for request in group:
             request.num_computed_tokens = 0
             self._pending_resets.append(request.slot_id)
+            if request.lane_slot:
+                self._pending_resets.append(request.lane_slot)
             self._samples_owed[request.request_id] = QUARANTINE_SAMPLES
         return failed
 
@@ -686,6 +696,8 @@ class Scheduler:
             feeds_all,
             -1 if is_sparse else request.adapter_slot,
             request.adapter_slot if is_sparse else -1,
+            request.layer_route,
+            request.lane_slot,
         )
 
     def _num_reserved(self) -> int:

@@ -91,10 +91,45 @@ class CausalLM(nn.Module):
         layers = self.decoder_layers()
         if len(state) != len(layers):
             raise ValueError(f"expected state for {len(layers)} layers, got {len(state)}")
-        ctx = self.forward_context(batch, resolve_backend(self.kernel_backend, input_ids.device))
+        backend = resolve_backend(self.kernel_backend, input_ids.device)
+        ctx = self.forward_context(batch, backend)
         hidden = self.embed(input_ids)
-        for layer, layer_state in zip(layers, state):
-            hidden = layer(hidden, ctx, layer_state)
+        if batch.layer_route is None:
+            for layer, layer_state in zip(layers, state):
+                hidden = layer(hidden, ctx, layer_state)
+            return self.final_norm(hidden)
+        # Routes (DESIGN.md, layer routing): per layer, the rows that execute it run it on their own state rows;
+        # rows that skip it pass their hidden state through and touch no state; rows that repeat it run it a
+        # second time, on their second lane's rows. A sub-batch is built once per distinct set of rows.
+        routes = [r if r is not None else (1,) * len(layers) for r in batch.layer_route]
+        if any(len(r) != len(layers) for r in routes):
+            raise ValueError(f"expected layer routes of {len(layers)} counts, got {[len(r) for r in routes]}")
+        lanes = batch.lane_slot_ids or (0,) * batch.num_seqs
+        subs: dict[tuple, tuple[ForwardContext, torch.Tensor]] = {}
+
+        def sub_context(seqs: tuple[int, ...], slots: tuple[int, ...]) -> tuple[ForwardContext, torch.Tensor]:
+            key = (seqs, slots)
+            if key not in subs:
+                sub, tokens = batch.select(seqs, slots)
+                subs[key] = (self.forward_context(sub, backend), tokens)
+            return subs[key]
+
+        everyone = tuple(range(batch.num_seqs))
+        for index, (layer, layer_state) in enumerate(zip(layers, state)):
+            counts = [r[index] for r in routes]
+            if all(c == 1 for c in counts):
+                hidden = layer(hidden, ctx, layer_state)
+                continue
+            executing = tuple(b for b in everyone if counts[b] >= 1)
+            if executing:
+                sub_ctx, tokens = sub_context(executing, tuple(batch.slot_ids_host[b] for b in executing))
+                hidden = hidden.index_copy(0, tokens, layer(hidden.index_select(0, tokens), sub_ctx, layer_state))
+            repeating = tuple(b for b in everyone if counts[b] == 2)
+            if repeating:
+                if any(lanes[b] <= 0 for b in repeating):
+                    raise ValueError("expected a second-lane state row for every sequence that repeats a layer")
+                sub_ctx, tokens = sub_context(repeating, tuple(lanes[b] for b in repeating))
+                hidden = hidden.index_copy(0, tokens, layer(hidden.index_select(0, tokens), sub_ctx, layer_state))
         return self.final_norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

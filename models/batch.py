@@ -38,8 +38,16 @@ class ForwardBatch:
     # The tokens of sparse adapters that are not scattered into the weights this step, grouped by adapter, with
     # each adapter's deltas (kernels/sparse). None when no token needs the add-on.
     sparse: SparseMapping | None = None
-    # [B, L] int8 per sequence and layer: 0 skip, 1 execute, 2 repeat (frozen at prefill). None: all execute.
-    layer_route: torch.Tensor | None = None
+    # Per sequence, its layer route: one count per layer, 0 skip, 1 execute, 2 repeat (host tuples; None for a
+    # sequence that runs every layer once). None: no sequence has a route (the loop runs every layer on all).
+    layer_route: tuple[tuple[int, ...] | None, ...] | None = None
+    # Per sequence, the state row of its second lane (the second pass of a repeated layer); 0: none.
+    lane_slot_ids: tuple[int, ...] | None = None
+    # Host copies to rebuild the add-ons over a subset of the sequences (select): each sequence's LoRA slot
+    # (-1 none) and the number of slots; each sequence's sparse deltas (None: none).
+    adapter_slots_host: tuple[int, ...] | None = None
+    num_adapter_slots: int = 0
+    sparse_deltas: tuple | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -101,7 +109,34 @@ class ForwardBatch:
             start_positions=starts,
             slot_ids_host=slots,
             lora=lora,
+            adapter_slots_host=tuple(int(a) for a in adapter_slots) if adapter_slots is not None else None,
+            num_adapter_slots=num_adapter_slots,
         )
+
+    def select(self, seq_indices: Sequence[int], slot_ids: Sequence[int]) -> tuple[ForwardBatch, torch.Tensor]:
+        """The batch of sequences `seq_indices` (in that order) reading and writing rows `slot_ids`, and the
+        indices [t] of their tokens on this batch's flat axis: how a routed layer runs on the rows that
+        execute it (models/base.py)."""
+        device = self.cu_seqlens.device
+        offsets = [0]
+        for n in self.seq_lens:
+            offsets.append(offsets[-1] + n)
+        tokens = [t for b in seq_indices for t in range(offsets[b], offsets[b + 1])]
+        adapter_slots = None
+        if self.adapter_slots_host is not None:
+            adapter_slots = [self.adapter_slots_host[b] for b in seq_indices]
+        sub = ForwardBatch.build(
+            [self.seq_lens[b] for b in seq_indices],
+            [self.start_positions[b] for b in seq_indices],
+            slot_ids,
+            device=device,
+            adapter_slots=adapter_slots,
+            num_adapter_slots=self.num_adapter_slots,
+        )
+        if self.sparse_deltas is not None:
+            sub.sparse_deltas = tuple(self.sparse_deltas[b] for b in seq_indices)
+            sub.sparse = SparseMapping.build(sub.seq_lens, sub.sparse_deltas, device)
+        return sub, torch.tensor(tokens, dtype=torch.int64, device=device)
 
     def last_token_indices(self) -> torch.Tensor:
         """[B] index on the flat axis of each sequence's last token (where its next token is sampled)."""

@@ -1,0 +1,151 @@
+"""Per-request layer routes (skip / execute / repeat), end to end on the CPU, against checkpoints no routing code
+produced: the same checkpoint rewritten by the route (a skipped layer's weights removed, a repeated layer's
+duplicated, the layers renumbered and num_hidden_layers edited), served plainly. Every family.
+
+The rewritten model runs each layer on its own state, as the routed request does (a repeated layer's second pass
+on its second lane), so tokens must be equal and logprobs equal to fp32 rounding (the routed forward runs the
+same ops on sub-batches of rows: measured differences are printed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from linrec import LLM
+from linrec.engine.request import EngineRequest
+from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
+from linrec.models.demo import write_seeded_model
+
+FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
+NUM_LAYERS = 4
+ATOL = 1e-4
+PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 53)), [(7 * i + 3) % 256 for i in range(24)]]
+CPU = dict(device="cpu", dtype="float32", enable_prefix_caching=False)
+ROUTES = [(1, 0, 1, 0), (1, 2, 1, 1), (2, 0, 1, 2)]  # skip {1, 3}; repeat 1; repeat, skip and repeat
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def greedy(max_tokens: int = 6) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
+
+
+def rewrite_by_route(src: Path, dst: Path, route: tuple[int, ...]) -> Path:
+    """The checkpoint at `src` with its layers as `route` runs them: layer i kept route[i] times, in order."""
+    shutil.copytree(src, dst)
+    config = json.loads((src / "config.json").read_text())
+    order = [i for i, count in enumerate(route) for _ in range(count)]
+    weights = load_file(str(src / "model.safetensors"))
+    out = {}
+    for name, tensor in weights.items():
+        parts = name.split(".")
+        if "layers" not in parts:
+            out[name] = tensor
+            continue
+        at = parts.index("layers") + 1
+        for new, old in enumerate(order):
+            if int(parts[at]) == old:
+                out[".".join([*parts[:at], str(new), *parts[at + 1 :]])] = tensor.clone()
+    config["num_hidden_layers"] = len(order)
+    (dst / "config.json").write_text(json.dumps(config))
+    save_file(out, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory) -> tuple[str, Path]:
+    path = tmp_path_factory.mktemp(f"route-{request.param}") / "model"
+    write_seeded_model(path, request.param, {"num_hidden_layers": NUM_LAYERS})
+    return request.param, path
+
+
+def run(llm: LLM, prompts, route=None, max_tokens: int = 6):
+    outs = llm.generate(prompts, greedy(max_tokens), layer_route=route)
+    return [o.outputs[0] for o in outs]
+
+
+def max_logprob_diff(a, b) -> float:
+    assert a.token_ids == b.token_ids
+    return max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs))
+
+
+def test_a_route_equals_the_checkpoint_rewritten_by_it(family_dir, tmp_path):
+    family, path = family_dir
+    routed = LLM(
+        str(path), max_num_seqs=8, max_num_batched_tokens=16, **CPU
+    )  # chunked prefill: 24-token prompt in two steps
+    for k, route in enumerate(ROUTES):
+        rewritten = LLM(
+            str(rewrite_by_route(path, tmp_path / f"r{k}", route)), max_num_seqs=8, max_num_batched_tokens=16, **CPU
+        )
+        ref = run(rewritten, PROMPTS)
+        got = run(routed, PROMPTS, route)
+        worst = max(max_logprob_diff(g, r) for g, r in zip(got, ref))
+        print(f"{family} route {route}: max |logprob diff| against the rewritten checkpoint {worst:.2e}")
+        assert worst < ATOL
+    plain = run(routed, PROMPTS)
+    assert all(a.token_ids != b.token_ids for a, b in zip(run(routed, PROMPTS, ROUTES[0]), plain))
+
+
+def test_a_mixed_batch_of_routes_equals_each_request_alone(family_dir):
+    family, path = family_dir
+    llm = LLM(str(path), **CPU)
+    routes = [None, *ROUTES, (1, 1, 1, 1), (0, 0, 0, 0)]
+    prompts = [PROMPTS[i % 3] for i in range(len(routes))]
+    alone = [run(llm, [p], r)[0] for p, r in zip(prompts, routes)]
+    outs = llm.generate(prompts, greedy(), layer_route=routes)
+    together = [o.outputs[0] for o in outs]
+    worst = max(max_logprob_diff(t, a) for t, a in zip(together, alone))
+    print(f"{family}: mixed routes vs alone, max |logprob diff| {worst:.2e}")
+    assert worst < ATOL
+
+
+def test_an_all_ones_route_is_bit_identical_to_no_route(family_dir):
+    _family, path = family_dir
+    llm = LLM(str(path), **CPU)
+    plain = run(llm, PROMPTS)
+    ones = run(llm, PROMPTS, (1,) * NUM_LAYERS)
+    assert [(o.token_ids, o.logprobs) for o in ones] == [(o.token_ids, o.logprobs) for o in plain]
+
+
+def test_prefix_cache_keeps_routes_apart_and_cached_equals_uncached(family_dir):
+    """A skip route's prefix snapshot serves a later request on the same route (a hit, and the same tokens as
+    without the cache) and never one on another route or on none (no hit)."""
+    _family, path = family_dir
+    prompts = [[(5 * i + 1) % 256 for i in range(40)]] * 2
+    cached = LLM(str(path), device="cpu", dtype="float32", enable_prefix_caching=True)
+    uncached = LLM(str(path), **CPU)
+    skip = (1, 0, 1, 1)
+    for _ in range(2):  # the prompt, then its branch point one token short of its end: snapshots of the route
+        run(cached, prompts[:1], skip)
+    for route, hit in ((None, False), ((0, 1, 1, 1), False), (skip, True)):
+        before = cached.engine.stats().prefix_cache_hits
+        got = run(cached, prompts[1:], route)
+        assert (cached.engine.stats().prefix_cache_hits > before) == hit, route
+        ref = run(uncached, prompts[1:], route)
+        assert got[0].token_ids == ref[0].token_ids, route
+        assert max_logprob_diff(got[0], ref[0]) < ATOL
+
+
+def test_bad_routes_are_refused_in_one_line(family_dir):
+    _family, path = family_dir
+    llm = LLM(str(path), **CPU)
+    cases = [((1, 1, 1), "expected a layer route of 4 counts in {0, 1, 2}"), ((1, 3, 1, 1), "counts in {0, 1, 2}")]
+    for route, message in cases:
+        with pytest.raises(InvalidRequestError, match=message.replace("{", r"\{").replace("}", r"\}")):
+            llm.engine.add_request(EngineRequest("x", [1, 2], greedy(), layer_route=route))
+    with pytest.raises(InvalidRequestError, match="expected n=1 with a route that repeats a layer"):
+        params = SamplingParams(max_tokens=2, n=2)
+        llm.engine.add_request(EngineRequest("y", [1, 2], params, layer_route=(1, 2, 1, 1)))
+    assert run(llm, PROMPTS[:1])  # the engine keeps serving
