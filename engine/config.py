@@ -75,6 +75,13 @@ class EngineConfig:
         default=None,
         metadata={"help": "merge a PEFT LoRA adapter directory into the weights at load", "metavar": "DIR"},
     )
+    router: str | None = field(
+        default=None,
+        metadata={
+            "help": "layer routers (docs/routing.md) that decide a request's layer_route 'auto'",
+            "metavar": "DIR",
+        },
+    )
     # Per-request LoRA adapters (engine/adapters.py): max_loras device slots of rank up to max_lora_rank beside
     # every projection, and a host tier of the last max_cpu_loras adapters read. Off, no slot exists and a
     # projection costs what it did.

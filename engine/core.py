@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,12 @@ class EngineCore:
             merge_lora=config.merge_lora,
             progress=progress,
         )
+        if config.router is not None:  # routers that decide layer_route "auto" (models/router.py)
+            from linrec.models.router import load_routers
+
+            self.model.routers = load_routers(
+                config.router, len(self.model.decoder_layers()), self.model.config.hidden_size, self.device
+            )
         # Per-request LoRA: device slots beside every projection (zeros until an adapter lands) and the registry.
         self.adapters: AdapterRegistry | None = None
         if config.enable_lora:
@@ -205,11 +212,13 @@ class EngineCore:
         prompt = self.validate(request)
         params = request.sampling_params
         adapter = self.resolve_adapter(request.lora_name)
-        route = request.layer_route
+        auto = request.layer_route == "auto"
+        route = None if auto else request.layer_route
         route = tuple(int(r) for r in route) if route is not None and any(r != 1 for r in route) else None
         key = None
-        # A repeated layer's second lane is a state row of its own, which snapshots do not hold: not cached.
-        if self.prefix_cache is not None and (route is None or 2 not in route):
+        # A repeated layer's second lane is a state row of its own, which snapshots do not hold, and a route the
+        # routers decide is not known before the prompt runs: neither is cached.
+        if self.prefix_cache is not None and not auto and (route is None or 2 not in route):
             key = PrefixKey(
                 self.model_key,
                 adapter=f"{adapter.name}#{adapter.uid}" if adapter is not None else None,
@@ -221,6 +230,7 @@ class EngineCore:
         # alone, and added per token otherwise
         kinds = {"sparse": adapter} if isinstance(adapter, SparseWeights) else {"lora": adapter}
         kinds["layer_route"] = route
+        kinds["auto_route_bias"] = float(request.route_skip_bias) if auto else None
         parent = Request(request_id, prompt, params, cache_key=key, **kinds)
         parent.children = [
             Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key, **kinds)
@@ -281,7 +291,22 @@ class EngineCore:
                 f"expected a non-empty cache_salt or None, got {request.cache_salt!r}", "cache_salt"
             )
         route = request.layer_route
-        if route is not None:
+        bias = request.route_skip_bias
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+            raise InvalidRequestError(f"expected a finite layer_route_skip_bias, got {bias!r}", "layer_route_skip_bias")
+        if route == "auto":
+            if self.model.routers is None:
+                raise InvalidRequestError(
+                    "expected layer routers for layer_route 'auto': this engine has none (--router DIR)", "layer_route"
+                )
+            if params.n > 1:
+                raise InvalidRequestError(
+                    f"expected n=1 with layer_route 'auto' (a repeated layer needs a second lane), got n={params.n}",
+                    "layer_route",
+                )
+        elif isinstance(route, str):
+            raise InvalidRequestError(f"expected layer_route 'auto' or a list of counts, got {route!r}", "layer_route")
+        elif route is not None:
             num_layers = len(self.model.decoder_layers())
             if len(route) != num_layers or any(r not in (0, 1, 2) for r in route):
                 raise InvalidRequestError(

@@ -76,13 +76,15 @@ class LLM:
         *,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         cache_salt: str | None = None,
-        layer_route: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+        layer_route: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None = None,
+        layer_route_skip_bias: float = 0.0,
     ) -> list[RequestOutput]:
         """Run every prompt to its end. lora_request (one for all prompts, or one per prompt) serves them with a
         LoRA adapter (LLM(..., enable_lora=True)); an adapter name seen for the first time is read from its
         lora_path. cache_salt keeps their prefix-cache states apart from other salts'. layer_route (one route
         for all prompts, or one per prompt, None for every layer once) gives each layer's count: 0 skip,
-        1 execute, 2 repeat (docs/routing.md)."""
+        1 execute, 2 repeat; "auto" lets the model's routers decide it (LLM(..., router=DIR)), with
+        layer_route_skip_bias added to their skip logits (docs/routing.md)."""
         prompt_list = normalize_prompts(prompts)
         loras = self._lora_names(lora_request, len(prompt_list))
         routes = _per_prompt_routes(layer_route, len(prompt_list))
@@ -117,9 +119,16 @@ class LLM:
             while queue:  # submit as many as the waiting queue takes; the rest wait for room
                 rid, _text, ids, params, lora_name, route = queue[-1]
                 try:
-                    self.engine.add_request(
-                        EngineRequest(rid, ids, params, lora_name=lora_name, layer_route=route, cache_salt=cache_salt)
+                    request = EngineRequest(
+                        rid,
+                        ids,
+                        params,
+                        lora_name=lora_name,
+                        layer_route=route,
+                        route_skip_bias=layer_route_skip_bias,
+                        cache_salt=cache_salt,
                     )
+                    self.engine.add_request(request)
                 except QueueFullError:
                     break
                 queue.pop()
@@ -130,6 +139,8 @@ class LLM:
                 sample.token_ids.extend(delta.token_ids)
                 if sample.logprobs is not None:
                     sample.logprobs.extend(delta.logprobs)
+                if delta.layer_route is not None:
+                    sample.layer_route = delta.layer_route
                 if delta.finish_reason is not None:
                     sample.finish_reason = delta.finish_reason
                     sample.stop_reason = delta.stop_reason
@@ -185,14 +196,14 @@ class LLM:
 
 
 def _per_prompt_routes(
-    layer_route: Sequence[int] | Sequence[Sequence[int] | None] | None, num_prompts: int
-) -> list[tuple[int, ...] | None]:
-    """One route (a sequence of ints) for every prompt, or one route or None per prompt."""
-    if layer_route is None:
-        return [None] * num_prompts
+    layer_route: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None, num_prompts: int
+) -> list[tuple[int, ...] | str | None]:
+    """One route (a sequence of ints, or "auto") for every prompt, or one route, "auto" or None per prompt."""
+    if layer_route is None or isinstance(layer_route, str):
+        return [layer_route] * num_prompts
     routes = list(layer_route)
     if all(isinstance(r, int) for r in routes):
         return [tuple(routes)] * num_prompts
     if len(routes) != num_prompts:
         raise ValueError(f"expected one layer_route per prompt, got {len(routes)} for {num_prompts}")
-    return [tuple(r) if r is not None else None for r in routes]
+    return [r if r is None or isinstance(r, str) else tuple(r) for r in routes]

@@ -25,6 +25,7 @@ class SampleDelta:
     finish_reason: str | None  # set on the sample's last delta
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None  # time.monotonic() when the prompt got its slot (for metrics)
+    layer_route: tuple[int, ...] | None = None  # the route the sample runs (given or decided); None: every layer
 
 
 @dataclass
@@ -108,6 +109,7 @@ class OutputProcessor:
             finish_reason,
             stop_reason,
             request.first_scheduled_time if request.parent_id is None else None,
+            request.layer_route,
         )
         stop_string = detokenizer.stop_reason if detokenizer.stop_reason is not None and not update.finished else None
         return delta, stop_string

@@ -24,8 +24,10 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     lora_name: str | None = None  # a LoRA adapter known to the engine's registry; None: the base model
-    # One count per layer: 0 skip, 1 execute, 2 repeat (DESIGN.md, layer routing); None: every layer once.
-    layer_route: tuple[int, ...] | None = None
+    # One count per layer: 0 skip, 1 execute, 2 repeat (DESIGN.md, layer routing); "auto": the model's routers
+    # decide it at prefill (--router); None: every layer once.
+    layer_route: tuple[int, ...] | str | None = None
+    route_skip_bias: float = 0.0  # with "auto": added to every router's skip logit (> 0 skips more)
     # Prefix-cache states are shared only between requests with the same salt (vLLM's cache_salt), so that
     # tenants cannot probe each other's prompts.
     cache_salt: str | None = None
@@ -72,11 +74,14 @@ class Request:
     # state slot of its second lane, where a repeated layer's second pass keeps its state (0: none).
     layer_route: tuple[int, ...] | None = None
     lane_slot: int = 0
+    # layer_route "auto" not decided yet: the skip bias its routers get at its first step (None: decided/given).
+    auto_route_bias: float | None = None
 
     @property
     def num_lanes(self) -> int:
-        """State slots it holds while running: 2 with a repeated layer, else 1."""
-        return 2 if self.layer_route is not None and 2 in self.layer_route else 1
+        """State slots it holds while running: 2 with a repeated layer (or a route still to decide), else 1."""
+        repeats = self.layer_route is not None and 2 in self.layer_route
+        return 2 if repeats or self.auto_route_bias is not None else 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -130,6 +135,7 @@ class CompletionOutput:
     logprobs: list[Logprob] | None
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string, None for EOS/length
+    layer_route: tuple[int, ...] | None = None  # the layer route it ran (given, or decided by the routers)
 
 
 @dataclass

@@ -61,12 +61,13 @@ class Runner:
         if out.is_empty:
             return StepResult({})
         sparse = self._sparse_step(out)
-        hidden = self._forward(out.sequences, sparse)  # [B, D]: each sequence's last token
+        routes: dict[str, tuple[int, ...]] = {}  # the routes the model's routers decided in this step
+        hidden = self._forward(out.sequences, sparse, routes)  # [B, D]: each sequence's last token
         for src, dsts in out.forks:
             self.pool.copy(src, dsts)
         self.pool.copy_rows(out.saves)
         if not out.samples:
-            return StepResult({})
+            return StepResult({}, routes=routes)
         rows = torch.tensor([index for _, index in out.samples], dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[rows])[:, : self.vocab_size]
         requests = [request for request, _ in out.samples]
@@ -78,7 +79,7 @@ class Runner:
         )
         sampled = self.sampler(logits, metadata)
         token_ids = sampled.token_ids.tolist()
-        result = StepResult({r.request_id: t for r, t in zip(requests, token_ids)})
+        result = StepResult({r.request_id: t for r, t in zip(requests, token_ids)}, routes=routes)
         if sampled.logprobs is not None:
             lps = sampled.logprobs.tolist()
             top_ids = sampled.top_token_ids.tolist()
@@ -123,12 +124,13 @@ class Runner:
         addons = {s.sparse_slot: self.sparse_switch.addon(s.sparse_slot) for s in seqs if s.sparse_slot >= 0}
         return [addons.get(s.sparse_slot) for s in seqs]
 
-    def _forward(self, seqs: list[ScheduledSequence], sparse: list | None = None) -> torch.Tensor:
+    def _forward(self, seqs: list[ScheduledSequence], sparse: list | None = None, routes: dict | None = None):
         """Run the model over the scheduled sequences, with each one's sparse add-on deltas `sparse[b]` if any;
-        returns the hidden state of each one's last token [B, D]. A decode-only step without the sparse add-on
-        and without layer routes that fits a captured bucket replays its CUDA graph."""
+        returns the hidden state of each one's last token [B, D], and puts the routes the model's routers decided
+        into `routes` (request id -> counts). A decode-only step without the sparse add-on and without layer
+        routes that fits a captured bucket replays its CUDA graph."""
         graphs = self.decode_graphs
-        routed = any(s.layer_route is not None for s in seqs)
+        routed = any(s.layer_route is not None or s.auto_route is not None for s in seqs)
         if (
             graphs is not None
             and sparse is None
@@ -156,8 +158,12 @@ class Runner:
         if routed:
             batch.layer_route = tuple(s.layer_route for s in seqs)
             batch.lane_slot_ids = tuple(s.lane_slot for s in seqs)
+            if any(s.auto_route is not None for s in seqs):
+                batch.auto_route = tuple(s.auto_route for s in seqs)
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, batch, self.pool.layers)
+        if routes is not None and batch.decided_routes:
+            routes.update({seqs[b].request.request_id: route for b, route in batch.decided_routes.items()})
         return hidden[batch.last_token_indices()]
 
     def _generator(self, request: Request) -> torch.Generator | None:

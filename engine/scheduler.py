@@ -123,6 +123,7 @@ class ScheduledSequence:
     sparse_slot: int = -1  # device adapter slot of its sparse adapter (-1: none)
     layer_route: tuple[int, ...] | None = None  # its route (None: every layer once)
     lane_slot: int = 0  # state row of its second lane (a repeated layer's second pass; 0: none)
+    auto_route: float | None = None  # its routers decide its route in this step, with this skip bias
 
 
 @dataclass
@@ -168,6 +169,7 @@ class StepResult:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, object] = field(default_factory=dict)  # request id -> Logprob
+    routes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # request id -> the route its routers chose
 
 
 @dataclass
@@ -633,6 +635,14 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, result: StepResult) -> list[RequestUpdate]:
         """Fold the step's results in: advance states, append tokens, check stops, free slots."""
+        for seq in output.sequences:  # routes the routers decided: frozen from now on
+            route = result.routes.get(seq.request.request_id)
+            request = seq.request
+            if route is not None and request.auto_route_bias is not None:
+                request.layer_route, request.auto_route_bias = route, None
+                if 2 not in route and request.lane_slot:  # no repeat: the second lane goes back
+                    self.allocator.free(request.lane_slot)
+                    request.lane_slot = 0
         if output.is_quarantine:
             for request, _index in output.samples:
                 if request.request_id in self._samples_owed:  # forked children are not suspects
@@ -698,6 +708,7 @@ class Scheduler:
             request.adapter_slot if is_sparse else -1,
             request.layer_route,
             request.lane_slot,
+            request.auto_route_bias,
         )
 
     def _num_reserved(self) -> int:

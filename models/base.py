@@ -51,6 +51,7 @@ class CausalLM(nn.Module):
     embedding_weight_name: ClassVar[str]
     config: Any
     kernel_backend: str  # auto | triton | torch, resolved against the input's device at each forward
+    routers: Any = None  # LayerRouters (models/router.py) that decide layer_route "auto"; None: none loaded
     lm_head: nn.Linear
 
     @classmethod
@@ -94,16 +95,25 @@ class CausalLM(nn.Module):
         backend = resolve_backend(self.kernel_backend, input_ids.device)
         ctx = self.forward_context(batch, backend)
         hidden = self.embed(input_ids)
-        if batch.layer_route is None:
+        if batch.layer_route is None and batch.auto_route is None:
             for layer, layer_state in zip(layers, state):
                 hidden = layer(hidden, ctx, layer_state)
             return self.final_norm(hidden)
         # Routes (DESIGN.md, layer routing): per layer, the rows that execute it run it on their own state rows;
         # rows that skip it pass their hidden state through and touch no state; rows that repeat it run it a
         # second time, on their second lane's rows. A sub-batch is built once per distinct set of rows.
-        routes = [r if r is not None else (1,) * len(layers) for r in batch.layer_route]
+        given = batch.layer_route or (None,) * batch.num_seqs
+        routes = [list(r) if r is not None else [1] * len(layers) for r in given]
         if any(len(r) != len(layers) for r in routes):
             raise ValueError(f"expected layer routes of {len(layers)} counts, got {[len(r) for r in routes]}")
+        # Rows whose routers decide now: each layer's count from that layer's input, on the row's own tokens.
+        biases = batch.auto_route or (None,) * batch.num_seqs
+        deciding = [b for b, bias in enumerate(biases) if bias is not None]
+        if deciding and self.routers is None:
+            raise ValueError("expected layer routers (--router DIR) to decide a layer_route 'auto'")
+        offsets = [0]
+        for n in batch.seq_lens:
+            offsets.append(offsets[-1] + n)
         lanes = batch.lane_slot_ids or (0,) * batch.num_seqs
         subs: dict[tuple, tuple[ForwardContext, torch.Tensor]] = {}
 
@@ -116,6 +126,8 @@ class CausalLM(nn.Module):
 
         everyone = tuple(range(batch.num_seqs))
         for index, (layer, layer_state) in enumerate(zip(layers, state)):
+            for b in deciding:
+                routes[b][index] = self.routers.decide(index, hidden[offsets[b] : offsets[b + 1]], biases[b])
             counts = [r[index] for r in routes]
             if all(c == 1 for c in counts):
                 hidden = layer(hidden, ctx, layer_state)
@@ -130,6 +142,7 @@ class CausalLM(nn.Module):
                     raise ValueError("expected a second-lane state row for every sequence that repeats a layer")
                 sub_ctx, tokens = sub_context(repeating, tuple(lanes[b] for b in repeating))
                 hidden = hidden.index_copy(0, tokens, layer(hidden.index_select(0, tokens), sub_ctx, layer_state))
+        batch.decided_routes = {b: tuple(routes[b]) for b in deciding}
         return self.final_norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,11 @@ class ForwardBatch:
     layer_route: tuple[tuple[int, ...] | None, ...] | None = None
     # Per sequence, the state row of its second lane (the second pass of a repeated layer); 0: none.
     lane_slot_ids: tuple[int, ...] | None = None
+    # Per sequence whose route the model's routers decide in this forward (layer_route "auto"), the bias added
+    # to the skip logit; None for the others. The forward writes each decided route into decided_routes
+    # (sequence index -> counts).
+    auto_route: tuple[float | None, ...] | None = None
+    decided_routes: dict[int, tuple[int, ...]] | None = None
     # Host copies to rebuild the add-ons over a subset of the sequences (select): each sequence's LoRA slot
     # (-1 none) and the number of slots; each sequence's sparse deltas (None: none).
     adapter_slots_host: tuple[int, ...] | None = None

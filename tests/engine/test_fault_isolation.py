@@ -71,8 +71,8 @@ class Faults:
         self._forward = engine.runner._forward
         engine.runner._forward = self
 
-    def __call__(self, seqs, sparse=None):
-        hidden = self._forward(seqs, sparse)
+    def __call__(self, seqs, *args):
+        hidden = self._forward(seqs, *args)
         if self.should_fail(seqs):
             self.num_raised += 1
             raise RuntimeError(f"injected fault #{self.num_raised}")

@@ -20,6 +20,7 @@ from linrec import LLM
 from linrec.engine.request import EngineRequest
 from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.models.demo import write_seeded_model
+from linrec.models.router import load_routers, write_random_routers
 
 FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
 NUM_LAYERS = 4
@@ -149,3 +150,66 @@ def test_bad_routes_are_refused_in_one_line(family_dir):
         params = SamplingParams(max_tokens=2, n=2)
         llm.engine.add_request(EngineRequest("y", [1, 2], params, layer_route=(1, 2, 1, 1)))
     assert run(llm, PROMPTS[:1])  # the engine keeps serving
+
+
+# ----------------------------------------------------------------------------------------------- routers
+
+
+@pytest.fixture(scope="module")
+def routed_engine(family_dir, tmp_path_factory) -> tuple[str, Path, Path]:
+    family, path = family_dir
+    config = json.loads((path / "config.json").read_text())
+    router = tmp_path_factory.mktemp(f"router-{family}") / "router"
+    write_random_routers(router, NUM_LAYERS, config["hidden_size"], seed=3)
+    return family, path, router
+
+
+def test_auto_routes_equal_the_explicit_route_they_decide(routed_engine):
+    """The routers decide a route per prompt at its first prefill step; serving that route explicitly, and the
+    checkpoint rewritten by it, give the same tokens. Different prompts and skip biases give different routes."""
+    family, path, router = routed_engine
+    llm = LLM(str(path), router=str(router), **CPU)
+    prompts = PROMPTS + [[(11 * i + 5) % 256 for i in range(30)], [3] * 9]
+    auto = run(llm, prompts, "auto")
+    routes = [o.layer_route for o in auto]
+    print(f"{family}: routes decided {routes}")
+    assert all(r is not None and len(r) == NUM_LAYERS for r in routes)
+    explicit = [run(llm, [p], r)[0] for p, r in zip(prompts, routes)]
+    for a, e in zip(auto, explicit):
+        assert max_logprob_diff(a, e) < ATOL
+    skippy = llm.generate(prompts, greedy(), layer_route="auto", layer_route_skip_bias=50.0)
+    assert all(o.outputs[0].layer_route == (0,) * NUM_LAYERS for o in skippy)  # a large bias skips every layer
+    assert len(set(routes)) > 1  # the seeded routers route by the input
+
+
+def test_auto_routes_beside_others_equal_each_alone(routed_engine):
+    _family, path, router = routed_engine
+    llm = LLM(str(path), router=str(router), max_num_seqs=8, max_num_batched_tokens=16, **CPU)
+    routes = ["auto", None, ROUTES[1], "auto"]
+    prompts = [PROMPTS[i % 3] for i in range(len(routes))]
+    alone = [run(llm, [p], r)[0] for p, r in zip(prompts, routes)]
+    together = [o.outputs[0] for o in llm.generate(prompts, greedy(), layer_route=routes)]
+    assert [t.layer_route for t in together] == [a.layer_route for a in alone]
+    assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
+
+
+def test_router_files_are_checked_in_one_line(routed_engine, tmp_path):
+    family, path, router = routed_engine
+    with pytest.raises(InvalidRequestError, match="expected layer routers for layer_route 'auto'"):
+        LLM(str(path), **CPU).engine.add_request(EngineRequest("a", [1, 2], greedy(), layer_route="auto"))
+    hidden = json.loads((path / "config.json").read_text())["hidden_size"]
+    wrong = write_random_routers(tmp_path / "wrong", NUM_LAYERS + 1, hidden)
+    with pytest.raises(ValueError, match=f"expected num_layers {NUM_LAYERS} .the model's., got {NUM_LAYERS + 1}"):
+        load_routers(wrong, NUM_LAYERS, hidden, "cpu")
+    with pytest.raises(ValueError, match=f"expected hidden_size {hidden + 1} .the model's., got {hidden}"):
+        load_routers(router, NUM_LAYERS, hidden + 1, "cpu")
+    broken = tmp_path / "broken"
+    shutil.copytree(router, broken)
+    tensors = load_file(str(broken / "router.safetensors"))
+    del tensors["layers.2.out.bias"]
+    save_file(tensors, str(broken / "router.safetensors"))
+    with pytest.raises(ValueError, match=r"expected tensor 'layers.2.out.bias' \[3\], missing"):
+        load_routers(broken, NUM_LAYERS, hidden, "cpu")
+    with pytest.raises(FileNotFoundError, match="expected a router file"):
+        load_routers(tmp_path / "nowhere", NUM_LAYERS, hidden, "cpu")
+    del family

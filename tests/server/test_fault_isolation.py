@@ -24,8 +24,8 @@ def poison_the_runner(llm) -> None:
     def holds(ids: list[int], marker: list[int]) -> bool:
         return any(ids[i : i + len(marker)] == marker for i in range(len(ids)))
 
-    def faulty(seqs, sparse=None):
-        hidden = forward(seqs, sparse)
+    def faulty(seqs, *args):
+        hidden = forward(seqs, *args)
         for s in seqs:
             ids = s.request.prompt_token_ids
             if holds(ids, markers[0]) or (holds(ids, markers[1]) and s.start_position > len(ids)):
