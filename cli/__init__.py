@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import linrec
-from linrec.cli import bench, convert, demo_model, generate, info, serve
+from linrec.cli import bench, convert, demo_model, generate, info, router, serve
 
 # Exceptions that mean "the input is wrong", reported as one line; anything else is a bug and
 # keeps its traceback.
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"linrec {linrec.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (convert, demo_model, info, generate, bench, serve):
+    for module in (convert, demo_model, router, info, generate, bench, serve):
         module.add_parser(commands)
     return parser
 

@@ -27,7 +27,25 @@ def add_parser(commands) -> None:
     sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
     sampling.add_argument("--ignore-eos", dest="ignore_eos", action="store_true")
     sampling.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="per-request seed")
+    sampling.add_argument(
+        "--layer-route",
+        dest="layer_route",
+        type=_layer_route,
+        default=None,
+        metavar="COUNTS|auto",
+        help="per-layer counts, comma-separated (0 skip, 1 execute, 2 repeat), or auto (--router decides)",
+    )
     generate.set_defaults(handler=run)
+
+
+def _layer_route(text: str) -> str | tuple[int, ...]:
+    if text == "auto":
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        message = f"expected 'auto' or comma-separated counts like 1,0,2, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,12 +66,15 @@ def run(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     llm = LLM(progress=True, **{k: v for k, v in vars(config).items()})
     if args.chat:
+        if args.layer_route is not None:
+            raise ValueError("expected --layer-route without --chat (the chat helper takes no route)")
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:
-        outputs = llm.generate(args.prompt, params)
+        outputs = llm.generate(args.prompt, params, layer_route=args.layer_route)
     for prompt, output in zip(args.prompt, outputs):
         for sample in output.outputs:
             header = f"--- prompt {prompt!r}" + (f" sample {sample.index}" if len(output.outputs) > 1 else "")
-            print(f"{header} (finish_reason={sample.finish_reason}, {len(sample.token_ids)} tokens)")
+            route = f", layer route {list(sample.layer_route)}" if sample.layer_route is not None else ""
+            print(f"{header} (finish_reason={sample.finish_reason}, {len(sample.token_ids)} tokens{route})")
             print(sample.text)
     return 0

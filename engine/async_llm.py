@@ -77,6 +77,8 @@ class AsyncLLM:
         *,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        layer_route: tuple[int, ...] | str | None = None,
+        route_skip_bias: float = 0.0,
     ) -> AsyncIterator[SampleDelta]:
         """Queue a prompt and yield its deltas until all n samples finish. lora_name: a loaded adapter (None:
         the base model); cache_salt: keeps its prefix-cache states apart from other salts'.
@@ -95,7 +97,15 @@ class AsyncLLM:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        request = EngineRequest(request_id, list(prompt_token_ids), params, lora_name=lora_name, cache_salt=cache_salt)
+        request = EngineRequest(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            lora_name=lora_name,
+            layer_route=layer_route,
+            route_skip_bias=route_skip_bias,
+            cache_salt=cache_salt,
+        )
         self._commands.put(_Add(request, accepted))
         if self.errored is not None:  # the engine died after the check above: nobody will take the add
             self._refuse_queued_commands()

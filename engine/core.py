@@ -83,6 +83,9 @@ class EngineStats:
     # adapter with other weights (its tokens got the per-token add-on).
     num_sparse_switches: int = 0
     num_sparse_mixed_steps: int = 0
+    # Layer routes (cumulative, per token fed): layers skipped and layers run a second time.
+    num_layer_passes_skipped: int = 0
+    num_layer_passes_repeated: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -366,6 +369,8 @@ class EngineCore:
             max_lora=self.config.max_loras if self.adapters is not None else 0,
             num_sparse_switches=switch.num_switches if (switch := self.runner.sparse_switch) is not None else 0,
             num_sparse_mixed_steps=self.scheduler.num_sparse_mixed_steps,
+            num_layer_passes_skipped=self.scheduler.num_layer_passes_skipped,
+            num_layer_passes_repeated=self.scheduler.num_layer_passes_repeated,
         )
 
     def step(self) -> list[SampleDelta]:

@@ -270,6 +270,9 @@ class Scheduler:
         # Steps whose sequences mixed a sparse adapter with other weights (the per-token add-on), for metrics;
         # sparse requests in the scheduler; request id -> steps weight affinity passed it over.
         self.num_sparse_mixed_steps = 0
+        # Layer routes, per token fed: layers skipped, and second passes of repeated layers (metrics).
+        self.num_layer_passes_skipped = 0
+        self.num_layer_passes_repeated = 0
         self._num_sparse = 0
         self._passes: dict[str, int] = {}
 
@@ -643,6 +646,9 @@ class Scheduler:
                 if 2 not in route and request.lane_slot:  # no repeat: the second lane goes back
                     self.allocator.free(request.lane_slot)
                     request.lane_slot = 0
+            if request.layer_route is not None:  # per token fed: layers skipped and second passes run
+                self.num_layer_passes_skipped += request.layer_route.count(0) * len(seq.token_ids)
+                self.num_layer_passes_repeated += request.layer_route.count(2) * len(seq.token_ids)
         if output.is_quarantine:
             for request, _index in output.samples:
                 if request.request_id in self._samples_owed:  # forked children are not suspects

@@ -107,6 +107,16 @@ class _EngineCollector(Collector):
                 stats.num_sparse_switches,
             ),
             (
+                "layers_skipped",
+                "Layers skipped by requests' layer routes, counted per token fed.",
+                stats.num_layer_passes_skipped,
+            ),
+            (
+                "layers_repeated",
+                "Second passes of layers repeated by requests' layer routes, counted per token fed.",
+                stats.num_layer_passes_repeated,
+            ),
+            (
                 "sparse_adapter_mixed_steps",
                 "Engine steps that ran sparse adapters' tokens beside other weights, with the per-token add-on.",
                 stats.num_sparse_mixed_steps,

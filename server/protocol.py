@@ -8,10 +8,11 @@ carry vLLM's names.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_serializer
 
 from linrec.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
@@ -22,6 +23,7 @@ MAX_N = 128  # samples per prompt accepted at the schema level; the engine also 
 # the stop_token_ids bound (the same per-step cost), and far above what biasing a few words or a class needs.
 MAX_LOGIT_BIAS = 1024
 MAX_CACHE_SALT_CHARS = 1024  # a tenant id or a hash; every prefix snapshot saved under the salt holds it
+MAX_LAYERS = 1024  # a layer route's length bound before the engine checks it against the model
 
 # Requests: unknown fields ignored (OpenAI's retired ones), types strict as documented: "16" is no integer and
 # 0 no boolean (OpenAI refuses both; the lax default let the document and the server disagree).
@@ -39,6 +41,21 @@ def _integral(value: Any) -> Any:
 # a validator, pydantic leaves them out of the JSON schema).
 INTEGRAL = BeforeValidator(_integral)
 Int = Annotated[int, INTEGRAL]
+
+
+def _layer_route(value: Any) -> Any:
+    """One message for every malformed layer_route (a union's per-branch errors would name only one branch)."""
+    if value is None or value == "auto":
+        return value
+    counts = [_integral(v) for v in value] if isinstance(value, list) else None
+    if not counts or len(counts) > MAX_LAYERS or any(type(c) is not int or c not in (0, 1, 2) for c in counts):
+        shown = json.dumps(value)[:80] if isinstance(value, (list, str, int, float)) else type(value).__name__
+        raise ValueError(f"expected 'auto' or a list of up to {MAX_LAYERS} counts 0, 1 or 2, got {shown}")
+    return counts
+
+
+# linrec's layer_route: one count per layer (0 skip, 1 execute, 2 repeat), or "auto" (docs/routing.md).
+LayerRoute = Annotated[Literal["auto"] | list[int], BeforeValidator(_layer_route)]
 # OpenAI's roles; whether a model takes one is its chat template's business (it may refuse with a 400).
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -130,6 +147,10 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     # vLLM's name: prefix-cache states are shared only between requests with the same salt (tenant isolation).
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
+    # linrec's: one count per layer (0 skip, 1 execute, 2 repeat), or "auto" for the model's routers to decide
+    # (docs/routing.md); with "auto", the bias added to every router's skip logit.
+    layer_route: LayerRoute | None = None
+    layer_route_skip_bias: Annotated[float, Field(ge=-100.0, le=100.0)] = 0.0
 
 
 class CompletionRequest(_SamplingRequest):
@@ -199,6 +220,18 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # With a layer_route (linrec's): the route each choice ran, and its layer passes per token summed over the
+    # choices. Left out of the JSON for requests without one.
+    layer_routes: list[list[int]] | None = None
+    layers_executed: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unrouted(self, handler):
+        data = handler(self)
+        if self.layer_routes is None:
+            data.pop("layer_routes", None)
+            data.pop("layers_executed", None)
+        return data
 
 
 class CompletionLogprobs(BaseModel):

@@ -90,6 +90,7 @@ class _Choice:
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    layer_route: tuple[int, ...] | None = None
 
 
 class OpenAIServing:
@@ -99,6 +100,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = llm.tokenizer
         self.max_model_len: int = llm.engine.max_model_len  # always set: the engine resolves its default
+        self.num_layers: int = len(llm.engine.model.decoder_layers())
         self.vocab_size = llm.engine.vocab_size
         # None where this tokenizer's kind gives no such bound (see max_chars_per_token).
         self.max_chars_per_token = max_chars_per_token(self.tokenizer)
@@ -276,6 +278,7 @@ class OpenAIServing:
         base_id: str,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        route: tuple[object, float] = (None, 0.0),
     ) -> AsyncIterator[tuple[int, SampleDelta]]:
         """Every prompt's deltas, merged, tagged with the prompt's index; metrics observed on the way. The
         engine validates each prompt (EngineCore.validate): a refusal ends the merged stream before any delta."""
@@ -284,7 +287,15 @@ class OpenAIServing:
         arrival = time.monotonic()
         gens = [
             self._timed(
-                self.llm.generate(ids, params, f"{base_id}-{i}", lora_name=lora_name, cache_salt=cache_salt),
+                self.llm.generate(
+                    ids,
+                    params,
+                    f"{base_id}-{i}",
+                    lora_name=lora_name,
+                    cache_salt=cache_salt,
+                    layer_route=route[0],
+                    route_skip_bias=route[1],
+                ),
                 RequestTimer(self.metrics, arrival, len(ids)),
                 f"{base_id}-{i}",
                 lora_name or self.model_name,
@@ -345,7 +356,7 @@ class OpenAIServing:
         response_id = f"cmpl-{request_id}"
         created = int(time.time())
         echo_texts = await self._offload(self._echo_texts, prompts) if req.echo else [""] * len(prompts)
-        merged = self._generate(prompts, params, f"cmpl-{uuid.uuid4().hex}", lora_name, req.cache_salt)
+        merged = self._generate(prompts, params, f"cmpl-{uuid.uuid4().hex}", lora_name, req.cache_salt, _route(req))
         first = await self._first(merged, raw)
         num_prompt_tokens = sum(map(len, prompts))
         if req.stream:
@@ -400,11 +411,7 @@ class OpenAIServing:
                 )
             )
         num_generated = sum(len(c.token_ids) for c in choices)
-        usage = p.UsageInfo(
-            prompt_tokens=num_prompt_tokens,
-            completion_tokens=num_generated,
-            total_tokens=num_prompt_tokens + num_generated,
-        )
+        usage = self._usage(req, num_prompt_tokens, num_generated, [c.layer_route for c in choices])
         body = p.CompletionResponse(
             id=response_id, created=created, model=self.response_model(req.model), choices=out, usage=usage
         )
@@ -428,6 +435,22 @@ class OpenAIServing:
 
     def _echo_texts(self, prompts: list[list[int]]) -> list[str]:
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+
+    def _usage(
+        self, req, num_prompt_tokens: int, num_generated: int, routes: list[tuple[int, ...] | None]
+    ) -> p.UsageInfo:
+        """Token counts; with a layer_route in the request, also the route each choice ran and its layer passes
+        per token summed over the choices (every layer once where a choice ran none)."""
+        usage = p.UsageInfo(
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=num_generated,
+            total_tokens=num_prompt_tokens + num_generated,
+        )
+        if req.layer_route is not None:
+            ran = [list(r) if r is not None else [1] * self.num_layers for r in routes]
+            usage.layer_routes = ran
+            usage.layers_executed = sum(sum(r) for r in ran)
+        return usage
 
     def _completion_logprobs(self, logprobs: list[Logprob], offset: int) -> p.CompletionLogprobs:
         out = p.CompletionLogprobs()
@@ -455,6 +478,8 @@ class OpenAIServing:
         include_usage: bool,
     ) -> AsyncIterator[str]:
         num_generated = 0
+        routes: dict[int, tuple[int, ...]] = {}  # choice index -> the layer route it runs
+        num_choices = len(echo_texts) * req.n
         offsets = [len(echo_texts[i // req.n]) for i in range(len(echo_texts) * req.n)]
         echoed: set[int] = set()
         item: tuple[int, SampleDelta] | None = first
@@ -463,6 +488,8 @@ class OpenAIServing:
                 prompt_index, delta = item
                 index = prompt_index * req.n + delta.index
                 num_generated += len(delta.token_ids)
+                if delta.layer_route is not None:
+                    routes[index] = delta.layer_route
                 text = delta.text
                 if req.echo and index not in echoed:
                     echoed.add(index)
@@ -485,11 +512,7 @@ class OpenAIServing:
                     yield _event(p.dump(chunk))
                 item = await anext(merged, None)
             if include_usage:
-                usage = p.UsageInfo(
-                    prompt_tokens=num_prompt_tokens,
-                    completion_tokens=num_generated,
-                    total_tokens=num_prompt_tokens + num_generated,
-                )
+                usage = self._usage(req, num_prompt_tokens, num_generated, [routes.get(i) for i in range(num_choices)])
                 chunk = p.CompletionResponse(
                     id=response_id, created=created, model=self.response_model(req.model), choices=[], usage=usage
                 )
@@ -542,7 +565,9 @@ class OpenAIServing:
         params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         response_id = f"chatcmpl-{request_id}"
         created = int(time.time())
-        merged = self._generate([prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", lora_name, req.cache_salt)
+        merged = self._generate(
+            [prompt_ids], params, f"chatcmpl-{uuid.uuid4().hex}", lora_name, req.cache_salt, _route(req)
+        )
         first = await self._first(merged, raw)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -587,11 +612,7 @@ class OpenAIServing:
             for index, choice in enumerate(choices)
         ]
         num_generated = sum(len(c.token_ids) for c in choices)
-        usage = p.UsageInfo(
-            prompt_tokens=num_prompt_tokens,
-            completion_tokens=num_generated,
-            total_tokens=num_prompt_tokens + num_generated,
-        )
+        usage = self._usage(req, num_prompt_tokens, num_generated, [c.layer_route for c in choices])
         body = p.ChatCompletionResponse(
             id=response_id, created=created, model=self.response_model(req.model), choices=out, usage=usage
         )
@@ -629,6 +650,8 @@ class OpenAIServing:
             return _event(p.dump(body))
 
         num_generated = 0
+        routes: dict[int, tuple[int, ...]] = {}  # choice index -> the layer route it runs
+        num_choices = req.n
         try:
             for index in range(req.n):
                 role = p.DeltaMessage(role="assistant", content="")
@@ -637,6 +660,8 @@ class OpenAIServing:
             while item is not None:
                 delta = item[1]
                 num_generated += len(delta.token_ids)
+                if delta.layer_route is not None:
+                    routes[delta.index] = delta.layer_route
                 logprobs = p.ChatLogprobs(content=self._chat_logprobs(delta.logprobs)) if req.logprobs else None
                 if delta.text or delta.finish_reason is not None or logprobs is not None:
                     choice = p.ChatChunkChoice(
@@ -649,11 +674,7 @@ class OpenAIServing:
                     yield chunk([choice])
                 item = await anext(merged, None)
             if include_usage:
-                usage = p.UsageInfo(
-                    prompt_tokens=num_prompt_tokens,
-                    completion_tokens=num_generated,
-                    total_tokens=num_prompt_tokens + num_generated,
-                )
+                usage = self._usage(req, num_prompt_tokens, num_generated, [routes.get(i) for i in range(num_choices)])
                 yield chunk([], usage)
         except (EngineError, APIError) as exc:  # APIError: the drain expired
             error = exc if isinstance(exc, APIError) else _engine_error(exc)
@@ -816,10 +837,18 @@ def _engine_error(exc: BaseException) -> APIError:
     return APIError(400, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None))
 
 
+def _route(req: p.CompletionRequest | p.ChatCompletionRequest) -> tuple[object, float]:
+    """The request's layer route for the engine ("auto", a tuple of counts or None) and its skip bias."""
+    route = req.layer_route
+    return (tuple(route) if isinstance(route, list) else route), req.layer_route_skip_bias
+
+
 def _fold(choice: _Choice, delta: SampleDelta) -> None:
     choice.text.append(delta.text)
     choice.token_ids.extend(delta.token_ids)
     choice.logprobs.extend(delta.logprobs)
+    if delta.layer_route is not None:
+        choice.layer_route = delta.layer_route
     if delta.finish_reason is not None:
         choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
 

@@ -56,6 +56,10 @@ class SamplingParams(TypedDict, total=False):
     ignore_eos: bool
     stop_token_ids: list[int]
     skip_special_tokens: bool
+    cache_salt: str
+    # linrec's own: one count per layer (0 skip, 1 execute, 2 repeat) or "auto" (the server's routers decide)
+    layer_route: str | list[int]
+    layer_route_skip_bias: float  # with "auto": added to every router's skip logit
     extra_body: dict[str, Any]  # merged into the JSON body as is, for fields this client does not name
 
 

@@ -18,6 +18,10 @@ class Usage(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # With a layer_route in the request: the route each choice ran, and its layer passes per token summed over
+    # the choices; None otherwise.
+    layer_routes: list[list[int]] | None = None
+    layers_executed: int | None = None
 
 
 # -- /v1/completions ---------------------------------------------------------------------------------

@@ -240,3 +240,21 @@ def test_serve_flags_map_onto_server_config(capsys: pytest.CaptureFixture[str]) 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return subparsers.choices[name]
+
+
+def test_router_writes_routers_that_generate_serves_with_auto(tmp_path, capsys):
+    model, router = tmp_path / "m", tmp_path / "r"
+    assert cli.main(["demo-model", str(model), "--family", "mamba2"]) == 0
+    assert cli.main(["router", str(model), str(router), "--seed", "2"]) == 0
+    config = json.loads((router / "router_config.json").read_text())
+    assert config["format"] == "linrec_router" and config["num_layers"] == 2
+    capsys.readouterr()
+    argv = ["generate", "--model", str(model), "--router", str(router), "--prompt", "hi", "--max-tokens", "3"]
+    assert cli.main([*argv, "--layer-route", "auto", "--device", "cpu"]) == 0
+    assert "layer route [" in capsys.readouterr().out
+    assert cli.main([*argv, "--layer-route", "1,0", "--device", "cpu"]) == 0
+    assert "layer route [1, 0]" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--layer-route", "1,x"])
+    assert "expected 'auto' or comma-separated counts" in capsys.readouterr().err
+    assert cli.main(["router", str(tmp_path / "none"), str(tmp_path / "r2")]) != 0
