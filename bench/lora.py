@@ -199,10 +199,15 @@ class Served:
 
 
 def serve(
-    engine, prompts: list[list[int]], output_len: int, lora_names: Sequence[str | None], rate: float | None = None
+    engine,
+    prompts: list[list[int]],
+    output_len: int,
+    lora_names: Sequence[str | None],
+    rate: float | None = None,
+    layer_routes: Sequence[tuple[int, ...] | None] | None = None,
 ) -> Served:
-    """Submit prompt i (with adapter lora_names[i]) at i / rate seconds (all at 0 without a rate) while stepping
-    the engine, until every request has its output_len tokens."""
+    """Submit prompt i (with adapter lora_names[i] and layer route layer_routes[i]) at i / rate seconds (all at 0
+    without a rate) while stepping the engine, until every request has its output_len tokens."""
     from linrec.engine.request import EngineRequest
     from linrec.engine.sampling_params import SamplingParams
 
@@ -216,7 +221,10 @@ def serve(
     while submitted < n or engine.has_unfinished():
         now = time.perf_counter() - start
         while submitted < n and arrivals[submitted] <= now:
-            request = EngineRequest(str(submitted), prompts[submitted], params, lora_name=lora_names[submitted])
+            route = layer_routes[submitted] if layer_routes is not None else None
+            request = EngineRequest(
+                str(submitted), prompts[submitted], params, lora_name=lora_names[submitted], layer_route=route
+            )
             engine.add_request(request)
             submitted += 1
         if not engine.has_unfinished():  # idle until the next arrival

@@ -19,7 +19,7 @@ SCHEDULING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
 
 def add_parser(commands) -> None:
     """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup`, `lora`,
-    `sparse` and `serve`: contenders side by side, in one run."""
+    `sparse`, `routing` and `serve`: contenders side by side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -29,6 +29,7 @@ def add_parser(commands) -> None:
         _add_prefix,
         _add_lora,
         _add_sparse,
+        _add_routing,
         _add_stop_strings,
         _add_fairness,
         _add_kernels,
@@ -233,6 +234,56 @@ def _run_bench_lora(args: argparse.Namespace) -> int:
         adapter_counts=args.adapters,
         rank=args.rank,
         max_loras=args.max_loras,
+        device=args.device,
+        kernel_backend=args.kernel_backend,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    print(result.format())
+    if args.out:
+        Path(args.out).write_text(result.to_json() + "\n")
+    return 0
+
+
+def _add_routing(kinds) -> None:
+    routing = kinds.add_parser(
+        "routing",
+        help="layer routes: throughput against the fraction of layers skipped, and the all-ones overhead",
+        description="One engine serves the same workload with no route, all-ones routes, routes skipping 25/50/75%% "
+        "of the layers, alternating skips, and repeats; output tok/s and ratios to no route (bench/routing.py).",
+    )
+    routing.add_argument("--model", default=None, metavar="DIR", help="a checkpoint (default: the seeded bench model)")
+    routing.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    routing.add_argument("--num-layers", dest="num_layers", type=int, default=8, help="bench model's layers")
+    routing.add_argument("--num-requests", dest="num_requests", type=int, default=64)
+    routing.add_argument("--prompt-len", dest="prompt_len", type=int, default=32, help="tokens per prompt")
+    routing.add_argument("--output-len", dest="output_len", type=int, default=32, help="tokens generated per request")
+    add_config_args(
+        routing,
+        EngineConfig,
+        ("device", "kernel_backend"),
+        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
+    )
+    routing.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
+    routing.add_argument("--seed", type=int, default=0, help="prompt RNG")
+    routing.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    routing.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
+    routing.set_defaults(handler=_run_bench_routing)
+
+
+def _run_bench_routing(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linrec.bench.routing import run_routing_bench
+
+    result = run_routing_bench(
+        args.model,
+        family=args.family,
+        num_layers=args.num_layers,
+        num_requests=args.num_requests,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
         device=args.device,
         kernel_backend=args.kernel_backend,
         repeats=args.repeats,

@@ -117,12 +117,19 @@ class CausalLM(nn.Module):
         lanes = batch.lane_slot_ids or (0,) * batch.num_seqs
         subs: dict[tuple, tuple[ForwardContext, torch.Tensor]] = {}
 
-        def sub_context(seqs: tuple[int, ...], slots: tuple[int, ...]) -> tuple[ForwardContext, torch.Tensor]:
+        def sub_context(seqs: tuple[int, ...], slots: tuple[int, ...]) -> tuple[ForwardContext, torch.Tensor | None]:
+            """The context of the rows `seqs` on state rows `slots`, and their tokens (None: every token, in order)."""
             key = (seqs, slots)
             if key not in subs:
                 sub, tokens = batch.select(seqs, slots)
-                subs[key] = (self.forward_context(sub, backend), tokens)
+                subs[key] = (self.forward_context(sub, backend), None if seqs == everyone else tokens)
             return subs[key]
+
+        def run(layer, hidden, seqs, slots, layer_state) -> torch.Tensor:
+            sub_ctx, tokens = sub_context(seqs, slots)
+            if tokens is None:  # every row (a repeat by everyone): no gather, no scatter
+                return layer(hidden, sub_ctx, layer_state)
+            return hidden.index_copy(0, tokens, layer(hidden.index_select(0, tokens), sub_ctx, layer_state))
 
         everyone = tuple(range(batch.num_seqs))
         for index, (layer, layer_state) in enumerate(zip(layers, state)):
@@ -133,15 +140,15 @@ class CausalLM(nn.Module):
                 hidden = layer(hidden, ctx, layer_state)
                 continue
             executing = tuple(b for b in everyone if counts[b] >= 1)
-            if executing:
-                sub_ctx, tokens = sub_context(executing, tuple(batch.slot_ids_host[b] for b in executing))
-                hidden = hidden.index_copy(0, tokens, layer(hidden.index_select(0, tokens), sub_ctx, layer_state))
+            if executing == everyone:
+                hidden = layer(hidden, ctx, layer_state)
+            elif executing:
+                hidden = run(layer, hidden, executing, tuple(batch.slot_ids_host[b] for b in executing), layer_state)
             repeating = tuple(b for b in everyone if counts[b] == 2)
             if repeating:
                 if any(lanes[b] <= 0 for b in repeating):
                     raise ValueError("expected a second-lane state row for every sequence that repeats a layer")
-                sub_ctx, tokens = sub_context(repeating, tuple(lanes[b] for b in repeating))
-                hidden = hidden.index_copy(0, tokens, layer(hidden.index_select(0, tokens), sub_ctx, layer_state))
+                hidden = run(layer, hidden, repeating, tuple(lanes[b] for b in repeating), layer_state)
         batch.decided_routes = {b: tuple(routes[b]) for b in deciding}
         return self.final_norm(hidden)
 
