@@ -172,9 +172,15 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_adapter_bench_args(parser: argparse.ArgumentParser) -> None:
-    """The flags the adapter benches (lora, sparse) share: the model, the workload, the device, the repeats,
-    the RNG, the threads and the JSON output."""
+def _add_adapter_bench_args(
+    parser: argparse.ArgumentParser,
+    num_requests: int = 256,
+    prompt_len: int = 128,
+    output_len: int = 128,
+    adapters: bool = True,
+) -> None:
+    """The flags the workload benches (lora, sparse, routing) share: the model, the workload, the device, the
+    repeats, the RNG, the threads and the JSON output; the adapter counts where `adapters`."""
     parser.add_argument(
         "--model",
         default=None,
@@ -183,12 +189,15 @@ def _add_adapter_bench_args(parser: argparse.ArgumentParser) -> None:
         "--family, written once under the cache dir",
     )
     parser.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
-    parser.add_argument("--num-requests", dest="num_requests", type=int, default=256)
-    parser.add_argument("--prompt-len", dest="prompt_len", type=int, default=128, help="tokens per prompt")
-    parser.add_argument("--output-len", dest="output_len", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--num-requests", dest="num_requests", type=int, default=num_requests)
+    parser.add_argument("--prompt-len", dest="prompt_len", type=int, default=prompt_len, help="tokens per prompt")
     parser.add_argument(
-        "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
+        "--output-len", dest="output_len", type=int, default=output_len, help="tokens generated per request"
     )
+    if adapters:
+        parser.add_argument(
+            "--adapters", type=int, nargs="+", default=[1, 4, 16], metavar="K", help="adapter counts to serve (1 4 16)"
+        )
     add_config_args(
         parser,
         EngineConfig,
@@ -253,22 +262,8 @@ def _add_routing(kinds) -> None:
         description="One engine serves the same workload with no route, all-ones routes, routes skipping 25/50/75%% "
         "of the layers, alternating skips, and repeats; output tok/s and ratios to no route (bench/routing.py).",
     )
-    routing.add_argument("--model", default=None, metavar="DIR", help="a checkpoint (default: the seeded bench model)")
-    routing.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    _add_adapter_bench_args(routing, num_requests=64, prompt_len=32, output_len=32, adapters=False)
     routing.add_argument("--num-layers", dest="num_layers", type=int, default=8, help="bench model's layers")
-    routing.add_argument("--num-requests", dest="num_requests", type=int, default=64)
-    routing.add_argument("--prompt-len", dest="prompt_len", type=int, default=32, help="tokens per prompt")
-    routing.add_argument("--output-len", dest="output_len", type=int, default=32, help="tokens generated per request")
-    add_config_args(
-        routing,
-        EngineConfig,
-        ("device", "kernel_backend"),
-        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
-    )
-    routing.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the median counts")
-    routing.add_argument("--seed", type=int, default=0, help="prompt RNG")
-    routing.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    routing.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
     routing.set_defaults(handler=_run_bench_routing)
 
 

@@ -20,6 +20,15 @@ if not torch.cuda.is_available():
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):
     """Per family, a tiny demo checkpoint written once for the whole session."""

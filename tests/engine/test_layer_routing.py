@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from linrec import LLM
@@ -28,14 +27,7 @@ ATOL = 1e-4
 PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 53)), [(7 * i + 3) % 256 for i in range(24)]]
 CPU = dict(device="cpu", dtype="float32", enable_prefix_caching=False)
 ROUTES = [(1, 0, 1, 0), (1, 2, 1, 1), (2, 0, 1, 2)]  # skip {1, 3}; repeat 1; repeat, skip and repeat
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 
 def greedy(max_tokens: int = 6) -> SamplingParams:
