@@ -205,3 +205,28 @@ def test_router_files_are_checked_in_one_line(routed_engine, tmp_path):
     with pytest.raises(FileNotFoundError, match="expected a router file"):
         load_routers(tmp_path / "nowhere", NUM_LAYERS, hidden, "cpu")
     del family
+
+
+def test_routes_with_lora_and_sparse_adapters_beside_each_other_equal_each_alone(tmp_path):
+    """A routed layer's sub-batch carries its rows' LoRA slots and sparse add-on: LoRA and sparse requests on
+    routes, beside each other and base requests, get what they get alone, and the adapters change the tokens."""
+    from linrec.bench.sparse import sparse_deltas, write_equivalent_lora
+    from linrec.engine.adapters import LoRARequest
+    from linrec.models.sparse import write_sparse_delta
+
+    path = write_seeded_model(tmp_path / "m", "liger_gla", {"num_hidden_layers": NUM_LAYERS})
+    llm = LLM(str(path), enable_lora=True, max_loras=2, max_lora_rank=64, **CPU)
+    projections = {name: (m.in_features, m.out_features) for name, m in llm.engine.model.projections().items()}
+    lora = LoRARequest("lora", 1, str(write_equivalent_lora(tmp_path / "lora", projections, 0.5, seed=1)))
+    sparse_dir = write_sparse_delta(tmp_path / "sparse", sparse_deltas(projections, 0.5, seed=2))
+    sparse = LoRARequest("sparse", 2, str(sparse_dir))
+    cases = [(lora, ROUTES[0]), (sparse, ROUTES[1]), (None, ROUTES[2]), (lora, None), (sparse, ROUTES[0])]
+    prompts = [PROMPTS[i % 3] for i in range(len(cases))]
+    alone = []
+    for prompt, (adapter, route) in zip(prompts, cases):
+        alone.append(llm.generate([prompt], greedy(), lora_request=adapter, layer_route=route)[0].outputs[0])
+    outs = llm.generate(prompts, greedy(), lora_request=[a for a, _ in cases], layer_route=[r for _, r in cases])
+    together = [o.outputs[0] for o in outs]
+    assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
+    base = [llm.generate([p], greedy(), layer_route=r)[0].outputs[0] for p, (_, r) in zip(prompts, cases)]
+    assert all(t.token_ids != b.token_ids for t, b, (a, _) in zip(together, base, cases) if a is not None)
