@@ -230,3 +230,26 @@ def test_routes_with_lora_and_sparse_adapters_beside_each_other_equal_each_alone
     assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
     base = [llm.generate([p], greedy(), layer_route=r)[0].outputs[0] for p, (_, r) in zip(prompts, cases)]
     assert all(t.token_ids != b.token_ids for t, b, (a, _) in zip(together, base, cases) if a is not None)
+
+
+def test_routed_decode_steps_never_replay_a_cuda_graph(family_dir):
+    """Captured decode graphs run the plain layer loop: the runner must run routed steps eagerly. A stand-in for
+    the graphs (CUDA is not here) records every replay; routed requests' decode steps make none, and an
+    unrouted one does (the stand-in is wired)."""
+    _family, path = family_dir
+    llm = LLM(str(path), **CPU)
+    replays = []
+
+    class Graphs:
+        max_batch_size = 8
+
+        def replay(self, *args):
+            replays.append(args)
+            raise RuntimeError("replayed")
+
+    llm.engine.runner.decode_graphs = Graphs()
+    ref = run(LLM(str(path), **CPU), PROMPTS, ROUTES[1])
+    assert [o.token_ids for o in run(llm, PROMPTS, ROUTES[1])] == [o.token_ids for o in ref]
+    assert not replays
+    llm.generate(PROMPTS[:1], greedy(2))  # the replay raises: the engine ends the request with an error
+    assert replays
