@@ -18,7 +18,7 @@ from linrec.engine.runner import Runner
 from linrec.engine.sampling_params import InvalidRequestError
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.sparse_switch import SparseSwitch
-from linrec.engine.state_pool import StatePool, num_slots_for_budget
+from linrec.engine.state_pool import LaneRows, StatePool, num_slots_for_budget
 from linrec.engine.warmup import warm_up
 from linrec.kernels.toolchain import current_compile_watch
 from linrec.models.lora import LoraWeights
@@ -147,7 +147,10 @@ class EngineCore:
         num_rows = num_slots_for_budget(config.state_memory, bytes_per_request, self.device)
         num_slots = min(config.max_num_seqs, num_rows)
         num_snapshot_rows = min(num_rows - num_slots, config.max_cached_states) if config.enable_prefix_caching else 0
-        self.pool = StatePool(self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows)
+        num_lane_rows = num_slots if config.repeat_lane_rows is None else config.repeat_lane_rows
+        self.pool = StatePool(
+            self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows, num_lane_rows=num_lane_rows
+        )
         self.eos_token_ids = eos_token_ids_of(self.tokenizer, self.model)
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.model_key = f"{self.model_path}|{dtype}|{config.linearize}|{config.merge_lora}"
@@ -206,6 +209,9 @@ class EngineCore:
             long_prefill_token_threshold=config.long_prefill_token_threshold,
             max_long_partial_prefills=config.max_long_partial_prefills,
             adapter_slots=AdapterSlots(config.max_loras) if config.enable_lora else None,
+            lane_rows=LaneRows(len(self.model.decoder_layers()), self.pool.num_lane_rows)
+            if self.pool.num_lane_rows
+            else None,
         )
         self.outputs = OutputProcessor(self.tokenizer)
 
@@ -297,6 +303,12 @@ class EngineCore:
         bias = request.route_skip_bias
         if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
             raise InvalidRequestError(f"expected a finite layer_route_skip_bias, got {bias!r}", "layer_route_skip_bias")
+        repeats = route == "auto" or (isinstance(route, tuple | list) and 2 in route)
+        if repeats and not self.pool.num_lane_rows:
+            raise InvalidRequestError(
+                "expected second-lane rows to repeat a layer: this engine keeps none (--repeat-lane-rows 0)",
+                "layer_route",
+            )
         if route == "auto":
             if self.model.routers is None:
                 raise InvalidRequestError(

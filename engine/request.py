@@ -70,18 +70,18 @@ class Request:
     lora: LoraWeights | None = None  # its LoRA adapter, held to the end even if the name is unloaded meanwhile
     sparse: SparseWeights | None = None  # its sparse (SHiRA) adapter, scattered into the weights while it runs
     adapter_slot: int = -1  # the device adapter slot it pins while running (-1: none)
-    # Its layer route (one count per layer: 0 skip, 1 execute, 2 repeat), None for every layer once; and the
-    # state slot of its second lane, where a repeated layer's second pass keeps its state (0: none).
+    # Its layer route (one count per layer: 0 skip, 1 execute, 2 repeat), None for every layer once; and its
+    # second-lane rows, {layer: row}, where each repeated layer's second pass keeps its state.
     layer_route: tuple[int, ...] | None = None
-    lane_slot: int = 0
+    lane_rows: dict[int, int] = field(default_factory=dict)
     # layer_route "auto" not decided yet: the skip bias its routers get at its first step (None: decided/given).
     auto_route_bias: float | None = None
 
-    @property
-    def num_lanes(self) -> int:
-        """State slots it holds while running: 2 with a repeated layer (or a route still to decide), else 1."""
-        repeats = self.layer_route is not None and 2 in self.layer_route
-        return 2 if repeats or self.auto_route_bias is not None else 1
+    def lane_layers(self, num_layers: int) -> list[int]:
+        """The layers it needs a second-lane row in: those it repeats (every layer while "auto" is undecided)."""
+        if self.auto_route_bias is not None:
+            return list(range(num_layers))
+        return [layer for layer, count in enumerate(self.layer_route or ()) if count == 2]
 
     @property
     def num_prompt_tokens(self) -> int:

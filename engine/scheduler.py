@@ -68,7 +68,7 @@ from linrec.engine.adapters import AdapterSlots
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.sampling_params import InvalidRequestError
-from linrec.engine.state_pool import SlotAllocator
+from linrec.engine.state_pool import LaneRows, SlotAllocator
 
 # A branch point is claimed (the leader's chunk cut there, followers waiting one step for it) only if it
 # saves at least this many tokens beyond the snapshot a request would otherwise start from: below it the
@@ -122,7 +122,7 @@ class ScheduledSequence:
     adapter_slot: int = -1  # device LoRA slot of its LoRA adapter (-1: none)
     sparse_slot: int = -1  # device adapter slot of its sparse adapter (-1: none)
     layer_route: tuple[int, ...] | None = None  # its route (None: every layer once)
-    lane_slot: int = 0  # state row of its second lane (a repeated layer's second pass; 0: none)
+    lane_rows: tuple[int, ...] | None = None  # per layer, its second-lane row (0: none); None: no repeat
     auto_route: float | None = None  # its routers decide its route in this step, with this skip bias
 
 
@@ -150,6 +150,8 @@ class SchedulerOutput:
     # Adapters to copy into device slots before the forward: (slot, its new adapter's LoraWeights or
     # SparseWeights).
     adapter_loads: list[tuple[int, object]] = field(default_factory=list)
+    # Second-lane rows, (layer, row), handed to requests this step (or rebuilt): zeroed before the forward.
+    lane_resets: list[tuple[int, int]] = field(default_factory=list)
     # The device slot of the sparse adapter scattered into the weights for this step: every sequence uses it.
     # -1: the base weights (sparse sequences of a mixed step get the per-token add-on).
     sparse_slot: int = -1
@@ -220,6 +222,7 @@ class Scheduler:
         long_prefill_token_threshold: int | None = None,
         max_long_partial_prefills: int = 1,
         adapter_slots: AdapterSlots | None = None,
+        lane_rows: LaneRows | None = None,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -270,6 +273,10 @@ class Scheduler:
         # Steps whose sequences mixed a sparse adapter with other weights (the per-token add-on), for metrics;
         # sparse requests in the scheduler; request id -> steps weight affinity passed it over.
         self.num_sparse_mixed_steps = 0
+        # Second-lane rows of repeated layers (None: no layer count; repeats are refused before they get here),
+        # and the (layer, row) pairs handed out or rebuilt since the last step: zeroed before the forward.
+        self.lane_rows = lane_rows
+        self._lane_resets: list[tuple[int, int]] = []
         # Layer routes, per token fed: layers skipped, and second passes of repeated layers (metrics).
         self.num_layer_passes_skipped = 0
         self.num_layer_passes_repeated = 0
@@ -343,9 +350,9 @@ class Scheduler:
                 self._save_end_state(request)
             self.allocator.free(request.slot_id)
             request.slot_id = 0
-            if request.lane_slot:
-                self.allocator.free(request.lane_slot)
-                request.lane_slot = 0
+            if request.lane_rows:
+                self.lane_rows.free(request.lane_rows)
+                request.lane_rows = {}
         self._adapter_waits.pop(request.request_id, None)
         self._passes.pop(request.request_id, None)
         if request.parent_id is None and request.request_id in self.requests:
@@ -428,7 +435,7 @@ class Scheduler:
                 break
             num_samples = 1 + len(request.children)
             if (
-                self.allocator.num_free < num_samples + request.num_lanes - 1
+                self.allocator.num_free < num_samples
                 or len(self.running) + self._num_reserved() + num_samples > self.max_num_seqs
             ):
                 break
@@ -436,6 +443,9 @@ class Scheduler:
             is_long = self._is_long(request.num_prompt_tokens - self._hit_depth(request, plan))
             if is_long and num_long >= self.max_long_partial_prefills:
                 continue
+            lane_layers = request.lane_layers(self.lane_rows_layers)
+            if lane_layers and (self.lane_rows is None or not self.lane_rows.can_allocate(lane_layers)):
+                continue  # its repeated layers' second lanes are all taken: it waits, keeping its place
             if _adapter(request) is not None and not self._can_place_adapter(request):
                 # every adapter slot is pinned by other adapters' requests: it waits, keeping its place
                 waited = self._adapter_waits[request.request_id] = self._adapter_waits.get(request.request_id, 0) + 1
@@ -452,9 +462,9 @@ class Scheduler:
                     continue
             self._unqueue(request)
             request.slot_id = self.allocator.allocate()
-            if request.num_lanes == 2:  # a repeated layer's second pass: a zeroed row of its own
-                request.lane_slot = self.allocator.allocate()
-                slots_to_reset.append(request.lane_slot)
+            if lane_layers:  # each repeated layer's second pass: a zeroed row of that layer's lane
+                request.lane_rows = self.lane_rows.allocate(lane_layers)
+                self._lane_resets.extend(request.lane_rows.items())
             if _adapter(request) is not None:
                 self._place_adapter(request)
             if hit is not None:
@@ -510,6 +520,7 @@ class Scheduler:
         finished, self._finished_since_step = self._finished_since_step, []
         end_saves, self._end_saves = self._end_saves, []
         adapter_loads, self._adapter_loads = self._adapter_loads, []
+        lane_resets, self._lane_resets = self._lane_resets, []
         return SchedulerOutput(
             sequences,
             slots_to_reset,
@@ -521,8 +532,14 @@ class Scheduler:
             saves,
             is_quarantine,
             adapter_loads,
-            sparse_slot,
+            sparse_slot=sparse_slot,
+            lane_resets=lane_resets,
         )
+
+    @property
+    def lane_rows_layers(self) -> int:
+        """Layers with second lanes (0: none)."""
+        return self.lane_rows.num_layers if self.lane_rows is not None else 0
 
     # -- weight affinity (sparse adapters) --------------------------------------------------------------------------
 
@@ -614,8 +631,7 @@ class Scheduler:
         for request in group:
             request.num_computed_tokens = 0
             self._pending_resets.append(request.slot_id)
-            if request.lane_slot:
-                self._pending_resets.append(request.lane_slot)
+            self._lane_resets.extend(request.lane_rows.items())
             self._samples_owed[request.request_id] = QUARANTINE_SAMPLES
         return failed
 
@@ -643,9 +659,9 @@ class Scheduler:
             request = seq.request
             if route is not None and request.auto_route_bias is not None:
                 request.layer_route, request.auto_route_bias = route, None
-                if 2 not in route and request.lane_slot:  # no repeat: the second lane goes back
-                    self.allocator.free(request.lane_slot)
-                    request.lane_slot = 0
+                kept = {layer: row for layer, row in request.lane_rows.items() if route[layer] == 2}
+                self.lane_rows.free({layer: row for layer, row in request.lane_rows.items() if layer not in kept})
+                request.lane_rows = kept  # the rows of the layers it repeats: their second passes are in them
             if request.layer_route is not None:  # per token fed: layers skipped and second passes run
                 self.num_layer_passes_skipped += request.layer_route.count(0) * len(seq.token_ids)
                 self.num_layer_passes_repeated += request.layer_route.count(2) * len(seq.token_ids)
@@ -699,8 +715,7 @@ class Scheduler:
         if num_output >= params.max_tokens:
             self.finish(request, RequestStatus.FINISHED_LENGTH)
 
-    @staticmethod
-    def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
+    def _sequence(self, request: Request, num_tokens: int) -> ScheduledSequence:
         token_ids = request.token_ids_to_compute(num_tokens)
         feeds_all = num_tokens >= request.num_pending_tokens  # the prompt's end, a decode, a rebuilt state
         is_sparse = request.sparse is not None
@@ -713,7 +728,9 @@ class Scheduler:
             -1 if is_sparse else request.adapter_slot,
             request.adapter_slot if is_sparse else -1,
             request.layer_route,
-            request.lane_slot,
+            tuple(request.lane_rows.get(layer, 0) for layer in range(self.lane_rows_layers))
+            if request.lane_rows
+            else None,
             request.auto_route_bias,
         )
 

@@ -52,16 +52,31 @@ class StatePool:
     whom is the SlotAllocator's and the PrefixCache's business.
     """
 
-    def __init__(self, model: CausalLM, num_slots: int, device: torch.device, num_snapshot_rows: int = 0):
+    def __init__(
+        self,
+        model: CausalLM,
+        num_slots: int,
+        device: torch.device,
+        num_snapshot_rows: int = 0,
+        num_lane_rows: int = 0,
+    ):
         if num_slots < 1:
             raise ValueError(f"expected num_slots >= 1, got {num_slots}")
-        if num_snapshot_rows < 0:
-            raise ValueError(f"expected num_snapshot_rows >= 0, got {num_snapshot_rows}")
+        if num_snapshot_rows < 0 or num_lane_rows < 0:
+            raise ValueError(
+                f"expected num_snapshot_rows, num_lane_rows >= 0, got {num_snapshot_rows}, {num_lane_rows}"
+            )
         self.num_slots = num_slots
         self.num_snapshot_rows = num_snapshot_rows
         self.bytes_per_request = model.state_bytes_per_request()
         # Per layer: name -> [num_rows, *shape]; models read and write rows by slot id.
         self.layers: list[LayerState] = model.allocate_state(self.num_rows, device)
+        # Second lanes (a repeated layer's second pass, docs/routing.md): per layer, rows 1..num_lane_rows of
+        # tensors of their own, given out one layer at a time (engine/scheduler.py's LaneRows). Allocated at the
+        # first repeat, so an engine whose requests never repeat a layer holds none.
+        self.num_lane_rows = num_lane_rows
+        self._model = model
+        self._lanes: list[LayerState] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -111,6 +126,28 @@ class StatePool:
             for tensor in layer.values():
                 tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
+    def lanes(self) -> list[LayerState]:
+        """The second-lane state of every layer, [1 + num_lane_rows, ...] each (allocated, zeroed, at first use)."""
+        if self._lanes is None:
+            if not self.num_lane_rows:
+                raise ValueError("expected second-lane rows to run a repeated layer (num_lane_rows is 0)")
+            self._lanes = self._model.allocate_state(1 + self.num_lane_rows, self._device)
+        return self._lanes
+
+    @property
+    def lane_bytes(self) -> int:
+        """Bytes the second lanes hold now (0 until the first repeat)."""
+        return sum(t.numel() * t.element_size() for layer in self._lanes or [] for t in layer.values())
+
+    def reset_lanes(self, rows: list[tuple[int, int]]) -> None:
+        """Zero second-lane rows, given as (layer, row) pairs: a new owner never sees the last owner's state."""
+        if not rows:
+            return
+        lanes = self.lanes()
+        for layer, row in rows:
+            for tensor in lanes[layer].values():
+                tensor[row].zero_()
+
     @property
     def _device(self) -> torch.device:
         return next(iter(self.layers[0].values())).device
@@ -145,3 +182,29 @@ class SlotAllocator:
             raise RuntimeError(f"slot {slot} is not allocated")
         self._used.remove(slot)
         self._free.append(slot)
+
+
+class LaneRows:
+    """The free second-lane rows of each layer (rows 1..num_rows): a request that repeats layers {l, ...} holds one
+    row in each of those layers' lanes, so a repeat costs one layer's state, not a whole slot."""
+
+    def __init__(self, num_layers: int, num_rows: int):
+        self.num_layers = num_layers
+        self.num_rows = num_rows
+        self._free: list[list[int]] = [list(range(num_rows, 0, -1)) for _ in range(num_layers)]
+
+    def can_allocate(self, layers) -> bool:
+        return all(self._free[layer] for layer in layers)
+
+    def allocate(self, layers) -> dict[int, int]:
+        """One free row in each of `layers` (check can_allocate first): {layer: row}."""
+        if not self.can_allocate(layers):
+            raise RuntimeError("no free second-lane row; the scheduler must check can_allocate first")
+        return {layer: self._free[layer].pop() for layer in sorted(layers)}
+
+    def free(self, rows: dict[int, int]) -> None:
+        for layer, row in rows.items():
+            self._free[layer].append(row)
+
+    def num_free(self, layer: int) -> int:
+        return len(self._free[layer])

@@ -101,7 +101,8 @@ class CausalLM(nn.Module):
             return self.final_norm(hidden)
         # Routes (DESIGN.md, layer routing): per layer, the rows that execute it run it on their own state rows;
         # rows that skip it pass their hidden state through and touch no state; rows that repeat it run it a
-        # second time, on their second lane's rows. A sub-batch is built once per distinct set of rows.
+        # second time, on their row of that layer's second lane (batch.lane_state). A sub-batch is built once per
+        # distinct set of rows.
         given = batch.layer_route or (None,) * batch.num_seqs
         routes = [list(r) if r is not None else [1] * len(layers) for r in given]
         if any(len(r) != len(layers) for r in routes):
@@ -114,7 +115,7 @@ class CausalLM(nn.Module):
         offsets = [0]
         for n in batch.seq_lens:
             offsets.append(offsets[-1] + n)
-        lanes = batch.lane_slot_ids or (0,) * batch.num_seqs
+        lanes = [r or (0,) * len(layers) for r in batch.lane_rows or (None,) * batch.num_seqs]
         subs: dict[tuple, tuple[ForwardContext, torch.Tensor]] = {}
 
         def sub_context(seqs: tuple[int, ...], slots: tuple[int, ...]) -> tuple[ForwardContext, torch.Tensor | None]:
@@ -146,9 +147,10 @@ class CausalLM(nn.Module):
                 hidden = run(layer, hidden, executing, tuple(batch.slot_ids_host[b] for b in executing), layer_state)
             repeating = tuple(b for b in everyone if counts[b] == 2)
             if repeating:
-                if any(lanes[b] <= 0 for b in repeating):
+                if batch.lane_state is None or any(lanes[b][index] <= 0 for b in repeating):
                     raise ValueError("expected a second-lane state row for every sequence that repeats a layer")
-                hidden = run(layer, hidden, repeating, tuple(lanes[b] for b in repeating), layer_state)
+                rows = tuple(lanes[b][index] for b in repeating)
+                hidden = run(layer, hidden, repeating, rows, batch.lane_state[index])
         batch.decided_routes = {b: tuple(routes[b]) for b in deciding}
         return self.final_norm(hidden)
 

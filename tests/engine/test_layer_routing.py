@@ -253,3 +253,45 @@ def test_routed_decode_steps_never_replay_a_cuda_graph(family_dir):
     assert not replays
     llm.generate(PROMPTS[:1], greedy(2))  # the replay raises: the engine ends the request with an error
     assert replays
+
+
+def test_a_repeat_holds_one_row_per_repeated_layer_not_a_slot(family_dir):
+    """Second lanes are per layer: with 4 slots and one lane row per layer, two requests repeating different
+    layers run together beside two plain ones (4 slots, not 6), two repeating the same layer take turns, every
+    answer equals the request alone, and the lanes are allocated only at the first repeat."""
+    _family, path = family_dir
+    llm = LLM(str(path), max_num_seqs=4, repeat_lane_rows=1, **CPU)
+    pool, scheduler = llm.engine.pool, llm.engine.scheduler
+    run(llm, PROMPTS[:1])
+    assert pool.lane_bytes == 0  # no repeat yet: no second lanes
+    routes = [(1, 2, 1, 1), (1, 1, 2, 1), None, None]
+    prompts = [PROMPTS[i % 3] for i in range(4)]
+    alone = [run(llm, [p], r)[0] for p, r in zip(prompts, routes)]
+    assert pool.lane_bytes == llm.engine.bytes_per_request * 2  # rows 0 (null) and 1 of every layer's lane
+    most_running = 0
+    original = scheduler.schedule
+
+    def watch():
+        nonlocal most_running
+        out = original()
+        most_running = max(most_running, len(out.sequences))
+        return out
+
+    scheduler.schedule = watch
+    together = [o.outputs[0] for o in llm.generate(prompts, greedy(), layer_route=routes)]
+    assert most_running == 4  # the repeats held no second slot
+    assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
+    most_running = 0
+    same = [(1, 2, 1, 1)] * 2
+    both = [o.outputs[0] for o in llm.generate(prompts[:2], greedy(), layer_route=same)]
+    assert most_running == 1  # one lane row at layer 1: the second request waits for it
+    assert [b.token_ids for b in both] == [run(llm, [p], same[0])[0].token_ids for p in prompts[:2]]
+    assert all(scheduler.lane_rows.num_free(layer) == 1 for layer in range(NUM_LAYERS))  # all given back
+
+
+def test_an_engine_without_lane_rows_refuses_repeats_in_one_line(family_dir):
+    _family, path = family_dir
+    llm = LLM(str(path), repeat_lane_rows=0, **CPU)
+    with pytest.raises(InvalidRequestError, match=r"this engine keeps none \(--repeat-lane-rows 0\)"):
+        llm.engine.add_request(EngineRequest("x", [1, 2], greedy(), layer_route=(1, 2, 1, 1)))
+    assert run(llm, PROMPTS[:1], ROUTES[0])  # skips need no lane
