@@ -86,6 +86,11 @@ class EngineStats:
     # Layer routes (cumulative, per token fed): layers skipped and layers run a second time.
     num_layer_passes_skipped: int = 0
     num_layer_passes_repeated: int = 0
+    # Second-lane rows of repeated layers, summed over layers: held by requests, and the pool's (0 until a
+    # repeat allocates them), and their bytes.
+    num_lane_rows_used: int = 0
+    num_lane_rows_total: int = 0
+    lane_state_bytes: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -383,6 +388,9 @@ class EngineCore:
             num_sparse_mixed_steps=self.scheduler.num_sparse_mixed_steps,
             num_layer_passes_skipped=self.scheduler.num_layer_passes_skipped,
             num_layer_passes_repeated=self.scheduler.num_layer_passes_repeated,
+            num_lane_rows_used=lanes.num_used if (lanes := self.scheduler.lane_rows) is not None else 0,
+            num_lane_rows_total=lanes.num_rows * lanes.num_layers if lanes is not None and self.pool.lane_bytes else 0,
+            lane_state_bytes=self.pool.lane_bytes,
         )
 
     def step(self) -> list[SampleDelta]:

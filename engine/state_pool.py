@@ -208,3 +208,8 @@ class LaneRows:
 
     def num_free(self, layer: int) -> int:
         return len(self._free[layer])
+
+    @property
+    def num_used(self) -> int:
+        """Rows held, summed over the layers."""
+        return self.num_rows * self.num_layers - sum(len(free) for free in self._free)

@@ -68,6 +68,17 @@ class _EngineCollector(Collector):
                 "Bytes of recurrent state per request (constant).",
                 stats.state_bytes_per_request,
             ),
+            (
+                "second_lane_rows_used",
+                "Second-lane rows (one layer's state each) held by requests that repeat layers, summed over layers.",
+                stats.num_lane_rows_used,
+            ),
+            (
+                "second_lane_rows_total",
+                "Second-lane rows in the pool, summed over layers (0 until the first repeat allocates them).",
+                stats.num_lane_rows_total,
+            ),
+            ("second_lane_state_bytes", "Bytes held by the second lanes.", stats.lane_state_bytes),
             ("prefix_cache_states", "Prefix-cache state snapshots held.", stats.prefix_cache_states),
             ("prefix_cache_state_bytes", "Bytes held by prefix-cache snapshots.", stats.prefix_cache_state_bytes),
             ("prefix_cache_rows_total", "Snapshot rows the prefix cache may use.", stats.prefix_cache_rows_total),

@@ -268,18 +268,21 @@ def test_a_repeat_holds_one_row_per_repeated_layer_not_a_slot(family_dir):
     prompts = [PROMPTS[i % 3] for i in range(4)]
     alone = [run(llm, [p], r)[0] for p, r in zip(prompts, routes)]
     assert pool.lane_bytes == llm.engine.bytes_per_request * 2  # rows 0 (null) and 1 of every layer's lane
-    most_running = 0
+    most_running = most_lane_rows = 0
     original = scheduler.schedule
 
     def watch():
-        nonlocal most_running
+        nonlocal most_running, most_lane_rows
         out = original()
         most_running = max(most_running, len(out.sequences))
+        most_lane_rows = max(most_lane_rows, scheduler.lane_rows.num_used)
         return out
 
     scheduler.schedule = watch
     together = [o.outputs[0] for o in llm.generate(prompts, greedy(), layer_route=routes)]
     assert most_running == 4  # the repeats held no second slot
+    assert most_lane_rows == 2  # one layer row each
+    assert llm.engine.stats().num_lane_rows_used == 0
     assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
     most_running = 0
     same = [(1, 2, 1, 1)] * 2

@@ -89,8 +89,16 @@ def test_routes_over_http_equal_the_offline_engine_and_show_in_usage(model, tool
             assert out.usage.layer_routes == [skip] and out.usage.layers_executed == 3
 
             metrics = httpx.get(base_url + "/metrics", timeout=60).text
-            skipped = [line for line in metrics.splitlines() if line.startswith("linrec:layers_skipped_total")]
-            assert skipped and float(skipped[0].split()[-1]) >= len(PROMPT) + 5  # prompt and decodes, one layer each
+
+            def metric(name: str) -> float:
+                lines = [line for line in metrics.splitlines() if line.startswith(f"linrec:{name}")]
+                assert lines, name
+                return float(lines[0].split()[-1])
+
+            assert metric("layers_skipped_total") >= len(PROMPT) + 5  # prompt and decodes, one layer each
+            # a repeat ran ("auto" held every layer's lane row): the lanes exist, and every row was given back
+            assert metric("second_lane_rows_total") == NUM_LAYERS * ENGINE["max_num_seqs"]
+            assert metric("second_lane_rows_used") == 0 and metric("second_lane_state_bytes") > 0
     finally:
         llm.shutdown()
 
