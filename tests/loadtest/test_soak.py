@@ -370,6 +370,10 @@ def test_a_short_soak_against_the_demo_server(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     command = [sys.executable, "-m", "linrec.loadtest.run", "--soak", "--run-time", "6s", "--users", "4"]
     command += ["--bad-fraction", "0.2", "--rss-interval", "0.5", "--out", str(out)]
+    # Six seconds of traffic measure the allocators' warm-up, not a leak: on the 2-core VM the growth was 58-72
+    # MiB in six runs, at this change and at the one before it alike, against the default bound of 64 MiB. The
+    # leak check is the long soak (docs/benchmarks.md); this test checks the mechanics, with room for warm-up.
+    command += ["--max-rss-growth", "160"]
     env = {**os.environ, "LINREC_CACHE_DIR": str(tmp_path / "cache")}  # the demo model, made on first use
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode in (0, 1), done.stdout + done.stderr
