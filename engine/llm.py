@@ -87,16 +87,17 @@ class LLM:
         layer_route_skip_bias added to their skip logits (docs/routing.md)."""
         prompt_list = normalize_prompts(prompts)
         loras = self._lora_names(lora_request, len(prompt_list))
-        routes = _per_prompt_routes(layer_route, len(prompt_list))
+        # one route (a sequence of ints, or "auto") for every prompt, or one route, "auto" or None per prompt
+        if layer_route is not None and not isinstance(layer_route, str):
+            layer_route = list(layer_route)
+        is_one_route = not isinstance(layer_route, list) or all(isinstance(r, int) for r in layer_route)
+        routes = _per_prompt(layer_route, len(prompt_list), is_one_route, "layer_route")
+        routes = [r if r is None or isinstance(r, str) else tuple(r) for r in routes]
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params_list = (
-            [sampling_params] * len(prompt_list)
-            if isinstance(sampling_params, SamplingParams)
-            else list(sampling_params)
+        params_list = _per_prompt(
+            sampling_params, len(prompt_list), isinstance(sampling_params, SamplingParams), "SamplingParams"
         )
-        if len(params_list) != len(prompt_list):
-            raise ValueError(f"expected one SamplingParams per prompt, got {len(params_list)} for {len(prompt_list)}")
         pending: list[tuple] = []
         for prompt, params, lora_name, route in zip(prompt_list, params_list, loras, routes):
             if isinstance(prompt, str):
@@ -152,12 +153,8 @@ class LLM:
         self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None, num_prompts: int
     ) -> list[str | None]:
         """The adapter name of each prompt, loading adapters this engine has not seen (by lora_path)."""
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            requests = [lora_request] * num_prompts
-        else:
-            requests = list(lora_request)
-            if len(requests) != num_prompts:
-                raise ValueError(f"expected one lora_request per prompt, got {len(requests)} for {num_prompts}")
+        is_one = lora_request is None or isinstance(lora_request, LoRARequest)
+        requests = _per_prompt(lora_request, num_prompts, is_one, "lora_request")
         adapters = self.engine.adapters
         names: list[str | None] = []
         for request in requests:
@@ -195,15 +192,11 @@ class LLM:
         return list(ids)
 
 
-def _per_prompt_routes(
-    layer_route: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None, num_prompts: int
-) -> list[tuple[int, ...] | str | None]:
-    """One route (a sequence of ints, or "auto") for every prompt, or one route, "auto" or None per prompt."""
-    if layer_route is None or isinstance(layer_route, str):
-        return [layer_route] * num_prompts
-    routes = list(layer_route)
-    if all(isinstance(r, int) for r in routes):
-        return [tuple(routes)] * num_prompts
-    if len(routes) != num_prompts:
-        raise ValueError(f"expected one layer_route per prompt, got {len(routes)} for {num_prompts}")
-    return [r if r is None or isinstance(r, str) else tuple(r) for r in routes]
+def _per_prompt(value, num_prompts: int, is_one: bool, what: str) -> list:
+    """`value` for every prompt when `is_one`, else the sequence of one value per prompt."""
+    if is_one:
+        return [value] * num_prompts
+    values = list(value)
+    if len(values) != num_prompts:
+        raise ValueError(f"expected one {what} per prompt, got {len(values)} for {num_prompts}")
+    return values

@@ -298,3 +298,24 @@ def test_an_engine_without_lane_rows_refuses_repeats_in_one_line(family_dir):
     with pytest.raises(InvalidRequestError, match=r"this engine keeps none \(--repeat-lane-rows 0\)"):
         llm.engine.add_request(EngineRequest("x", [1, 2], greedy(), layer_route=(1, 2, 1, 1)))
     assert run(llm, PROMPTS[:1], ROUTES[0])  # skips need no lane
+
+
+def test_per_prompt_arguments_of_the_wrong_length_are_refused_in_one_line(family_dir):
+    """LLM.generate takes one value for every prompt or one per prompt, for sampling params, adapters and routes
+    alike; a list of the wrong length names the argument."""
+    from linrec.engine.adapters import LoRARequest
+
+    _family, path = family_dir
+    llm = LLM(str(path), **CPU)
+    two = PROMPTS[:2]
+    for kwargs, what in (
+        ({"sampling_params": [greedy()] * 3}, "SamplingParams"),
+        ({"lora_request": [None, LoRARequest("x", 1, "nowhere"), None]}, "lora_request"),
+        ({"layer_route": [None, ROUTES[0], "auto"]}, "layer_route"),
+    ):
+        with pytest.raises(ValueError, match=f"^expected one {what} per prompt, got 3 for 2$"):
+            llm.generate(two, **kwargs)
+    assert [o.outputs[0].layer_route for o in llm.generate(two, greedy(), layer_route=[ROUTES[0], None])] == [
+        ROUTES[0],
+        None,
+    ]
