@@ -10,7 +10,6 @@ from linrec.engine.sampler import Sampler, SamplingMetadata, make_generator
 from linrec.engine.scheduler import ScheduledSequence, SchedulerOutput, StepResult
 from linrec.engine.sparse_switch import SparseSwitch
 from linrec.engine.state_pool import StatePool
-from linrec.kernels.sparse import SparseMapping
 from linrec.models.base import CausalLM
 from linrec.models.batch import ForwardBatch
 from linrec.models.sparse import SparseWeights
@@ -152,10 +151,8 @@ class Runner:
             device=self.device,
             adapter_slots=[s.adapter_slot for s in seqs] if self.num_adapter_slots else None,
             num_adapter_slots=self.num_adapter_slots,
+            sparse_deltas=sparse,
         )
-        if sparse is not None:
-            batch.sparse_deltas = tuple(sparse)
-            batch.sparse = SparseMapping.build(batch.seq_lens, batch.sparse_deltas, self.device)
         if routed:
             batch.layer_route = tuple(s.layer_route for s in seqs)
             if any(s.lane_rows is not None for s in seqs):

@@ -112,9 +112,7 @@ class CausalLM(nn.Module):
         deciding = [b for b, bias in enumerate(biases) if bias is not None]
         if deciding and self.routers is None:
             raise ValueError("expected layer routers (--router DIR) to decide a layer_route 'auto'")
-        offsets = [0]
-        for n in batch.seq_lens:
-            offsets.append(offsets[-1] + n)
+        offsets = batch.token_offsets
         lanes = [r or (0,) * len(layers) for r in batch.lane_rows or (None,) * batch.num_seqs]
         subs: dict[tuple, tuple[ForwardContext, torch.Tensor]] = {}
 
@@ -137,9 +135,6 @@ class CausalLM(nn.Module):
             for b in deciding:
                 routes[b][index] = self.routers.decide(index, hidden[offsets[b] : offsets[b + 1]], biases[b])
             counts = [r[index] for r in routes]
-            if all(c == 1 for c in counts):
-                hidden = layer(hidden, ctx, layer_state)
-                continue
             executing = tuple(b for b in everyone if counts[b] >= 1)
             if executing == everyone:
                 hidden = layer(hidden, ctx, layer_state)

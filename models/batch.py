@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -73,6 +75,11 @@ class ForwardBatch:
     def max_seqlen(self) -> int:
         return max(self.seq_lens, default=0)
 
+    @cached_property
+    def token_offsets(self) -> tuple[int, ...]:
+        """Host copy of cu_seqlens: sequence b owns tokens token_offsets[b]:token_offsets[b+1]."""
+        return tuple(itertools.accumulate(self.seq_lens, initial=0))
+
     @classmethod
     def build(
         cls,
@@ -82,12 +89,14 @@ class ForwardBatch:
         device: torch.device | str = "cpu",
         adapter_slots: Sequence[int] | None = None,
         num_adapter_slots: int = 0,
+        sparse_deltas: Sequence | None = None,
     ) -> ForwardBatch:
         """Lay out B sequences of the given lengths.
 
         start_positions[b] is how many tokens sequence b already has in its state (0 for a fresh
         prompt); slot_ids default to 1..B (row 0 is the null slot). adapter_slots[b] is the device slot of
         sequence b's LoRA adapter in [0, num_adapter_slots), or -1 for none (the default for all).
+        sparse_deltas[b] is sequence b's sparse adapter's add-on deltas in a step that mixes weights, or None.
         """
         seq_lens = tuple(int(n) for n in seq_lens)
         if any(n < 1 for n in seq_lens):
@@ -97,9 +106,6 @@ class ForwardBatch:
         slots = tuple(int(s) for s in slot_ids) if slot_ids is not None else tuple(range(1, num_seqs + 1))
         if len(starts) != num_seqs or len(slots) != num_seqs:
             raise ValueError(f"expected {num_seqs} start positions and slot ids, got {len(starts)} and {len(slots)}")
-        offsets = [0]
-        for n in seq_lens:
-            offsets.append(offsets[-1] + n)
         positions = [p for start, n in zip(starts, seq_lens) for p in range(start, start + n)]
         lora = None
         if adapter_slots is not None:
@@ -108,8 +114,8 @@ class ForwardBatch:
             if any(int(a) >= 0 for a in adapter_slots):
                 token_slots = [int(a) for a, n in zip(adapter_slots, seq_lens) for _ in range(n)]
                 lora = LoraMapping.build(token_slots, num_adapter_slots, device)
-        return cls(
-            cu_seqlens=torch.tensor(offsets, dtype=torch.int64, device=device),
+        batch = cls(
+            cu_seqlens=torch.tensor(list(itertools.accumulate(seq_lens, initial=0)), dtype=torch.int64, device=device),
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             slot_ids=torch.tensor(slots, dtype=torch.int64, device=device),
             seq_lens=seq_lens,
@@ -119,15 +125,17 @@ class ForwardBatch:
             adapter_slots_host=tuple(int(a) for a in adapter_slots) if adapter_slots is not None else None,
             num_adapter_slots=num_adapter_slots,
         )
+        if sparse_deltas is not None:
+            batch.sparse_deltas = tuple(sparse_deltas)
+            batch.sparse = SparseMapping.build(seq_lens, batch.sparse_deltas, device)
+        return batch
 
     def select(self, seq_indices: Sequence[int], slot_ids: Sequence[int]) -> tuple[ForwardBatch, torch.Tensor]:
         """The batch of sequences `seq_indices` (in that order) reading and writing rows `slot_ids`, and the
         indices [t] of their tokens on this batch's flat axis: how a routed layer runs on the rows that
         execute it (models/base.py)."""
         device = self.cu_seqlens.device
-        offsets = [0]
-        for n in self.seq_lens:
-            offsets.append(offsets[-1] + n)
+        offsets = self.token_offsets
         tokens = [t for b in seq_indices for t in range(offsets[b], offsets[b + 1])]
         adapter_slots = None
         if self.adapter_slots_host is not None:
@@ -139,10 +147,8 @@ class ForwardBatch:
             device=device,
             adapter_slots=adapter_slots,
             num_adapter_slots=self.num_adapter_slots,
+            sparse_deltas=[self.sparse_deltas[b] for b in seq_indices] if self.sparse_deltas is not None else None,
         )
-        if self.sparse_deltas is not None:
-            sub.sparse_deltas = tuple(self.sparse_deltas[b] for b in seq_indices)
-            sub.sparse = SparseMapping.build(sub.seq_lens, sub.sparse_deltas, device)
         return sub, torch.tensor(tokens, dtype=torch.int64, device=device)
 
     def last_token_indices(self) -> torch.Tensor:
