@@ -91,9 +91,11 @@ class SparseSwitch:
             deltas = {}
             for name, (indices, delta) in self._entries[slot].items():
                 projection = self.projections[name]
-                base = projection.weight.data.view(-1).index_select(0, indices).float()
-                merged = (base + delta).to(projection.weight.dtype).float()
-                deltas[projection] = sparse_csr(indices, merged - base, projection.out_features, projection.in_features)
+                base = projection.weight.data.view(-1).index_select(0, indices)
+                merged = _merged(base, delta).float()
+                deltas[projection] = sparse_csr(
+                    indices, merged - base.float(), projection.out_features, projection.in_features
+                )
             self._addon[slot] = deltas
         return deltas
 
@@ -101,7 +103,7 @@ class SparseSwitch:
         for name, (indices, delta) in self._entries[slot].items():
             flat = self.projections[name].weight.data.view(-1)  # nn.Linear weights are contiguous
             saved = flat.index_select(0, indices)
-            flat.index_copy_(0, indices, (saved.float() + delta).to(flat.dtype))
+            flat.index_copy_(0, indices, _merged(saved, delta))
             self._saved.append((flat, indices, saved))
         self.active = slot
         self.num_switches += 1
@@ -112,3 +114,9 @@ class SparseSwitch:
         self._saved.clear()
         self.active = BASE
         self.num_switches += 1
+
+
+def _merged(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """An adapter's merged weight values at its entries: base + delta in fp32, rounded once to the base's dtype
+    (peft's merge_and_unload). The scatter writes them; the add-on adds their difference from the base."""
+    return (base.float() + delta).to(base.dtype)
