@@ -308,21 +308,23 @@ class EngineCore:
         bias = request.route_skip_bias
         if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
             raise InvalidRequestError(f"expected a finite layer_route_skip_bias, got {bias!r}", "layer_route_skip_bias")
+        # "auto" may repeat any layer: it needs second lanes as a route with a 2 does
         repeats = route == "auto" or (isinstance(route, tuple | list) and 2 in route)
         if repeats and not self.pool.num_lane_rows:
             raise InvalidRequestError(
                 "expected second-lane rows to repeat a layer: this engine keeps none (--repeat-lane-rows 0)",
                 "layer_route",
             )
+        if repeats and params.n > 1:
+            raise InvalidRequestError(
+                f"expected n=1 with a route that repeats a layer, or 'auto' (each sample would need its own second "
+                f"state lane), got n={params.n}",
+                "layer_route",
+            )
         if route == "auto":
             if self.model.routers is None:
                 raise InvalidRequestError(
                     "expected layer routers for layer_route 'auto': this engine has none (--router DIR)", "layer_route"
-                )
-            if params.n > 1:
-                raise InvalidRequestError(
-                    f"expected n=1 with layer_route 'auto' (a repeated layer needs a second lane), got n={params.n}",
-                    "layer_route",
                 )
         elif isinstance(route, str):
             raise InvalidRequestError(f"expected layer_route 'auto' or a list of counts, got {route!r}", "layer_route")
@@ -331,12 +333,6 @@ class EngineCore:
             if len(route) != num_layers or any(r not in (0, 1, 2) for r in route):
                 raise InvalidRequestError(
                     f"expected a layer route of {num_layers} counts in {{0, 1, 2}}, got {list(route)}", "layer_route"
-                )
-            if 2 in route and params.n > 1:
-                raise InvalidRequestError(
-                    f"expected n=1 with a route that repeats a layer (each sample would need its own second "
-                    f"state lane), got n={params.n}",
-                    "layer_route",
                 )
         return prompt
 
