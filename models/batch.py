@@ -127,7 +127,7 @@ class ForwardBatch:
         )
         if sparse_deltas is not None:
             batch.sparse_deltas = tuple(sparse_deltas)
-            batch.sparse = SparseMapping.build(seq_lens, batch.sparse_deltas, device)
+            batch.sparse = SparseMapping.build(seq_lens, batch.sparse_deltas)
         return batch
 
     def select(self, seq_indices: Sequence[int], slot_ids: Sequence[int]) -> tuple[ForwardBatch, torch.Tensor]:

@@ -480,7 +480,7 @@ class OpenAIServing:
         num_generated = 0
         routes: dict[int, tuple[int, ...]] = {}  # choice index -> the layer route it runs
         num_choices = len(echo_texts) * req.n
-        offsets = [len(echo_texts[i // req.n]) for i in range(len(echo_texts) * req.n)]
+        offsets = [len(echo_texts[i // req.n]) for i in range(num_choices)]
         echoed: set[int] = set()
         item: tuple[int, SampleDelta] | None = first
         try:

@@ -50,12 +50,10 @@ class SparseMapping:
     num_tokens: int
 
     @classmethod
-    def build(
-        cls, seq_lens: Sequence[int], seq_deltas: Sequence[Deltas | None], device: torch.device | str
-    ) -> SparseMapping | None:
+    def build(cls, seq_lens: Sequence[int], seq_deltas: Sequence[Deltas | None]) -> SparseMapping | None:
         """seq_deltas[b] is sequence b's adapter's deltas (one object per adapter: consecutive sequences sharing
-        it form one run), or None for a sequence without a sparse adapter. None when no sequence has one.
-        `device` is unused (runs are host ints); it is kept for the signature every mapping builder has."""
+        it form one run), or None for a sequence without a sparse adapter. None when no sequence has one. Runs
+        are host ints: nothing goes to the device."""
         if len(seq_lens) != len(seq_deltas):
             raise ValueError(f"expected {len(seq_lens)} sequences' deltas, got {len(seq_deltas)}")
         runs: list[list] = []

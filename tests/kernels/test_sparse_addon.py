@@ -34,7 +34,7 @@ def test_mixed_groups_equal_the_reference_and_leave_other_rows_alone(dtype):
     deltas = {name: {"proj": sparse_csr(f, v, out_features, in_features)} for name, (f, v) in xs.items()}
     deltas["X"]["only_x"] = deltas["X"]["proj"]
     seq_lens = [3, 1, 4, 1]
-    mapping = SparseMapping.build(seq_lens, [deltas["X"], None, deltas["Y"], deltas["X"]], "cpu")
+    mapping = SparseMapping.build(seq_lens, [deltas["X"], None, deltas["Y"], deltas["X"]])
     assert mapping is not None and mapping.num_tokens == 9
     assert [(s, e) for s, e, _ in mapping.groups] == [(0, 3), (4, 8), (8, 9)]  # X's two sequences: two runs
     g = torch.Generator().manual_seed(3)
@@ -58,7 +58,7 @@ def test_mixed_groups_equal_the_reference_and_leave_other_rows_alone(dtype):
 def test_one_run_for_consecutive_sequences_of_one_adapter():
     flat, values = random_delta(8, 16, 10, seed=4)
     deltas = {"p": sparse_csr(flat, values, 8, 16)}
-    mapping = SparseMapping.build([2, 3], [deltas, deltas], "cpu")
+    mapping = SparseMapping.build([2, 3], [deltas, deltas])
     assert [(s, e) for s, e, _ in mapping.groups] == [(0, 5)]  # consecutive sequences: one run
     x, y = torch.randn(5, 16), torch.randn(5, 8)
     got = y.clone()
@@ -67,11 +67,11 @@ def test_one_run_for_consecutive_sequences_of_one_adapter():
 
 
 def test_no_sparse_sequence_builds_no_mapping_and_bad_shapes_are_refused():
-    assert SparseMapping.build([1, 2], [None, None], "cpu") is None
+    assert SparseMapping.build([1, 2], [None, None]) is None
     with pytest.raises(ValueError, match="expected 2 sequences' deltas, got 1"):
-        SparseMapping.build([1, 2], [None], "cpu")
+        SparseMapping.build([1, 2], [None])
     deltas = {"p": sparse_csr(*random_delta(8, 16, 10, seed=5), 8, 16)}
-    mapping = SparseMapping.build([2], [deltas], "cpu")
+    mapping = SparseMapping.build([2], [deltas])
     with pytest.raises(ValueError, match=r"expected a delta \[9, 16\], got \(8, 16\)"):
         sparse_add_(torch.zeros(2, 9), torch.zeros(2, 16), "p", mapping)
     with pytest.raises(ValueError, match="over the mapping's 2 tokens"):
