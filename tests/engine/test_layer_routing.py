@@ -319,3 +319,14 @@ def test_per_prompt_arguments_of_the_wrong_length_are_refused_in_one_line(family
         ROUTES[0],
         None,
     ]
+
+
+def test_bad_routing_flags_are_one_line_errors(family_dir, tmp_path):
+    from linrec.engine.config import EngineConfig
+
+    _family, path = family_dir
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"^expected repeat_lane_rows >= 0 or None, got {bad!r}$"):
+            EngineConfig(model=str(path), repeat_lane_rows=bad)
+    with pytest.raises(FileNotFoundError, match="^expected a router file .*router_config.json .docs/routing.md.$"):
+        LLM(str(path), router=str(tmp_path / "nowhere"), **CPU)

@@ -73,6 +73,8 @@ def test_routes_over_http_equal_the_offline_engine_and_show_in_usage(model, tool
                 ({"layer_route": [1, 3, 1, 1]}, "counts 0, 1 or 2, got [1, 3, 1, 1]"),
                 ({"layer_route": "sometimes"}, "layer_route"),
                 ({"layer_route": [1, 2, 1, 1], "n": 2}, "expected n=1 with a route that repeats a layer"),
+                ({"layer_route": "auto", "layer_route_skip_bias": 1000}, "layer_route_skip_bias"),
+                ({"layer_route": "auto", "layer_route_skip_bias": "lots"}, "layer_route_skip_bias"),
             ):
                 r = httpx.post(
                     base_url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body}, timeout=60
@@ -81,6 +83,11 @@ def test_routes_over_http_equal_the_offline_engine_and_show_in_usage(model, tool
                 error = r.json()["error"]
                 assert message in error["message"] and "\n" not in error["message"], error
                 assert error["param"] is not None and "layer_route" in error["param"] or body.get("n"), error
+            # nobody else noticed: the next routed request is served as before
+            again = client.completions.create(
+                prompt=PROMPT, **{**greedy, "extra_body": {"ignore_eos": True, "layer_route": skip}}
+            )
+            assert again.choices[0].text == want_skip.text
 
             # the Python SDK names the fields and types the usage
             with lc.Client(base_url, model="demo") as sdk:
