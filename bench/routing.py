@@ -15,6 +15,14 @@ starting one configuration later; medians):
 - repeat-25: every request runs a quarter of the layers twice (second lanes).
 Each reports output tokens/s and its ratio to `none`; skip-F should approach 1 / (1 - F) where the layers
 dominate a step. Checks: `ones` gives `none`'s tokens bit for bit; every skip route changes them.
+
+Then the same workload under a state-memory budget of `budget_slots` slots (a quarter of the requests by
+default), where state memory, not compute, bounds the batch, each configuration with the most requests any step
+ran: none; skip-50; and halves (even requests run the first half of the layers, odd ones the second half). A
+routed request holds only the rows of the layers it runs (engine/state_pool.py), but the pool has the same rows
+in every layer, so the requests that fit are bounded by the layer the most requests run: skip-50 (the same
+layers for everyone) fits no more requests than none, halves fits twice as many. A configuration's ratio to
+`none` under the budget over its ratio without it is what the memory its route leaves is worth in tokens/s.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class RouteConfig:
     output_tokens_per_s: float
     seconds_runs: list[float]
     token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    peak_running: int = 0  # the most requests one step ran
 
 
 @dataclass
@@ -54,10 +63,16 @@ class RoutingBenchResult:
     configs: list[RouteConfig]
     ones_equal_none: bool
     skips_differ: bool
+    budget_slots: int = 0
+    bounded: list[RouteConfig] = field(default_factory=list)  # under the budget
 
     def ratios(self) -> dict[str, float]:
         base = self.configs[0].output_tokens_per_s
         return {f"{c.name} / none": c.output_tokens_per_s / base for c in self.configs[1:]}
+
+    def bounded_ratios(self) -> dict[str, float]:
+        base = self.bounded[0].output_tokens_per_s
+        return {f"{c.name} / none": c.output_tokens_per_s / base for c in self.bounded[1:]}
 
     @property
     def ones_overhead(self) -> float:
@@ -65,9 +80,10 @@ class RoutingBenchResult:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for config in data["configs"]:
+        for config in data["configs"] + data["bounded"]:
             config.pop("token_ids")
         data["ratios"] = self.ratios()
+        data["bounded_ratios"] = self.bounded_ratios()
         data["ones_overhead"] = self.ones_overhead
         return json.dumps(data, indent=2)
 
@@ -77,15 +93,10 @@ class RoutingBenchResult:
             f"{self.torch_version}, {self.num_threads} threads",
             f"workload: {self.num_requests} requests x {self.prompt_len} prompt + {self.output_len} output tokens "
             f"(greedy, ignore_eos), all queued at once; median of {self.repeats} interleaved runs",
-            f"{'route':<13} {'layer passes':>12} {'seconds':>8} {'output tok/s':>13} {'vs none':>8}",
         ]
-        ratios = self.ratios()
-        for c in self.configs:
-            ratio = ratios.get(f"{c.name} / none", 1.0)
-            rows.append(
-                f"{c.name:<13} {c.layer_fraction:>12.3f} {c.seconds:>8.2f} {c.output_tokens_per_s:>13.1f} "
-                f"{ratio:>7.2f}x"
-            )
+        rows += _table(self.configs, self.ratios())
+        rows.append(f"under a state budget of {self.budget_slots} slots (every layer's rows for that many requests):")
+        rows += _table(self.bounded, self.bounded_ratios())
         met = self.ones_overhead <= TARGET_ONES_OVERHEAD
         rows += [
             f"all-ones overhead: {self.ones_overhead:+.1%} (target <= {TARGET_ONES_OVERHEAD:.0%}: "
@@ -94,6 +105,19 @@ class RoutingBenchResult:
             f"skip routes change tokens: {'yes' if self.skips_differ else 'NO'}",
         ]
         return "\n".join(rows)
+
+
+def _table(configs: list[RouteConfig], ratios: dict[str, float]) -> list[str]:
+    rows = [
+        f"{'route':<13} {'layer passes':>12} {'seconds':>8} {'output tok/s':>13} {'vs none':>8} {'most running':>13}"
+    ]
+    for c in configs:
+        ratio = ratios.get(f"{c.name} / none", 1.0)
+        rows.append(
+            f"{c.name:<13} {c.layer_fraction:>12.3f} {c.seconds:>8.2f} {c.output_tokens_per_s:>13.1f} "
+            f"{ratio:>7.2f}x {c.peak_running:>13}"
+        )
+    return rows
 
 
 def skip_route(num_layers: int, fraction: float) -> tuple[int, ...]:
@@ -132,16 +156,20 @@ def run_routing_bench(
     repeats: int = 3,
     seed: int = 0,
     threads: int | None = None,
+    budget_slots: int | None = None,
 ) -> RoutingBenchResult:
     import torch
 
     from linrec.bench.common import cached_bench_model, served_model_type
-    from linrec.bench.lora import adapter_engine_setup, serve
+    from linrec.bench.lora import adapter_engine_setup
     from linrec.engine.llm import LLM
 
     for name, value in (("num_layers", num_layers), ("output_len", output_len), ("repeats", repeats)):
         if value < 1:
             raise ValueError(f"expected {name} >= 1, got {value}")
+    budget_slots = max(1, num_requests // 4) if budget_slots is None else budget_slots
+    if budget_slots < 1:
+        raise ValueError(f"expected budget_slots >= 1, got {budget_slots}")
     if num_layers < 4 and model is None:
         raise ValueError(f"expected num_layers >= 4 (a quarter of the layers is a route's unit), got {num_layers}")
     previous = torch.get_num_threads()
@@ -159,29 +187,14 @@ def run_routing_bench(
         engine = LLM(str(path), **engine_args).engine
         layers = len(engine.model.decoder_layers())
         configs = routes_for(layers, num_requests)
-        for routes in configs.values():  # warm-up: a few requests of each configuration
-            serve(engine, prompts[:4], 2, [None] * 4, layer_routes=routes[:4])
-        runs: dict[str, list] = {name: [] for name in configs}
-        names = list(configs)
-        for r in range(repeats):  # interleaved, each round starting one configuration later (no fixed order)
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                served = serve(engine, prompts, output_len, [None] * num_requests, layer_routes=configs[name])
-                runs[name].append(served)
-        results = []
-        for name, served in runs.items():
-            seconds = statistics.median(s.seconds for s in served)
-            routes = configs[name]
-            passes = sum(sum(r) if r is not None else layers for r in routes) / (len(routes) * layers)
-            results.append(
-                RouteConfig(
-                    name,
-                    passes,
-                    seconds,
-                    num_requests * output_len / seconds,
-                    [s.seconds for s in served],
-                    served[-1].token_ids,
-                )
-            )
+        results = _measure(engine, configs, prompts, output_len, repeats, layers)
+        budget = budget_slots * engine.bytes_per_request
+        engine = LLM(str(path), **{**engine_args, "state_memory": budget}).engine
+        half = layers // 2
+        first, second = tuple([1] * half + [0] * (layers - half)), tuple([0] * half + [1] * (layers - half))
+        halves = [first if r % 2 == 0 else second for r in range(num_requests)]
+        bounded_configs = {"none": configs["none"], "skip-50": configs["skip-50"], "halves": halves}
+        bounded = _measure(engine, bounded_configs, prompts, output_len, repeats, layers)
         by = {c.name: c for c in results}
         return RoutingBenchResult(
             model=str(model) if model is not None else f"bench {family}, {layers} layers (seeded random)",
@@ -198,6 +211,56 @@ def run_routing_bench(
             configs=results,
             ones_equal_none=by["ones"].token_ids == by["none"].token_ids,
             skips_differ=all(by[n].token_ids != by["none"].token_ids for n in by if n.startswith("skip")),
+            budget_slots=budget_slots,
+            bounded=bounded,
         )
     finally:
         torch.set_num_threads(previous)
+
+
+def _measure(engine, configs: dict, prompts, output_len: int, repeats: int, layers: int) -> list[RouteConfig]:
+    """Each configuration's median run on `engine` (one warm-up each; rounds interleaved, each starting one
+    configuration later), with the most requests one step ran."""
+    from linrec.bench.lora import serve
+
+    num_requests = len(prompts)
+    scheduler = engine.scheduler
+    original = scheduler.schedule
+    peak = {"running": 0}
+
+    def watch():
+        out = original()
+        peak["running"] = max(peak["running"], len(out.sequences))
+        return out
+
+    for routes in configs.values():  # warm-up: a few requests of each configuration
+        serve(engine, prompts[:4], 2, [None] * 4, layer_routes=routes[:4])
+    runs: dict[str, list] = {name: [] for name in configs}
+    peaks = dict.fromkeys(configs, 0)
+    names = list(configs)
+    scheduler.schedule = watch
+    try:
+        for r in range(repeats):  # interleaved, each round starting one configuration later (no fixed order)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                peak["running"] = 0
+                runs[name].append(serve(engine, prompts, output_len, [None] * num_requests, layer_routes=configs[name]))
+                peaks[name] = max(peaks[name], peak["running"])
+    finally:
+        scheduler.schedule = original
+    results = []
+    for name, served in runs.items():
+        seconds = statistics.median(s.seconds for s in served)
+        routes = configs[name]
+        passes = sum(sum(r) if r is not None else layers for r in routes) / (len(routes) * layers)
+        results.append(
+            RouteConfig(
+                name,
+                passes,
+                seconds,
+                num_requests * output_len / seconds,
+                [s.seconds for s in served],
+                served[-1].token_ids,
+                peaks[name],
+            )
+        )
+    return results

@@ -260,10 +260,18 @@ def _add_routing(kinds) -> None:
         "routing",
         help="layer routes: throughput against the fraction of layers skipped, and the all-ones overhead",
         description="One engine serves the same workload with no route, all-ones routes, routes skipping 25/50/75%% "
-        "of the layers, alternating skips, and repeats; output tok/s and ratios to no route (bench/routing.py).",
+        "of the layers, alternating skips, and repeats; output tok/s and ratios to no route; then no route, skip-50 "
+        "and alternating skips under a state-memory budget (bench/routing.py).",
     )
     _add_adapter_bench_args(routing, num_requests=64, prompt_len=32, output_len=32, adapters=False)
     routing.add_argument("--num-layers", dest="num_layers", type=int, default=8, help="bench model's layers")
+    routing.add_argument(
+        "--budget-slots",
+        dest="budget_slots",
+        type=int,
+        default=None,
+        help="state memory of the budgeted runs, in slots (default: a quarter of --num-requests)",
+    )
     routing.set_defaults(handler=_run_bench_routing)
 
 
@@ -284,6 +292,7 @@ def _run_bench_routing(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
         threads=args.threads,
+        budget_slots=args.budget_slots,
     )
     print(result.format())
     if args.out:

@@ -75,14 +75,6 @@ class EngineConfig:
         default=None,
         metadata={"help": "merge a PEFT LoRA adapter directory into the weights at load", "metavar": "DIR"},
     )
-    repeat_lane_rows: int | None = field(
-        default=None,
-        metadata={
-            "help": "second-lane rows per layer for layer routes that repeat a layer (docs/routing.md): a request "
-            "repeating k layers holds k of them; allocated at the first repeat (default: max-num-seqs; 0 refuses "
-            "repeats)"
-        },
-    )
     router: str | None = field(
         default=None,
         metadata={
@@ -191,12 +183,6 @@ class EngineConfig:
             raise ValueError(f"expected linearize in {LINEARIZE_CHOICES} or None, got {self.linearize!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"expected device auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.repeat_lane_rows is not None and (
-            isinstance(self.repeat_lane_rows, bool)
-            or not isinstance(self.repeat_lane_rows, int)
-            or self.repeat_lane_rows < 0
-        ):
-            raise ValueError(f"expected repeat_lane_rows >= 0 or None, got {self.repeat_lane_rows!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")

@@ -18,7 +18,7 @@ from linrec.engine.runner import Runner
 from linrec.engine.sampling_params import InvalidRequestError
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.sparse_switch import SparseSwitch
-from linrec.engine.state_pool import LaneRows, StatePool, num_slots_for_budget
+from linrec.engine.state_pool import StatePool, num_slots_for_budget
 from linrec.engine.warmup import warm_up
 from linrec.kernels.toolchain import current_compile_watch
 from linrec.models.lora import LoraWeights
@@ -54,8 +54,8 @@ class EngineStats:
 
     num_running: int  # requests holding a slot
     num_waiting: int  # requests queued for a slot
-    num_slots_used: int
-    num_slots_total: int
+    num_slots_used: int  # requests holding state (a slot, or a routed request's rows)
+    num_slots_total: int  # request rows of each layer: requests without a route that can run at once
     state_bytes_per_request: int  # constant in context length
     # Prefix-state cache (zeros when it is off); counters are cumulative.
     prefix_cache_queries: int = 0  # prompts looked up
@@ -86,11 +86,11 @@ class EngineStats:
     # Layer routes (cumulative, per token fed): layers skipped and layers run a second time.
     num_layer_passes_skipped: int = 0
     num_layer_passes_repeated: int = 0
-    # Second-lane rows of repeated layers, summed over layers: held by requests, and the pool's (0 until a
-    # repeat allocates them), and their bytes.
-    num_lane_rows_used: int = 0
-    num_lane_rows_total: int = 0
-    lane_state_bytes: int = 0
+    # Request rows summed over layers: held (a routed request holds one per layer it executes, two per layer it
+    # repeats, none where it skips) and in the pool, and the bytes the held ones take.
+    num_state_rows_used: int = 0
+    num_state_rows_total: int = 0
+    state_bytes_used: int = 0
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -152,10 +152,7 @@ class EngineCore:
         num_rows = num_slots_for_budget(config.state_memory, bytes_per_request, self.device)
         num_slots = min(config.max_num_seqs, num_rows)
         num_snapshot_rows = min(num_rows - num_slots, config.max_cached_states) if config.enable_prefix_caching else 0
-        num_lane_rows = num_slots if config.repeat_lane_rows is None else config.repeat_lane_rows
-        self.pool = StatePool(
-            self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows, num_lane_rows=num_lane_rows
-        )
+        self.pool = StatePool(self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows)
         self.eos_token_ids = eos_token_ids_of(self.tokenizer, self.model)
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.model_key = f"{self.model_path}|{dtype}|{config.linearize}|{config.merge_lora}"
@@ -205,7 +202,8 @@ class EngineCore:
         )
         self.scheduler = Scheduler(
             num_slots=self.num_slots,
-            max_num_seqs=min(config.max_num_seqs, self.num_slots),
+            # Requests without a route are bounded by the slots; routed ones by the rows their routes need.
+            max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_waiting_requests=config.max_waiting_requests,
             eos_token_ids=self.eos_token_ids,
@@ -214,9 +212,7 @@ class EngineCore:
             long_prefill_token_threshold=config.long_prefill_token_threshold,
             max_long_partial_prefills=config.max_long_partial_prefills,
             adapter_slots=AdapterSlots(config.max_loras) if config.enable_lora else None,
-            lane_rows=LaneRows(len(self.model.decoder_layers()), self.pool.num_lane_rows)
-            if self.pool.num_lane_rows
-            else None,
+            num_layers=len(self.model.decoder_layers()),
         )
         self.outputs = OutputProcessor(self.tokenizer)
 
@@ -308,11 +304,12 @@ class EngineCore:
         bias = request.route_skip_bias
         if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
             raise InvalidRequestError(f"expected a finite layer_route_skip_bias, got {bias!r}", "layer_route_skip_bias")
-        # "auto" may repeat any layer: it needs second lanes as a route with a 2 does
+        # "auto" may repeat any layer: until its routers decide, it holds two rows of every layer
         repeats = route == "auto" or (isinstance(route, tuple | list) and 2 in route)
-        if repeats and not self.pool.num_lane_rows:
+        if repeats and self.num_slots < 2:
             raise InvalidRequestError(
-                "expected second-lane rows to repeat a layer: this engine keeps none (--repeat-lane-rows 0)",
+                "expected a pool of 2 or more request rows to repeat a layer (its second pass keeps a state row of "
+                "its own): this engine's has 1 (raise --state-memory or --max-num-seqs)",
                 "layer_route",
             )
         if repeats and params.n > 1:
@@ -384,9 +381,11 @@ class EngineCore:
             num_sparse_mixed_steps=self.scheduler.num_sparse_mixed_steps,
             num_layer_passes_skipped=self.scheduler.num_layer_passes_skipped,
             num_layer_passes_repeated=self.scheduler.num_layer_passes_repeated,
-            num_lane_rows_used=lanes.num_used if (lanes := self.scheduler.lane_rows) is not None else 0,
-            num_lane_rows_total=lanes.num_rows * lanes.num_layers if lanes is not None and self.pool.lane_bytes else 0,
-            lane_state_bytes=self.pool.lane_bytes,
+            num_state_rows_used=allocator.num_rows_used,
+            num_state_rows_total=allocator.num_rows * allocator.num_layers,
+            state_bytes_used=sum(
+                allocator.rows_used(layer) * num_bytes for layer, num_bytes in enumerate(self.pool.layer_bytes)
+            ),
         )
 
     def step(self) -> list[SampleDelta]:

@@ -70,18 +70,32 @@ class Request:
     lora: LoraWeights | None = None  # its LoRA adapter, held to the end even if the name is unloaded meanwhile
     sparse: SparseWeights | None = None  # its sparse (SHiRA) adapter, scattered into the weights while it runs
     adapter_slot: int = -1  # the device adapter slot it pins while running (-1: none)
-    # Its layer route (one count per layer: 0 skip, 1 execute, 2 repeat), None for every layer once; and its
-    # second-lane rows, {layer: row}, where each repeated layer's second pass keeps its state.
+    # Its layer route (one count per layer: 0 skip, 1 execute, 2 repeat), None for every layer once.
     layer_route: tuple[int, ...] | None = None
-    lane_rows: dict[int, int] = field(default_factory=dict)
+    # A routed request's rows of the pool, layer by layer (engine/state_pool.py's RowAllocator; its slot_id is 0):
+    # the row each layer it executes keeps its state in (0: skipped), and the second-lane row of each layer it
+    # repeats, where the second pass keeps its state (0: none). None while it holds none, and for a request
+    # without a route, which holds slot_id in every layer.
+    layer_rows: tuple[int, ...] | None = None
+    lane_rows: tuple[int, ...] | None = None
     # layer_route "auto" not decided yet: the skip bias its routers get at its first step (None: decided/given).
     auto_route_bias: float | None = None
 
-    def lane_layers(self, num_layers: int) -> list[int]:
-        """The layers it needs a second-lane row in: those it repeats (every layer while "auto" is undecided)."""
+    def row_counts(self, num_layers: int) -> tuple[int, ...] | None:
+        """The rows it needs in each layer, or None for one row in every layer (no route, or all ones): its route's
+        counts, and two everywhere while "auto" is undecided (it may repeat any layer)."""
         if self.auto_route_bias is not None:
-            return list(range(num_layers))
-        return [layer for layer, count in enumerate(self.layer_route or ()) if count == 2]
+            return (2,) * num_layers
+        if self.layer_route is None or all(count == 1 for count in self.layer_route):
+            return None
+        return self.layer_route
+
+    @property
+    def state_rows(self) -> int | tuple[int, ...] | None:
+        """Where its state is (Rows: slot_id, or its per-layer rows), None while it holds none."""
+        if self.layer_rows is not None:
+            return self.layer_rows
+        return self.slot_id or None
 
     @property
     def num_prompt_tokens(self) -> int:

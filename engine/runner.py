@@ -54,7 +54,6 @@ class Runner:
         # Order matters: end states leave their freed slots before those slots are reset or loaded.
         self.pool.copy_rows(out.end_saves)
         self.pool.reset(out.slots_to_reset)
-        self.pool.reset_lanes(out.lane_resets)
         self.pool.copy_rows(out.loads)
         for slot, weights in out.adapter_loads:
             self.load_adapter(slot, weights)
@@ -155,9 +154,10 @@ class Runner:
         )
         if routed:
             batch.layer_route = tuple(s.layer_route for s in seqs)
+            if any(s.layer_rows is not None for s in seqs):
+                batch.layer_rows = tuple(s.layer_rows for s in seqs)
             if any(s.lane_rows is not None for s in seqs):
                 batch.lane_rows = tuple(s.lane_rows for s in seqs)
-                batch.lane_state = self.pool.lanes()
             if any(s.auto_route is not None for s in seqs):
                 batch.auto_route = tuple(s.auto_route for s in seqs)
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)

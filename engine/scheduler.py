@@ -68,7 +68,7 @@ from linrec.engine.adapters import AdapterSlots
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
 from linrec.engine.sampling_params import InvalidRequestError
-from linrec.engine.state_pool import LaneRows, SlotAllocator
+from linrec.engine.state_pool import RowAllocator, Rows
 
 # A branch point is claimed (the leader's chunk cut there, followers waiting one step for it) only if it
 # saves at least this many tokens beyond the snapshot a request would otherwise start from: below it the
@@ -115,13 +115,14 @@ def default_long_prefill_threshold(max_num_batched_tokens: int) -> int:
 @dataclass
 class ScheduledSequence:
     request: Request  # read-only for the runner (token history and sampling params)
-    slot_id: int  # state row this sequence reads and writes
+    slot_id: int  # state row this sequence reads and writes in every layer (0: a routed one's, per layer below)
     token_ids: list[int]  # tokens fed this step: a prefill chunk or the one pending decode token
     start_position: int  # tokens already folded into the state before this step
     needs_sample: bool  # the chunk ends the prompt, or it is a decode: sample the next token
     adapter_slot: int = -1  # device LoRA slot of its LoRA adapter (-1: none)
     sparse_slot: int = -1  # device adapter slot of its sparse adapter (-1: none)
     layer_route: tuple[int, ...] | None = None  # its route (None: every layer once)
+    layer_rows: tuple[int, ...] | None = None  # per layer, its state row (0: skips it); None: slot_id everywhere
     lane_rows: tuple[int, ...] | None = None  # per layer, its second-lane row (0: none); None: no repeat
     auto_route: float | None = None  # its routers decide its route in this step, with this skip bias
 
@@ -129,29 +130,30 @@ class ScheduledSequence:
 @dataclass
 class SchedulerOutput:
     sequences: list[ScheduledSequence]  # decodes first, then prefill chunks; their order is the batch order
-    slots_to_reset: list[int]  # slots handed to new requests this step: zeroed before the forward
-    # After the forward, copy the state in the first slot into each of the others (n > 1 children
+    # State rows handed to new requests this step (a slot, or a routed request's rows: engine/state_pool.py's
+    # Rows): zeroed before the forward.
+    slots_to_reset: list[Rows]
+    # After the forward, copy the state in the first rows into each of the others (n > 1 children
     # forking from their parent's prefilled prompt).
-    forks: list[tuple[int, list[int]]]
+    forks: list[tuple[Rows, list[Rows]]]
     # Rows to sample: (request, index into `sequences` whose last-token logits it samples from).
     # Forking children sample from their parent's row, each with its own generator.
     samples: list[tuple[Request, int]]
     finished_request_ids: list[str]  # finished since the last step (the runner drops their generators)
-    # Prefix-state cache row copies, in the runner's order: end_saves (slot -> snapshot row: the end
-    # states of requests finished since the last step, whose slots are not reused before this copy),
-    # then resets, then loads (snapshot row -> slot: prefix hits), the forward, forks, then saves
-    # (slot -> snapshot row: states at this step's chunk ends).
-    end_saves: list[tuple[int, int]] = field(default_factory=list)
-    loads: list[tuple[int, int]] = field(default_factory=list)
-    saves: list[tuple[int, int]] = field(default_factory=list)
+    # Prefix-state cache row copies, in the runner's order: end_saves (rows -> snapshot row: the end
+    # states of requests finished since the last step, whose rows are not reused before this copy),
+    # then resets, then loads (snapshot row -> rows: prefix hits), the forward, forks, then saves
+    # (rows -> snapshot row: states at this step's chunk ends). A routed request's rows copy only the layers it
+    # executes: a snapshot is loaded only by requests of the same route.
+    end_saves: list[tuple[Rows, int]] = field(default_factory=list)
+    loads: list[tuple[int, Rows]] = field(default_factory=list)
+    saves: list[tuple[Rows, int]] = field(default_factory=list)
     # A quarantine step: a group of requests rebuilding their states after a failed step, nothing else; if it
     # fails too, the group is split (a group of one is the cause).
     is_quarantine: bool = False
     # Adapters to copy into device slots before the forward: (slot, its new adapter's LoraWeights or
     # SparseWeights).
     adapter_loads: list[tuple[int, object]] = field(default_factory=list)
-    # Second-lane rows, (layer, row), handed to requests this step (or rebuilt): zeroed before the forward.
-    lane_resets: list[tuple[int, int]] = field(default_factory=list)
     # The device slot of the sparse adapter scattered into the weights for this step: every sequence uses it.
     # -1: the base weights (sparse sequences of a mixed step get the per-token add-on).
     sparse_slot: int = -1
@@ -222,7 +224,7 @@ class Scheduler:
         long_prefill_token_threshold: int | None = None,
         max_long_partial_prefills: int = 1,
         adapter_slots: AdapterSlots | None = None,
-        lane_rows: LaneRows | None = None,
+        num_layers: int = 1,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -236,7 +238,9 @@ class Scheduler:
                 "expected long_prefill_token_threshold >= 0 and max_long_partial_prefills >= 1, got "
                 f"{long_prefill_token_threshold} and {max_long_partial_prefills}"
             )
-        self.allocator = SlotAllocator(num_slots)
+        # Each layer's request rows: a request without a route holds one slot in every layer, a routed one rows
+        # that follow its route (RowAllocator), so routes that skip layers leave rows to others.
+        self.allocator = RowAllocator(num_slots, num_layers)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: no prompt counts as long
@@ -257,14 +261,14 @@ class Scheduler:
         self._ready: deque[Request] = deque()  # followers whose snapshot landed: admitted before `waiting`
         self._num_blocked = 0  # followers parked on a pending snapshot
         self._arrivals = itertools.count()
-        self._end_saves: list[tuple[int, int]] = []  # end states to copy at the start of the next step
+        self._end_saves: list[tuple[Rows, int]] = []  # end states to copy at the start of the next step
         self._step_pins: list[RadixNode] = []  # snapshots loaded this step: unpinned in update()
         self._step_saves: list[RadixNode] = []  # snapshots written this step: ready in update()
         # Failed-step recovery: groups of requests in quarantine, the first one running; samples each
         # suspect still owes (rebuild + one more step); slots to zero at the next schedule().
         self._quarantine: deque[list[Request]] = deque()
         self._samples_owed: dict[str, int] = {}  # suspect request id -> samples left before it is cleared
-        self._pending_resets: list[int] = []
+        self._pending_resets: list[Rows] = []
         # Device adapter slots, LoRA and sparse (None: the engine serves no adapters). A request with an adapter is
         # admitted only once a slot holds it; loads planned this step go to the runner in SchedulerOutput.adapter_loads.
         self.adapter_slots = adapter_slots
@@ -273,10 +277,6 @@ class Scheduler:
         # Steps whose sequences mixed a sparse adapter with other weights (the per-token add-on), for metrics;
         # sparse requests in the scheduler; request id -> steps weight affinity passed it over.
         self.num_sparse_mixed_steps = 0
-        # Second-lane rows of repeated layers (None: no layer count; repeats are refused before they get here),
-        # and the (layer, row) pairs handed out or rebuilt since the last step: zeroed before the forward.
-        self.lane_rows = lane_rows
-        self._lane_resets: list[tuple[int, int]] = []
         # Layer routes, per token fed: layers skipped, and second passes of repeated layers (metrics).
         self.num_layer_passes_skipped = 0
         self.num_layer_passes_repeated = 0
@@ -343,16 +343,13 @@ class Scheduler:
         plan = self._plans.pop(request.request_id, None)
         if plan is not None:
             self._drop_plan(request, plan)
-        if request.slot_id:
+        if request.state_rows is not None:
             # A failed or quarantined request's state is unknown or half rebuilt: never a snapshot.
             is_state_sound = status is not RequestStatus.FINISHED_ERROR and not is_suspect
             if request.status is RequestStatus.RUNNING and request.num_computed_tokens > 0 and is_state_sound:
                 self._save_end_state(request)
-            self.allocator.free(request.slot_id)
-            request.slot_id = 0
-            if request.lane_rows:
-                self.lane_rows.free(request.lane_rows)
-                request.lane_rows = {}
+            self.allocator.free(request.state_rows, *[request.lane_rows] if request.lane_rows else [])
+            request.slot_id, request.layer_rows, request.lane_rows = 0, None, None
         self._adapter_waits.pop(request.request_id, None)
         self._passes.pop(request.request_id, None)
         if request.parent_id is None and request.request_id in self.requests:
@@ -382,8 +379,11 @@ class Scheduler:
 
     @property
     def num_free_places(self) -> int:
-        """Requests that could start running now: free slots, within max_num_seqs."""
-        return max(0, min(self.allocator.num_free, self.max_num_seqs - len(self.running) - self._num_reserved()))
+        """Requests without a route that could start running now: free slots, within max_num_seqs."""
+        return max(0, min(self.allocator.num_free, self._num_free_seqs()))
+
+    def _num_free_seqs(self) -> int:
+        return self.max_num_seqs - len(self.running) - self._num_reserved()
 
     @property
     def num_suspects(self) -> int:
@@ -427,25 +427,24 @@ class Scheduler:
             budget -= num_tokens
         # Pass 3: admit waiting prompts while there are slots (n of them for an n-sample prompt). A long one
         # is passed over while the long prefills are at their bound; it keeps its place in the queue.
-        loads: list[tuple[int, int]] = []
-        queued = [*self._ready, *self.waiting] if budget > 0 and self.num_free_places else []
+        loads: list[tuple[int, Rows]] = []
+        # A routed request may fit in rows that other routes left, with no whole slot free.
+        has_rows = self.allocator.num_rows_used < self.allocator.num_rows * self.allocator.num_layers
+        queued = [*self._ready, *self.waiting] if budget > 0 and self._num_free_seqs() > 0 and has_rows else []
         candidates, group = self._weight_affinity(queued)
         for request in candidates:
             if budget <= 0:
                 break
             num_samples = 1 + len(request.children)
-            if (
-                self.allocator.num_free < num_samples
-                or len(self.running) + self._num_reserved() + num_samples > self.max_num_seqs
-            ):
+            counts = request.row_counts(self.allocator.num_layers)
+            if self._num_free_seqs() < num_samples or (counts is None and self.allocator.num_free < num_samples):
                 break
+            if counts is not None and not self.allocator.can_allocate_route(counts, num_samples):
+                continue  # the rows its route needs are taken: it waits, keeping its place
             plan = self._plans.get(request.request_id)
             is_long = self._is_long(request.num_prompt_tokens - self._hit_depth(request, plan))
             if is_long and num_long >= self.max_long_partial_prefills:
                 continue
-            lane_layers = request.lane_layers(self.lane_rows_layers)
-            if lane_layers and (self.lane_rows is None or not self.lane_rows.can_allocate(lane_layers)):
-                continue  # its repeated layers' second lanes are all taken: it waits, keeping its place
             if _adapter(request) is not None and not self._can_place_adapter(request):
                 # every adapter slot is pinned by other adapters' requests: it waits, keeping its place
                 waited = self._adapter_waits[request.request_id] = self._adapter_waits.get(request.request_id, 0) + 1
@@ -461,19 +460,18 @@ class Scheduler:
                     self._block(request, plan, wait_on)
                     continue
             self._unqueue(request)
-            request.slot_id = self.allocator.allocate()
-            if lane_layers:  # each repeated layer's second pass: a zeroed row of that layer's lane
-                request.lane_rows = self.lane_rows.allocate(lane_layers)
-                self._lane_resets.extend(request.lane_rows.items())
+            self._allocate_rows(request, counts)
+            if request.lane_rows is not None:  # each repeated layer's second pass starts from a zeroed row
+                slots_to_reset.append(request.lane_rows)
             if _adapter(request) is not None:
                 self._place_adapter(request)
             if hit is not None:
-                loads.append((hit.row, request.slot_id))
+                loads.append((hit.row, request.state_rows))
                 request.num_computed_tokens = request.num_cached_tokens = hit.depth
             else:
-                slots_to_reset.append(request.slot_id)
+                slots_to_reset.append(request.state_rows)
             for child in request.children:
-                child.slot_id = self.allocator.allocate()  # reserved; filled by the fork, not zeroed
+                self._allocate_rows(child, counts)  # reserved; filled by the fork, not zeroed
             request.status = RequestStatus.RUNNING
             request.first_scheduled_time = time.monotonic()
             self.running.append(request)
@@ -494,7 +492,7 @@ class Scheduler:
         return self._output([c for c in chunks if c[1] > 0], slots_to_reset, loads)
 
     def _output(
-        self, chunks: list[list], slots_to_reset: list[int], loads: list[tuple[int, int]], is_quarantine: bool = False
+        self, chunks: list[list], slots_to_reset: list[Rows], loads: list[tuple[int, Rows]], is_quarantine: bool = False
     ) -> SchedulerOutput:
         """The step's plain-data output for chunks of [request, tokens to feed] in batch order: the
         sequences, snapshot saves, n > 1 forks and the rows to sample."""
@@ -507,7 +505,7 @@ class Scheduler:
         for seq in sequences:
             if seq.start_position < seq.request.num_prompt_tokens:
                 self.prefix_stats.num_prefill_tokens += len(seq.token_ids)
-        forks: list[tuple[int, list[int]]] = []
+        forks: list[tuple[Rows, list[Rows]]] = []
         samples: list[tuple[Request, int]] = []
         for index, seq in enumerate(sequences):
             if not seq.needs_sample:
@@ -515,12 +513,11 @@ class Scheduler:
             samples.append((seq.request, index))
             children = [c for c in seq.request.children if c.status is RequestStatus.WAITING]
             if children and seq.request.num_computed_tokens + len(seq.token_ids) == seq.request.num_prompt_tokens:
-                forks.append((seq.slot_id, [c.slot_id for c in children]))
+                forks.append((seq.request.state_rows, [c.state_rows for c in children]))
                 samples.extend((child, index) for child in children)
         finished, self._finished_since_step = self._finished_since_step, []
         end_saves, self._end_saves = self._end_saves, []
         adapter_loads, self._adapter_loads = self._adapter_loads, []
-        lane_resets, self._lane_resets = self._lane_resets, []
         return SchedulerOutput(
             sequences,
             slots_to_reset,
@@ -533,13 +530,15 @@ class Scheduler:
             is_quarantine,
             adapter_loads,
             sparse_slot=sparse_slot,
-            lane_resets=lane_resets,
         )
 
-    @property
-    def lane_rows_layers(self) -> int:
-        """Layers with second lanes (0: none)."""
-        return self.lane_rows.num_layers if self.lane_rows is not None else 0
+    def _allocate_rows(self, request: Request, counts: tuple[int, ...] | None) -> None:
+        """Its rows: a slot in every layer (counts None), or per layer what its route needs."""
+        if counts is None:
+            request.slot_id = self.allocator.allocate()
+            return
+        first, second = self.allocator.allocate_route(counts)
+        request.layer_rows, request.lane_rows = first, second if any(second) else None
 
     # -- weight affinity (sparse adapters) --------------------------------------------------------------------------
 
@@ -630,8 +629,9 @@ class Scheduler:
             self.finish(request, RequestStatus.FINISHED_ERROR)
         for request in group:
             request.num_computed_tokens = 0
-            self._pending_resets.append(request.slot_id)
-            self._lane_resets.extend(request.lane_rows.items())
+            self._pending_resets.append(request.state_rows)
+            if request.lane_rows is not None:
+                self._pending_resets.append(request.lane_rows)
             self._samples_owed[request.request_id] = QUARANTINE_SAMPLES
         return failed
 
@@ -659,9 +659,14 @@ class Scheduler:
             request = seq.request
             if route is not None and request.auto_route_bias is not None:
                 request.layer_route, request.auto_route_bias = route, None
-                kept = {layer: row for layer, row in request.lane_rows.items() if route[layer] == 2}
-                self.lane_rows.free({layer: row for layer, row in request.lane_rows.items() if layer not in kept})
-                request.lane_rows = kept  # the rows of the layers it repeats: their second passes are in them
+                # It held two rows in every layer until now: the rows its route does not use go back.
+                first = tuple(row if count else 0 for row, count in zip(request.layer_rows, route))
+                second = tuple(row if count == 2 else 0 for row, count in zip(request.lane_rows, route))
+                self.allocator.release(
+                    tuple(row - kept for row, kept in zip(request.layer_rows, first)),
+                    tuple(row - kept for row, kept in zip(request.lane_rows, second)),
+                )
+                request.layer_rows, request.lane_rows = first, second if any(second) else None
             if request.layer_route is not None:  # per token fed: layers skipped and second passes run
                 self.num_layer_passes_skipped += request.layer_route.count(0) * len(seq.token_ids)
                 self.num_layer_passes_repeated += request.layer_route.count(2) * len(seq.token_ids)
@@ -728,9 +733,8 @@ class Scheduler:
             -1 if is_sparse else request.adapter_slot,
             request.adapter_slot if is_sparse else -1,
             request.layer_route,
-            tuple(request.lane_rows.get(layer, 0) for layer in range(self.lane_rows_layers))
-            if request.lane_rows
-            else None,
+            request.layer_rows,
+            request.lane_rows,
             request.auto_route_bias,
         )
 
@@ -780,11 +784,11 @@ class Scheduler:
                 last = node.depth
         return hit, None
 
-    def _plan_saves(self, sequences: list[ScheduledSequence]) -> list[tuple[int, int]]:
+    def _plan_saves(self, sequences: list[ScheduledSequence]) -> list[tuple[Rows, int]]:
         """Snapshot rows to write after this step's forward: claimed branch points reached by this chunk
         (always, evicting if need be) and other chunk or prompt ends (when a row is free or worth less)."""
         cache = self.cache
-        saves: list[tuple[int, int]] = []
+        saves: list[tuple[Rows, int]] = []
         for seq in sequences:
             request = seq.request
             plan = self._plans.get(request.request_id)
@@ -811,7 +815,7 @@ class Scheduler:
                 if saved is None:
                     continue
             self._step_saves.append(saved)
-            saves.append((request.slot_id, saved.row))
+            saves.append((request.state_rows, saved.row))
         return saves
 
     def _deepest_state_on_path(self, key: PrefixKey, tokens: list[int]) -> int:
@@ -851,7 +855,7 @@ class Scheduler:
         if self.cache.save(request.cache_key, tokens, row, is_ready=True) is not None:
             # The row may have been evicted from an end state saved since the last step: last one wins.
             self._end_saves = [pair for pair in self._end_saves if pair[1] != row]
-            self._end_saves.append((request.slot_id, row))
+            self._end_saves.append((request.state_rows, row))
 
     def _unqueue(self, request: Request) -> None:
         """Take a waiting request out of whichever queue holds it (ready, sorted waiting, or blocked)."""

@@ -43,40 +43,38 @@ def num_slots_for_budget(state_memory: int | float, bytes_per_request: int, devi
     return num_slots
 
 
+# A request's rows of the pool: one row in every layer (an int: its slot), or one per layer (a tuple; 0: none there).
+Rows = int | tuple[int, ...]
+
+
+def row_in_layer(rows: Rows, layer: int) -> int:
+    """The row `rows` names in `layer` (0: none)."""
+    return rows if isinstance(rows, int) else rows[layer]
+
+
 class StatePool:
     """Owns every layer's state tensors, shaped [1 + num_slots + num_snapshot_rows, ...].
 
-    Row 0 is the null slot; rows 1..num_slots are request slots; the rows after them hold prefix-cache
-    snapshots, so slots and snapshots are one allocation from one memory budget and a hit or a save is
-    a row-to-row copy inside the same tensors. The pool only stores and copies; which row belongs to
-    whom is the SlotAllocator's and the PrefixCache's business.
+    Row 0 is the null slot; rows 1..num_slots are request rows; the rows after them hold prefix-cache
+    snapshots, so requests and snapshots are one allocation from one memory budget and a hit or a save is
+    a row-to-row copy inside the same tensors. A request without a layer route holds the same row (its slot)
+    in every layer; a routed one holds rows layer by layer (RowAllocator), so its operations take Rows. The
+    pool only stores and copies; which row belongs to whom is the RowAllocator's and the PrefixCache's
+    business.
     """
 
-    def __init__(
-        self,
-        model: CausalLM,
-        num_slots: int,
-        device: torch.device,
-        num_snapshot_rows: int = 0,
-        num_lane_rows: int = 0,
-    ):
+    def __init__(self, model: CausalLM, num_slots: int, device: torch.device, num_snapshot_rows: int = 0):
         if num_slots < 1:
             raise ValueError(f"expected num_slots >= 1, got {num_slots}")
-        if num_snapshot_rows < 0 or num_lane_rows < 0:
-            raise ValueError(
-                f"expected num_snapshot_rows, num_lane_rows >= 0, got {num_snapshot_rows}, {num_lane_rows}"
-            )
+        if num_snapshot_rows < 0:
+            raise ValueError(f"expected num_snapshot_rows >= 0, got {num_snapshot_rows}")
         self.num_slots = num_slots
         self.num_snapshot_rows = num_snapshot_rows
         self.bytes_per_request = model.state_bytes_per_request()
+        # Bytes of one row of each layer: what a routed request's state costs follows its route.
+        self.layer_bytes = [sum(spec.num_bytes for spec in layer.values()) for layer in model.state_spec()]
         # Per layer: name -> [num_rows, *shape]; models read and write rows by slot id.
         self.layers: list[LayerState] = model.allocate_state(self.num_rows, device)
-        # Second lanes (a repeated layer's second pass, docs/routing.md): per layer, rows 1..num_lane_rows of
-        # tensors of their own, given out one layer at a time (engine/scheduler.py's LaneRows). Allocated at the
-        # first repeat, so an engine whose requests never repeat a layer holds none.
-        self.num_lane_rows = num_lane_rows
-        self._model = model
-        self._lanes: list[LayerState] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -91,125 +89,147 @@ class StatePool:
     def total_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
-    def reset(self, slot_ids: list[int]) -> None:
-        """Zero every layer's state in these slots: a new owner never sees the last owner's state."""
-        if not slot_ids:
+    def reset(self, rows: list[Rows]) -> None:
+        """Zero every layer's state in these rows: a new owner never sees the last owner's state."""
+        if not rows:
             return
-        index = torch.tensor(slot_ids, dtype=torch.int64, device=self._device)
-        for layer in self.layers:
-            for tensor in layer.values():
-                tensor.index_fill_(0, index, 0)
+        for layer, index in self._per_layer([(r,) for r in rows]):
+            for tensor in self.layers[layer].values():
+                tensor.index_fill_(0, index[0], 0)
 
-    def copy(self, src_slot: int, dst_slots: list[int]) -> None:
-        """Fork: copy every layer's state in src_slot into each of dst_slots."""
-        if not dst_slots:
-            return
-        index = torch.tensor(dst_slots, dtype=torch.int64, device=self._device)
-        for layer in self.layers:
-            for tensor in layer.values():
-                # The source row is cloned: index_copy_ refuses a source that aliases its destination.
-                source = tensor[src_slot].clone().unsqueeze(0).expand(len(dst_slots), *tensor.shape[1:])
-                tensor.index_copy_(0, index, source)
+    def copy(self, src: Rows, dsts: list[Rows]) -> None:
+        """Fork: copy every layer's state in src into each of dsts."""
+        self.copy_rows([(src, dst) for dst in dsts])
 
-    def copy_rows(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy every layer's state row src -> dst for each (src, dst) pair (prefix loads and saves).
+    def copy_rows(self, pairs: list[tuple[Rows, Rows]]) -> None:
+        """Copy state src -> dst for each (src, dst) pair (prefix loads and saves, forks), in each layer where both
+        name a row.
 
         All sources are read before any destination is written, so a pair may read a row another
         pair of the same call writes."""
         if not pairs:
             return
-        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=self._device)
-        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=self._device)
-        if len(set(p[1] for p in pairs)) != len(pairs):
-            raise ValueError(f"expected distinct destination rows, got {[p[1] for p in pairs]}")
-        for layer in self.layers:
-            for tensor in layer.values():
+        for layer, (src, dst) in self._per_layer(pairs):
+            for tensor in self.layers[layer].values():
                 tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
-    def lanes(self) -> list[LayerState]:
-        """The second-lane state of every layer, [1 + num_lane_rows, ...] each (allocated, zeroed, at first use)."""
-        if self._lanes is None:
-            if not self.num_lane_rows:
-                raise ValueError("expected second-lane rows to run a repeated layer (num_lane_rows is 0)")
-            self._lanes = self._model.allocate_state(1 + self.num_lane_rows, self._device)
-        return self._lanes
-
-    @property
-    def lane_bytes(self) -> int:
-        """Bytes the second lanes hold now (0 until the first repeat)."""
-        return sum(t.numel() * t.element_size() for layer in self._lanes or [] for t in layer.values())
-
-    def reset_lanes(self, rows: list[tuple[int, int]]) -> None:
-        """Zero second-lane rows, given as (layer, row) pairs: a new owner never sees the last owner's state."""
-        if not rows:
-            return
-        lanes = self.lanes()
-        for layer, row in rows:
-            for tensor in lanes[layer].values():
-                tensor[row].zero_()
+    def _per_layer(self, items: list[tuple[Rows, ...]]):
+        """(layer, index tensors) for each layer that rows of `items` name, an item counting in a layer where
+        all its Rows name a row; with only ints, one set of tensors serves every layer."""
+        width = len(items[0])
+        if all(isinstance(r, int) for item in items for r in item):
+            columns = [[item[k] for item in items] for k in range(width)]
+            if width == 2 and len(set(columns[1])) != len(items):
+                raise ValueError(f"expected distinct destination rows, got {columns[1]}")
+            index = tuple(torch.tensor(c, dtype=torch.int64, device=self._device) for c in columns)
+            return [(layer, index) for layer in range(len(self.layers))]
+        out = []
+        for layer in range(len(self.layers)):
+            kept = [tuple(row_in_layer(r, layer) for r in item) for item in items]
+            kept = [item for item in kept if all(item)]
+            if not kept:
+                continue
+            columns = [[item[k] for item in kept] for k in range(width)]
+            if width == 2 and len(set(columns[1])) != len(kept):
+                raise ValueError(f"expected distinct destination rows in layer {layer}, got {columns[1]}")
+            out.append((layer, tuple(torch.tensor(c, dtype=torch.int64, device=self._device) for c in columns)))
+        return out
 
     @property
     def _device(self) -> torch.device:
         return next(iter(self.layers[0].values())).device
 
 
-class SlotAllocator:
-    """The free list of slots 1..num_slots. Held by the scheduler, the only code that allocates."""
+class RowAllocator:
+    """The free request rows 1..num_rows of each layer. Held by the scheduler, the only code that allocates.
 
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        # Lowest ids first, so a small batch touches a compact region of the pool.
-        self._free: list[int] = list(range(num_slots, 0, -1))
-        self._used: set[int] = set()
+    A request without a route holds one row id in every layer (allocate: its slot, what the kernels' slot ids
+    and CUDA graphs index). A routed one (allocate_route) holds a row in each layer it executes and a second in
+    each it repeats, wherever they are free, and none in a layer it skips: its state memory follows its route,
+    and a row one request skips is another's. Routed requests take rows that are already partly held first, so
+    whole slots stay free for requests without a route.
+    """
+
+    def __init__(self, num_rows: int, num_layers: int = 1):
+        if num_rows < 1 or num_layers < 1:
+            raise ValueError(f"expected num_rows, num_layers >= 1, got {num_rows}, {num_layers}")
+        self.num_rows = num_rows
+        self.num_layers = num_layers
+        self._free: list[set[int]] = [set(range(1, num_rows + 1)) for _ in range(num_layers)]
+        self._uniform: set[int] = set(range(1, num_rows + 1))  # free in every layer
+        self._layers_held = [0] * (num_rows + 1)  # per row id, the layers it is held in
+        self.num_used = 0  # requests holding rows
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_rows
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Row ids free in every layer: requests without a route that could start now."""
+        return len(self._uniform)
 
     @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free state slot; the scheduler must check num_free before allocating")
-        slot = self._free.pop()
-        self._used.add(slot)
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot not in self._used:
-            raise RuntimeError(f"slot {slot} is not allocated")
-        self._used.remove(slot)
-        self._free.append(slot)
-
-
-class LaneRows:
-    """The free second-lane rows of each layer (rows 1..num_rows): a request that repeats layers {l, ...} holds one
-    row in each of those layers' lanes, so a repeat costs one layer's state, not a whole slot."""
-
-    def __init__(self, num_layers: int, num_rows: int):
-        self.num_layers = num_layers
-        self.num_rows = num_rows
-        self._free: list[list[int]] = [list(range(num_rows, 0, -1)) for _ in range(num_layers)]
-
-    def can_allocate(self, layers) -> bool:
-        return all(self._free[layer] for layer in layers)
-
-    def allocate(self, layers) -> dict[int, int]:
-        """One free row in each of `layers` (check can_allocate first): {layer: row}."""
-        if not self.can_allocate(layers):
-            raise RuntimeError("no free second-lane row; the scheduler must check can_allocate first")
-        return {layer: self._free[layer].pop() for layer in sorted(layers)}
-
-    def free(self, rows: dict[int, int]) -> None:
-        for layer, row in rows.items():
-            self._free[layer].append(row)
-
-    def num_free(self, layer: int) -> int:
-        return len(self._free[layer])
-
-    @property
-    def num_used(self) -> int:
+    def num_rows_used(self) -> int:
         """Rows held, summed over the layers."""
         return self.num_rows * self.num_layers - sum(len(free) for free in self._free)
+
+    def rows_used(self, layer: int) -> int:
+        return self.num_rows - len(self._free[layer])
+
+    def allocate(self) -> int:
+        """One row id free in every layer, lowest first (a small batch touches a compact region of the pool)."""
+        if not self._uniform:
+            raise RuntimeError("no free state slot; the scheduler must check num_free before allocating")
+        slot = min(self._uniform)
+        for layer in range(self.num_layers):
+            self._take(layer, slot)
+        self.num_used += 1
+        return slot
+
+    def can_allocate_route(self, counts: tuple[int, ...], times: int = 1) -> bool:
+        """Whether `times` requests with these per-layer row counts (0, 1 or 2) fit now."""
+        self._check(counts)
+        return all(len(free) >= count * times for free, count in zip(self._free, counts))
+
+    def allocate_route(self, counts: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Rows for per-layer counts (check can_allocate_route first): (first-lane row of each layer, second-lane
+        row of each layer), 0 where the count gives none."""
+        if not self.can_allocate_route(counts):
+            raise RuntimeError("no free state row; the scheduler must check can_allocate_route first")
+        first, second = [0] * self.num_layers, [0] * self.num_layers
+        for layer, count in enumerate(counts):
+            for lane in (first, second)[:count]:
+                free = self._free[layer]
+                partly = free - self._uniform
+                lane[layer] = max(partly) if partly else max(free)
+                self._take(layer, lane[layer])
+        self.num_used += 1
+        return tuple(first), tuple(second)
+
+    def free(self, rows: Rows, *more: Rows) -> None:
+        """A request gives back everything it holds: its rows (and a second lane's)."""
+        self.release(rows, *more)
+        self.num_used -= 1
+
+    def release(self, *rows: Rows) -> None:
+        """Give back rows a request holds and keeps going without (a decided route's unused ones)."""
+        for held in rows:
+            for layer in range(self.num_layers):
+                row = row_in_layer(held, layer)
+                if row:
+                    if row in self._free[layer]:
+                        raise RuntimeError(f"row {row} of layer {layer} is not allocated")
+                    self._free[layer].add(row)
+                    self._layers_held[row] -= 1
+                    if not self._layers_held[row]:
+                        self._uniform.add(row)
+
+    def _take(self, layer: int, row: int) -> None:
+        self._free[layer].remove(row)
+        self._layers_held[row] += 1
+        self._uniform.discard(row)
+
+    def _check(self, counts: tuple[int, ...]) -> None:
+        if len(counts) != self.num_layers or any(c not in (0, 1, 2) for c in counts):
+            raise ValueError(f"expected {self.num_layers} per-layer row counts in {{0, 1, 2}}, got {list(counts)}")

@@ -99,10 +99,10 @@ class CausalLM(nn.Module):
             for layer, layer_state in zip(layers, state):
                 hidden = layer(hidden, ctx, layer_state)
             return self.final_norm(hidden)
-        # Routes (DESIGN.md, layer routing): per layer, the rows that execute it run it on their own state rows;
-        # rows that skip it pass their hidden state through and touch no state; rows that repeat it run it a
-        # second time, on their row of that layer's second lane (batch.lane_state). A sub-batch is built once per
-        # distinct set of rows.
+        # Routes (DESIGN.md, layer routing): per layer, the rows that execute it run it on their own state rows
+        # (batch.layer_rows, or their slot); rows that skip it pass their hidden state through and touch no state;
+        # rows that repeat it run it a second time, on their second-lane row of that layer (batch.lane_rows, in the
+        # same tensors). A sub-batch is built once per distinct set of rows.
         given = batch.layer_route or (None,) * batch.num_seqs
         routes = [list(r) if r is not None else [1] * len(layers) for r in given]
         if any(len(r) != len(layers) for r in routes):
@@ -113,6 +113,9 @@ class CausalLM(nn.Module):
         if deciding and self.routers is None:
             raise ValueError("expected layer routers (--router DIR) to decide a layer_route 'auto'")
         offsets = batch.token_offsets
+        firsts = [
+            r or (s,) * len(layers) for r, s in zip(batch.layer_rows or (None,) * batch.num_seqs, batch.slot_ids_host)
+        ]
         lanes = [r or (0,) * len(layers) for r in batch.lane_rows or (None,) * batch.num_seqs]
         subs: dict[tuple, tuple[ForwardContext, torch.Tensor]] = {}
 
@@ -136,16 +139,19 @@ class CausalLM(nn.Module):
                 routes[b][index] = self.routers.decide(index, hidden[offsets[b] : offsets[b + 1]], biases[b])
             counts = [r[index] for r in routes]
             executing = tuple(b for b in everyone if counts[b] >= 1)
-            if executing == everyone:
+            rows = tuple(firsts[b][index] for b in executing)
+            if executing == everyone and rows == batch.slot_ids_host:
                 hidden = layer(hidden, ctx, layer_state)
             elif executing:
-                hidden = run(layer, hidden, executing, tuple(batch.slot_ids_host[b] for b in executing), layer_state)
+                if min(rows) <= 0:
+                    raise ValueError(f"expected a state row of layer {index} for every sequence that executes it")
+                hidden = run(layer, hidden, executing, rows, layer_state)
             repeating = tuple(b for b in everyone if counts[b] == 2)
             if repeating:
-                if batch.lane_state is None or any(lanes[b][index] <= 0 for b in repeating):
-                    raise ValueError("expected a second-lane state row for every sequence that repeats a layer")
                 rows = tuple(lanes[b][index] for b in repeating)
-                hidden = run(layer, hidden, repeating, rows, batch.lane_state[index])
+                if min(rows) <= 0:
+                    raise ValueError("expected a second-lane state row for every sequence that repeats a layer")
+                hidden = run(layer, hidden, repeating, rows, layer_state)
         batch.decided_routes = {b: tuple(routes[b]) for b in deciding}
         return self.final_norm(hidden)
 

@@ -43,10 +43,11 @@ class ForwardBatch:
     # Per sequence, its layer route: one count per layer, 0 skip, 1 execute, 2 repeat (host tuples; None for a
     # sequence that runs every layer once). None: no sequence has a route (the loop runs every layer on all).
     layer_route: tuple[tuple[int, ...] | None, ...] | None = None
-    # Per sequence, its second-lane row in each layer (the second pass of a repeated layer; 0: none), or None;
-    # and every layer's second-lane state those rows index (the pool's, engine/state_pool.py).
+    # Per routed sequence, its state row in each layer (0: it skips the layer), or None for a sequence whose row
+    # is slot_ids[b] in every layer; and its second-lane row in each layer (the second pass of a repeated layer,
+    # in the same state tensors; 0: none), or None. The pool hands out both (engine/state_pool.py's RowAllocator).
+    layer_rows: tuple[tuple[int, ...] | None, ...] | None = None
     lane_rows: tuple[tuple[int, ...] | None, ...] | None = None
-    lane_state: list | None = None
     # Per sequence whose route the model's routers decide in this forward (layer_route "auto"), the bias added
     # to the skip logit; None for the others. The forward writes each decided route into decided_routes
     # (sequence index -> counts).

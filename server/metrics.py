@@ -61,7 +61,7 @@ class _EngineCollector(Collector):
         rows = (
             ("num_requests_running", "Requests holding a state slot (prefilling or decoding).", stats.num_running),
             ("num_requests_waiting", "Requests queued for a state slot.", stats.num_waiting),
-            ("state_slots_used", "State slots held by requests.", stats.num_slots_used),
+            ("state_slots_used", "Requests holding state (a slot, or a routed request's rows).", stats.num_slots_used),
             ("state_slots_total", "State slots in the pool.", stats.num_slots_total),
             (
                 "state_bytes_per_request",
@@ -69,16 +69,13 @@ class _EngineCollector(Collector):
                 stats.state_bytes_per_request,
             ),
             (
-                "second_lane_rows_used",
-                "Second-lane rows (one layer's state each) held by requests that repeat layers, summed over layers.",
-                stats.num_lane_rows_used,
+                "state_rows_used",
+                "Request state rows held, summed over layers: one per layer a request executes, two per layer it "
+                "repeats, none where it skips.",
+                stats.num_state_rows_used,
             ),
-            (
-                "second_lane_rows_total",
-                "Second-lane rows in the pool, summed over layers (0 until the first repeat allocates them).",
-                stats.num_lane_rows_total,
-            ),
-            ("second_lane_state_bytes", "Bytes held by the second lanes.", stats.lane_state_bytes),
+            ("state_rows_total", "Request state rows in the pool, summed over layers.", stats.num_state_rows_total),
+            ("state_bytes_used", "Bytes of the request state rows held.", stats.state_bytes_used),
             ("prefix_cache_states", "Prefix-cache state snapshots held.", stats.prefix_cache_states),
             ("prefix_cache_state_bytes", "Bytes held by prefix-cache snapshots.", stats.prefix_cache_state_bytes),
             ("prefix_cache_rows_total", "Snapshot rows the prefix cache may use.", stats.prefix_cache_rows_total),

@@ -22,7 +22,7 @@ def test_skip_routes_keep_the_first_layer_and_skip_the_fraction():
 def test_tiny_run_reports_every_configuration(tmp_path, capsys):
     out = tmp_path / "routing.json"
     argv = ["bench", "routing", "--num-layers", "4", "--num-requests", "6", "--prompt-len", "6", "--output-len", "3"]
-    assert main([*argv, "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert main([*argv, "--repeats", "1", "--device", "cpu", "--budget-slots", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     names = ["none", "ones", "skip-25", "skip-50", "skip-75", "alt-skip", "repeat-25"]
@@ -32,3 +32,9 @@ def test_tiny_run_reports_every_configuration(tmp_path, capsys):
     fractions = {c["name"]: c["layer_fraction"] for c in data["configs"]}
     assert fractions["skip-50"] == 0.5 and fractions["repeat-25"] == 1.25
     assert "all-ones overhead" in text and "checks: ones == none bit for bit: yes" in text
+    # under a budget of 2 slots: routes running complementary halves of the layers run twice the requests at once;
+    # one route for everyone leaves rows nobody else can use
+    bounded = {c["name"]: c["peak_running"] for c in data["bounded"]}
+    assert data["budget_slots"] == 2 and bounded == {"none": 2, "skip-50": 2, "halves": 4}
+    assert set(data["bounded_ratios"]) == {"skip-50 / none", "halves / none"}
+    assert {c["name"]: c["peak_running"] for c in data["configs"]}["none"] == 6

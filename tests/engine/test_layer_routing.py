@@ -255,49 +255,78 @@ def test_routed_decode_steps_never_replay_a_cuda_graph(family_dir):
     assert replays
 
 
-def test_a_repeat_holds_one_row_per_repeated_layer_not_a_slot(family_dir):
-    """Second lanes are per layer: with 4 slots and one lane row per layer, two requests repeating different
-    layers run together beside two plain ones (4 slots, not 6), two repeating the same layer take turns, every
-    answer equals the request alone, and the lanes are allocated only at the first repeat."""
-    _family, path = family_dir
-    llm = LLM(str(path), max_num_seqs=4, repeat_lane_rows=1, **CPU)
-    pool, scheduler = llm.engine.pool, llm.engine.scheduler
-    run(llm, PROMPTS[:1])
-    assert pool.lane_bytes == 0  # no repeat yet: no second lanes
-    routes = [(1, 2, 1, 1), (1, 1, 2, 1), None, None]
-    prompts = [PROMPTS[i % 3] for i in range(4)]
-    alone = [run(llm, [p], r)[0] for p, r in zip(prompts, routes)]
-    assert pool.lane_bytes == llm.engine.bytes_per_request * 2  # rows 0 (null) and 1 of every layer's lane
-    most_running = most_lane_rows = 0
+def most_running_while(llm: LLM, prompts, routes) -> tuple[list, int, dict]:
+    """Each answer, the most sequences any step ran, and the engine's row stats at that step."""
+    scheduler, engine = llm.engine.scheduler, llm.engine
     original = scheduler.schedule
+    most: dict = {"running": 0, "stats": None}
 
     def watch():
-        nonlocal most_running, most_lane_rows
         out = original()
-        most_running = max(most_running, len(out.sequences))
-        most_lane_rows = max(most_lane_rows, scheduler.lane_rows.num_used)
+        if len(out.sequences) > most["running"]:
+            most["running"], most["stats"] = len(out.sequences), engine.stats()
         return out
 
     scheduler.schedule = watch
-    together = [o.outputs[0] for o in llm.generate(prompts, greedy(), layer_route=routes)]
-    assert most_running == 4  # the repeats held no second slot
-    assert most_lane_rows == 2  # one layer row each
-    assert llm.engine.stats().num_lane_rows_used == 0
-    assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
-    most_running = 0
-    same = [(1, 2, 1, 1)] * 2
-    both = [o.outputs[0] for o in llm.generate(prompts[:2], greedy(), layer_route=same)]
-    assert most_running == 1  # one lane row at layer 1: the second request waits for it
-    assert [b.token_ids for b in both] == [run(llm, [p], same[0])[0].token_ids for p in prompts[:2]]
-    assert all(scheduler.lane_rows.num_free(layer) == 1 for layer in range(NUM_LAYERS))  # all given back
+    try:
+        outs = [o.outputs[0] for o in llm.generate(prompts, greedy(), layer_route=routes)]
+    finally:
+        scheduler.schedule = original
+    return outs, most["running"], most["stats"]
 
 
-def test_an_engine_without_lane_rows_refuses_repeats_in_one_line(family_dir):
+def test_state_memory_follows_the_route_skipped_rows_serve_other_requests(family_dir):
+    """A pool of 2 slots runs 2 requests without a route at once, but 4 whose routes skip complementary halves
+    of the layers (each layer's 2 rows are enough); the rows held and their bytes follow the routes, and every
+    answer equals the request alone."""
     _family, path = family_dir
-    llm = LLM(str(path), repeat_lane_rows=0, **CPU)
-    with pytest.raises(InvalidRequestError, match=r"this engine keeps none \(--repeat-lane-rows 0\)"):
-        llm.engine.add_request(EngineRequest("x", [1, 2], greedy(), layer_route=(1, 2, 1, 1)))
-    assert run(llm, PROMPTS[:1], ROUTES[0])  # skips need no lane
+    probe = LLM(str(path), **CPU)
+    per_request = probe.engine.bytes_per_request
+    del probe
+    llm = LLM(str(path), max_num_seqs=4, state_memory=2 * per_request, **CPU)
+    assert llm.engine.num_slots == 2
+    halves = [(1, 1, 0, 0), (0, 0, 1, 1)] * 2
+    prompts = [PROMPTS[i % 3] for i in range(4)]
+    alone = [run(llm, [p], r)[0] for p, r in zip(prompts, halves)]
+    together, most, stats = most_running_while(llm, prompts, halves)
+    assert most == 4 and stats.num_slots_used == 4
+    assert stats.num_state_rows_used == stats.num_state_rows_total == 2 * NUM_LAYERS
+    assert stats.state_bytes_used == 2 * per_request  # four requests, two requests' worth of state
+    assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
+    _outs, most, stats = most_running_while(llm, prompts, None)
+    assert most == 2 and stats.state_bytes_used == 2 * per_request
+    after = llm.engine.stats()
+    assert after.num_state_rows_used == after.num_slots_used == after.state_bytes_used == 0  # all given back
+
+
+def test_a_repeat_holds_a_second_row_of_each_repeated_layer_only(family_dir):
+    """With 3 slots (12 layer rows), two requests repeating different layers hold 5 rows each and run together;
+    a request without a route then finds no whole slot and waits; one without a route and one repeat share the
+    12 rows. Every answer equals the request alone."""
+    _family, path = family_dir
+    probe = LLM(str(path), **CPU)
+    per_request = probe.engine.bytes_per_request
+    del probe
+    llm = LLM(str(path), max_num_seqs=4, state_memory=3 * per_request, **CPU)
+    routes = [(1, 2, 1, 1), (1, 1, 2, 1), None]
+    alone = [run(llm, [p], r)[0] for p, r in zip(PROMPTS, routes)]
+    together, most, stats = most_running_while(llm, PROMPTS, routes)
+    assert most == 2 and stats.num_state_rows_used == 10  # 4 + 1 each: the third waits for a whole slot
+    assert stats.state_bytes_used == 2 * per_request + 2 * per_request // NUM_LAYERS
+    assert max(max_logprob_diff(t, a) for t, a in zip(together, alone)) < ATOL
+    assert llm.engine.stats().num_state_rows_used == 0
+    plain = [None, (1, 1, 2, 1)]
+    _outs, most, stats = most_running_while(llm, PROMPTS[:2], plain)
+    assert most == 2 and stats.num_state_rows_used == 9  # a slot, and a repeat: they share 12 rows
+
+
+def test_an_engine_with_one_row_per_layer_refuses_repeats_in_one_line(family_dir):
+    _family, path = family_dir
+    llm = LLM(str(path), max_num_seqs=1, **CPU)
+    for route in ((1, 2, 1, 1), "auto"):
+        with pytest.raises(InvalidRequestError, match=r"^expected a pool of 2 or more request rows to repeat a layer"):
+            llm.engine.add_request(EngineRequest("x", [1, 2], greedy(), layer_route=route))
+    assert run(llm, PROMPTS[:1], ROUTES[0])  # skips need fewer rows, not more
 
 
 def test_per_prompt_arguments_of_the_wrong_length_are_refused_in_one_line(family_dir):
@@ -322,11 +351,43 @@ def test_per_prompt_arguments_of_the_wrong_length_are_refused_in_one_line(family
 
 
 def test_bad_routing_flags_are_one_line_errors(family_dir, tmp_path):
-    from linrec.engine.config import EngineConfig
-
     _family, path = family_dir
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match=f"^expected repeat_lane_rows >= 0 or None, got {bad!r}$"):
-            EngineConfig(model=str(path), repeat_lane_rows=bad)
     with pytest.raises(FileNotFoundError, match="^expected a router file .*router_config.json .docs/routing.md.$"):
         LLM(str(path), router=str(tmp_path / "nowhere"), **CPU)
+
+
+def test_a_failed_step_rebuilds_routed_requests_on_their_own_rows(family_dir):
+    """A step that raises quarantines its requests and rebuilds their states: routed ones (rows per layer, second
+    lanes) are reset and prefilled again on their own rows, answer as if nothing happened, and give every row
+    back; the request the fault is traced to fails alone."""
+    _family, path = family_dir
+    routes = [ROUTES[0], ROUTES[1], ROUTES[2], None]
+    prompts = [PROMPTS[i % 3] for i in range(4)]
+    llm = LLM(str(path), max_num_seqs=8, **CPU)
+    clean = [run(llm, [p], r, max_tokens=12)[0] for p, r in zip(prompts, routes)]  # room for 4 quarantine rounds
+    engine = llm.engine
+    forward = engine.runner._forward
+    poison = [5, 6, 201, 202, 203, 7]
+    raised = []
+
+    def failing(seqs, *args):
+        hidden = forward(seqs, *args)  # the states are half updated, as a real fault would leave them
+        if any(s.request.prompt_token_ids == poison and s.start_position > len(poison) for s in seqs):
+            raised.append(1)
+            raise RuntimeError("injected fault")
+        return hidden
+
+    engine.runner._forward = failing
+    for i, (p, r) in enumerate(zip(prompts, routes)):
+        engine.add_request(EngineRequest(f"r{i}", p, greedy(12), layer_route=r))
+    engine.add_request(EngineRequest("poison", poison, greedy(12), layer_route=ROUTES[1]))
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens[delta.request_id] = tokens.get(delta.request_id, []) + delta.token_ids
+            reasons[delta.request_id] = delta.finish_reason or reasons.get(delta.request_id)
+    assert raised and reasons["poison"] == "error"
+    assert [tokens[f"r{i}"] for i in range(4)] == [c.token_ids for c in clean]
+    stats = engine.stats()
+    assert stats.num_state_rows_used == stats.num_slots_used == 0 and engine.scheduler.num_suspects == 0
