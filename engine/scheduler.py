@@ -2,7 +2,8 @@
 
 One engine step is schedule() -> runner.execute() -> update(). Only the scheduler changes a
 request's status or allocates and frees slots; everything it hands the runner is plain data.
-A recurrent request never grows, so there is no preemption: admission is "is there a free slot".
+A recurrent request never grows, so there is no preemption: admission is "is there a free slot" (for a
+routed request, "are the rows its route needs free in each layer": engine/state_pool.py's RowAllocator).
 
 With a PrefixCache the scheduler also decides where states are saved and loaded (see prefix_cache.py):
 - a request admitted with a hit loads the snapshot into its slot and prefills from the next token
@@ -659,7 +660,9 @@ class Scheduler:
             request = seq.request
             if route is not None and request.auto_route_bias is not None:
                 request.layer_route, request.auto_route_bias = route, None
-                # It held two rows in every layer until now: the rows its route does not use go back.
+            if route is not None and request.layer_rows is not None and request.lane_rows is not None:
+                # It held two rows in every layer until now: the rows its route does not use go back (an abort
+                # while the step ran gave back all of them already).
                 first = tuple(row if count else 0 for row, count in zip(request.layer_rows, route))
                 second = tuple(row if count == 2 else 0 for row, count in zip(request.lane_rows, route))
                 self.allocator.release(

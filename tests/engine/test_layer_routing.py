@@ -391,3 +391,40 @@ def test_a_failed_step_rebuilds_routed_requests_on_their_own_rows(family_dir):
     assert [tokens[f"r{i}"] for i in range(4)] == [c.token_ids for c in clean]
     stats = engine.stats()
     assert stats.num_state_rows_used == stats.num_slots_used == 0 and engine.scheduler.num_suspects == 0
+
+
+def test_n_samples_of_a_skip_route_fork_onto_rows_of_their_own(family_dir):
+    """n > 1 with a route that skips layers: the children hold rows of the executed layers only and fork the
+    parent's prefilled state into them; beside a request without a route, every greedy sample equals the
+    request alone."""
+    _family, path = family_dir
+    llm = LLM(str(path), max_num_seqs=8, **CPU)
+    alone = run(llm, PROMPTS[:1], ROUTES[0])[0].token_ids
+    plain = run(llm, PROMPTS[1:2])[0].token_ids
+    three = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=3)
+    outs = llm.generate(PROMPTS[:2], [three, greedy()], layer_route=[ROUTES[0], None])
+    assert [o.token_ids for o in outs[0].outputs] == [alone] * 3 and outs[1].outputs[0].token_ids == plain
+    assert llm.engine.stats().num_state_rows_used == 0
+
+
+def test_an_auto_request_aborted_while_its_deciding_step_runs_gives_back_every_row(routed_engine):
+    """The routers decide during the step; an abort that lands before the scheduler folds the step in has given
+    back the request's rows already, and the decided route must not give them back twice."""
+    _family, path, router = routed_engine
+    llm = LLM(str(path), router=str(router), max_num_seqs=4, **CPU)
+    engine = llm.engine
+    forward = engine.runner._forward
+
+    def aborting(seqs, *args):
+        hidden = forward(seqs, *args)
+        engine.abort(["auto"])
+        return hidden
+
+    engine.runner._forward = aborting
+    engine.add_request(EngineRequest("auto", PROMPTS[1], greedy(), layer_route="auto"))
+    scheduler = engine.scheduler
+    engine.step()
+    engine.runner._forward = forward
+    assert engine.scheduler is scheduler  # no bookkeeping failure (which resets the engine)
+    assert not engine.has_unfinished() and engine.stats().num_state_rows_used == 0
+    assert run(llm, PROMPTS[:1], "auto")  # and the engine serves the next one
