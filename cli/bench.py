@@ -19,7 +19,7 @@ SCHEDULING_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
 
 def add_parser(commands) -> None:
     """`linrec bench throughput`, `kernels`, `decode`, `prefix`, `fairness`, `stop-strings`, `startup`, `lora`,
-    `sparse`, `routing` and `serve`: contenders side by side, in one run."""
+    `sparse`, `routing`, `multiturn` and `serve`: contenders side by side, in one run."""
     bench = commands.add_parser(
         "bench", help="measure linrec beside a peer in one run", description="Benchmarks; each prints ratios."
     )
@@ -30,6 +30,7 @@ def add_parser(commands) -> None:
         _add_lora,
         _add_sparse,
         _add_routing,
+        _add_multiturn,
         _add_stop_strings,
         _add_fairness,
         _add_kernels,
@@ -298,6 +299,65 @@ def _run_bench_routing(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(result.to_json() + "\n")
     return 0
+
+
+def _add_multiturn(kinds) -> None:
+    multiturn = kinds.add_parser(
+        "multiturn",
+        help="multi-turn conversations: continuing from the stored state vs resending the whole conversation",
+        description="Many conversations of many turns (seeded random user tokens, greedy replies, EOS ignored), each "
+        "turn sent when the previous one finished, on two engines with the prefix cache on: responses (each turn "
+        "resumes the state the previous turn stored and sends only the new tokens) and resend (each turn sends the "
+        "whole conversation again). Per turn: TTFT (median over conversations and --repeats interleaved rounds) and "
+        "the prompt tokens prefilled; targets: responses' last-turn TTFT <= 1.2x its first turn's, and its prefill the "
+        "new input + 1 (bench/multiturn.py).",
+    )
+    multiturn.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="a checkpoint (Llama/Qwen2/Mistral are served as Liger-GLA); default: the seeded bench model of "
+        "--family, written once under the cache dir",
+    )
+    multiturn.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
+    multiturn.add_argument("--num-conversations", dest="num_conversations", type=int, default=16)
+    multiturn.add_argument("--num-turns", dest="num_turns", type=int, default=20, help="turns per conversation")
+    multiturn.add_argument("--user-len", dest="user_len", type=int, default=32, help="new user tokens per turn")
+    multiturn.add_argument("--output-len", dest="output_len", type=int, default=16, help="reply tokens per turn")
+    add_config_args(
+        multiturn,
+        EngineConfig,
+        ("device", "kernel_backend"),
+        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
+    )
+    multiturn.add_argument("--repeats", type=int, default=3, help="interleaved rounds per contender; medians count")
+    multiturn.add_argument("--seed", type=int, default=0, help="user-token RNG (round r uses seed + r)")
+    multiturn.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    multiturn.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
+    multiturn.set_defaults(handler=_run_bench_multiturn)
+
+
+def _run_bench_multiturn(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linrec.bench.multiturn import run_multiturn_bench
+
+    names = ("family", "num_conversations", "num_turns", "user_len", "output_len", "device", "kernel_backend")
+    try:
+        result = run_multiturn_bench(
+            args.model,
+            repeats=args.repeats,
+            seed=args.seed,
+            threads=args.threads,
+            **{name: getattr(args, name) for name in names},
+        )
+    except ValueError as exc:  # a flag out of range: one line, no traceback
+        print(f"linrec: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.format())
+    if args.out:
+        Path(args.out).write_text(result.to_json() + "\n")
+    return 0 if result.checks_passed() else 1
 
 
 def _add_sparse(kinds) -> None:
