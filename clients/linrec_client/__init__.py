@@ -17,7 +17,7 @@ from linrec_client.errors import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
-from linrec_client.streaming import AsyncStream, Stream
+from linrec_client.streaming import AsyncResponseStream, AsyncStream, ResponseStream, Stream
 from linrec_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -25,6 +25,11 @@ from linrec_client.types import (
     DetokenizeResult,
     Model,
     ModelList,
+    Response,
+    ResponseDeleted,
+    ResponseEvent,
+    ResponseUsage,
+    State,
     TokenizeResult,
     Usage,
 )
@@ -33,6 +38,7 @@ __all__ = [
     "APIConnectionError",
     "APITimeoutError",
     "AsyncClient",
+    "AsyncResponseStream",
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
@@ -49,8 +55,14 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "Response",
+    "ResponseDeleted",
+    "ResponseEvent",
+    "ResponseStream",
+    "ResponseUsage",
     "RetryPolicy",
     "ServiceUnavailableError",
+    "State",
     "Stream",
     "TokenizeResult",
     "UnprocessableEntityError",

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -34,6 +35,18 @@ RETRY_STATUSES = frozenset({429, 503})  # queue full; draining or not ready
 RETRY_TRANSPORT_ERRORS = (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+# A Responses API input: a user message's text, or messages ({"role", "content"}; content a string or a list of
+# {"type": "input_text", "text"} parts).
+ResponseInput = str | list[dict[str, Any]]
+
+
+def quote_id(value: str) -> str:
+    """An id as one URL path segment."""
+    return urllib.parse.quote(value, safe="")
+
+
+def salt_query(cache_salt: str | None) -> dict[str, str] | None:
+    return {"cache_salt": cache_salt} if cache_salt is not None else None
 
 
 class SamplingParams(TypedDict, total=False):
@@ -75,6 +88,16 @@ class ChatParams(SamplingParams, total=False):
     logprobs: bool
     top_logprobs: int
     add_generation_prompt: bool
+
+
+class ResponseParams(SamplingParams, total=False):
+    """POST /v1/responses' fields besides input and model (docs/responses.md)."""
+
+    instructions: str  # a system message in front of this turn's input (not carried over to later turns)
+    previous_response_id: str  # continue a stored response: only this turn's tokens are prefilled
+    store: bool  # keep the response and its state (default true); false: nothing to retrieve or continue
+    max_output_tokens: int
+    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -166,6 +189,18 @@ class BaseClient:
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": include_usage}
+        body.update(extra)
+        return body
+
+    def _responses_body(self, input: ResponseInput, model: str | None, stream: bool, params) -> dict[str, Any]:
+        params = dict(params)
+        extra = params.pop("extra_body", None) or {}
+        body: dict[str, Any] = {"input": input, **{k: v for k, v in params.items() if v is not None}}
+        model = model if model is not None else self.model
+        if model is not None:
+            body["model"] = model
+        if stream:
+            body["stream"] = True
         body.update(extra)
         return body
 

@@ -3,6 +3,7 @@
     client = Client("http://127.0.0.1:8000", api_key=None)
     client.completions("Hello", max_tokens=8).choices[0].text
     for chunk in client.chat_completions([{"role": "user", "content": "Hi"}], stream=True): ...
+    turn = client.responses("Hi"); client.responses("And?", previous_response_id=turn.id)
 
 Every call retries 429 and 503 answers and connection failures (RetryPolicy: exponential backoff,
 Retry-After honoured), then raises the exception errors.py maps the status to, carrying the
@@ -23,18 +24,25 @@ from linrec_client._base import (
     ChatParams,
     CompletionParams,
     Prompt,
+    ResponseInput,
+    ResponseParams,
     RetryPolicy,
     Unpack,
+    quote_id,
+    salt_query,
     should_retry,
 )
 from linrec_client.errors import from_response, transport_error
-from linrec_client.streaming import AsyncStream, Stream
+from linrec_client.streaming import AsyncResponseStream, AsyncStream, ResponseStream, Stream
 from linrec_client.types import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
     DetokenizeResult,
     ModelList,
+    Response,
+    ResponseDeleted,
+    State,
     TokenizeResult,
 )
 
@@ -149,6 +157,75 @@ class Client(BaseClient):
             return Stream(self._send("POST", "/v1/chat/completions", body, timeout, stream=True), ChatCompletionChunk)
         return self._json("POST", "/v1/chat/completions", body, timeout, ChatCompletion)
 
+    # -- the Responses API and stored states (docs/responses.md) ----------------------------------------------
+
+    @overload
+    def responses(
+        self,
+        input: ResponseInput,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        timeout: Timeout = None,
+        **params: Unpack[ResponseParams],
+    ) -> Response: ...
+
+    @overload
+    def responses(
+        self,
+        input: ResponseInput,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        timeout: Timeout = None,
+        **params: Unpack[ResponseParams],
+    ) -> ResponseStream: ...
+
+    def responses(
+        self,
+        input: ResponseInput,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        timeout: Timeout = None,
+        **params: Unpack[ResponseParams],
+    ) -> Response | ResponseStream:
+        """POST /v1/responses: input is a user message's text or a list of messages; previous_response_id
+        continues a stored response (only the new turn's tokens are prefilled). With stream=True, a ResponseStream
+        of events whose final_response is the response as it ended."""
+        body = self._responses_body(input, model, stream, params)
+        if stream:
+            return ResponseStream(self._send("POST", "/v1/responses", body, timeout, stream=True))
+        return self._json("POST", "/v1/responses", body, timeout, Response)
+
+    def retrieve_response(self, response_id: str, *, cache_salt: str | None = None) -> Response:
+        """GET /v1/responses/{id}: a stored response (NotFoundError, code state_not_found, when there is none
+        for this model and tenant)."""
+        path = f"/v1/responses/{quote_id(response_id)}"
+        return self._json("GET", path, None, None, Response, params=salt_query(cache_salt))
+
+    def delete_response(self, response_id: str, *, cache_salt: str | None = None) -> ResponseDeleted:
+        """DELETE /v1/responses/{id}: the response and its state are gone (later turns from it: NotFoundError)."""
+        path = f"/v1/responses/{quote_id(response_id)}"
+        return self._json("DELETE", path, None, None, ResponseDeleted, params=salt_query(cache_salt))
+
+    def fork_response(self, response_id: str, *, cache_salt: str | None = None) -> Response:
+        """POST /v1/responses/{id}/fork: a new response id over an independent copy of the stored state."""
+        body = {"cache_salt": cache_salt} if cache_salt is not None else None
+        return self._json("POST", f"/v1/responses/{quote_id(response_id)}/fork", body, None, Response)
+
+    def export_state(self, state_id: str, *, cache_salt: str | None = None) -> bytes:
+        """GET /v1/states/{id}: the stored state as linrec's safetensors bytes (for import_state, here or on a
+        server of the same model)."""
+        path = f"/v1/states/{quote_id(state_id)}"
+        return self._send("GET", path, None, None, params=salt_query(cache_salt)).content
+
+    def import_state(self, data: bytes, *, state_id: str | None = None, cache_salt: str | None = None) -> State:
+        """POST /v1/states: store exported bytes under state_id (default: a new resp_ id), continued with
+        previous_response_id=state.id. BadRequestError for bytes that are no state of this server's model."""
+        query = {**(salt_query(cache_salt) or {}), **({"id": state_id} if state_id is not None else {})}
+        return self._json("POST", "/v1/states", None, None, State, params=query or None, content=bytes(data))
+
     def models(self) -> ModelList:
         return self._json("GET", "/v1/models", None, None, ModelList)
 
@@ -193,13 +270,29 @@ class Client(BaseClient):
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T]) -> T:
-        return cast.model_validate(self._send(method, path, body, timeout).json())
+    def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T], **extra: Any) -> T:
+        return cast.model_validate(self._send(method, path, body, timeout, **extra).json())
 
-    def _send(self, method: str, path: str, body: Any, timeout: Timeout, stream: bool = False) -> httpx.Response:
-        """The first successful response (a streamed one is left open for the caller), after retries."""
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        timeout: Timeout,
+        stream: bool = False,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        """The first successful response (a streamed one is left open for the caller), after retries. content:
+        raw bytes sent instead of a JSON body."""
         request = self._http.build_request(
-            method, path, json=body, timeout=timeout if timeout is not None else self.timeout
+            method,
+            path,
+            json=body,
+            content=content,
+            params=params,
+            headers={"Content-Type": "application/octet-stream"} if content is not None else None,
+            timeout=timeout if timeout is not None else self.timeout,
         )
         attempt = 0
         while True:
@@ -333,6 +426,75 @@ class AsyncClient(BaseClient):
             return AsyncStream(response, ChatCompletionChunk)
         return await self._json("POST", "/v1/chat/completions", body, timeout, ChatCompletion)
 
+    # -- the Responses API and stored states (docs/responses.md) ----------------------------------------------
+
+    @overload
+    async def responses(
+        self,
+        input: ResponseInput,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        timeout: Timeout = None,
+        **params: Unpack[ResponseParams],
+    ) -> Response: ...
+
+    @overload
+    async def responses(
+        self,
+        input: ResponseInput,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        timeout: Timeout = None,
+        **params: Unpack[ResponseParams],
+    ) -> AsyncResponseStream: ...
+
+    async def responses(
+        self,
+        input: ResponseInput,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        timeout: Timeout = None,
+        **params: Unpack[ResponseParams],
+    ) -> Response | AsyncResponseStream:
+        """POST /v1/responses: input is a user message's text or a list of messages; previous_response_id
+        continues a stored response (only the new turn's tokens are prefilled). With stream=True, a ResponseStream
+        of events whose final_response is the response as it ended."""
+        body = self._responses_body(input, model, stream, params)
+        if stream:
+            return AsyncResponseStream(await self._send("POST", "/v1/responses", body, timeout, stream=True))
+        return await self._json("POST", "/v1/responses", body, timeout, Response)
+
+    async def retrieve_response(self, response_id: str, *, cache_salt: str | None = None) -> Response:
+        """GET /v1/responses/{id}: a stored response (NotFoundError, code state_not_found, when there is none
+        for this model and tenant)."""
+        path = f"/v1/responses/{quote_id(response_id)}"
+        return await self._json("GET", path, None, None, Response, params=salt_query(cache_salt))
+
+    async def delete_response(self, response_id: str, *, cache_salt: str | None = None) -> ResponseDeleted:
+        """DELETE /v1/responses/{id}: the response and its state are gone (later turns from it: NotFoundError)."""
+        path = f"/v1/responses/{quote_id(response_id)}"
+        return await self._json("DELETE", path, None, None, ResponseDeleted, params=salt_query(cache_salt))
+
+    async def fork_response(self, response_id: str, *, cache_salt: str | None = None) -> Response:
+        """POST /v1/responses/{id}/fork: a new response id over an independent copy of the stored state."""
+        body = {"cache_salt": cache_salt} if cache_salt is not None else None
+        return await self._json("POST", f"/v1/responses/{quote_id(response_id)}/fork", body, None, Response)
+
+    async def export_state(self, state_id: str, *, cache_salt: str | None = None) -> bytes:
+        """GET /v1/states/{id}: the stored state as linrec's safetensors bytes (for import_state, here or on a
+        server of the same model)."""
+        path = f"/v1/states/{quote_id(state_id)}"
+        return (await self._send("GET", path, None, None, params=salt_query(cache_salt))).content
+
+    async def import_state(self, data: bytes, *, state_id: str | None = None, cache_salt: str | None = None) -> State:
+        """POST /v1/states: store exported bytes under state_id (default: a new resp_ id), continued with
+        previous_response_id=state.id. BadRequestError for bytes that are no state of this server's model."""
+        query = {**(salt_query(cache_salt) or {}), **({"id": state_id} if state_id is not None else {})}
+        return await self._json("POST", "/v1/states", None, None, State, params=query or None, content=bytes(data))
+
     async def models(self) -> ModelList:
         return await self._json("GET", "/v1/models", None, None, ModelList)
 
@@ -370,12 +532,27 @@ class AsyncClient(BaseClient):
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    async def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T]) -> T:
-        return cast.model_validate((await self._send(method, path, body, timeout)).json())
+    async def _json(self, method: str, path: str, body: Any, timeout: Timeout, cast: type[T], **extra: Any) -> T:
+        return cast.model_validate((await self._send(method, path, body, timeout, **extra)).json())
 
-    async def _send(self, method: str, path: str, body: Any, timeout: Timeout, stream: bool = False) -> httpx.Response:
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        timeout: Timeout,
+        stream: bool = False,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
         request = self._http.build_request(
-            method, path, json=body, timeout=timeout if timeout is not None else self.timeout
+            method,
+            path,
+            json=body,
+            content=content,
+            params=params,
+            headers={"Content-Type": "application/octet-stream"} if content is not None else None,
+            timeout=timeout if timeout is not None else self.timeout,
         )
         attempt = 0
         while True:

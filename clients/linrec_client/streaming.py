@@ -3,6 +3,9 @@
 A stream ends at `data: [DONE]`; one that ends without it was cut off (the server died or the
 connection dropped) and raises APIConnectionError rather than pass for a complete answer. An error
 object sent inside the stream raises LinrecAPIError with the server's message.
+
+A Responses API stream (ResponseStream) has no [DONE]: it ends with response.completed, .incomplete or
+.failed, and an `error` event raises LinrecAPIError.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import httpx
 from pydantic import BaseModel
 
 from linrec_client.errors import APIConnectionError, api_error, transport_error
-from linrec_client.types import Usage
+from linrec_client.types import (
+    FINAL_RESPONSE_EVENTS,
+    RESPONSE_EVENTS,
+    Response,
+    ResponseErrorEvent,
+    ResponseEvent,
+    Usage,
+)
 
 T = TypeVar("T", bound=BaseModel)
 DONE = "[DONE]"
@@ -83,8 +93,27 @@ def parse_chunk(data: str, cast: type[T]) -> T:
     return cast.model_validate(payload)
 
 
-def _cut_off() -> APIConnectionError:
-    return APIConnectionError(f"the stream ended before `data: {DONE}` (the server closed it early)")
+def parse_response_event(data: str) -> ResponseEvent:
+    """A Responses API event as its class (RESPONSE_EVENTS; unknown types as ResponseEvent). An `error` event,
+    or an error object, raises LinrecAPIError."""
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError:
+        raise APIConnectionError(f"expected a JSON event in the stream, got {data[:200]!r}") from None
+    if isinstance(payload, dict) and "error" in payload:
+        raise api_error(None, payload)
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    event = RESPONSE_EVENTS.get(kind, ResponseEvent).model_validate(payload)
+    if isinstance(event, ResponseErrorEvent):
+        raise api_error(None, {"error": {"message": event.message, "type": event.code, "code": event.code}})
+    return event
+
+
+def _cut_off(end: str = f"`data: {DONE}`") -> APIConnectionError:
+    return APIConnectionError(f"the stream ended before {end} (the server closed it early)")
+
+
+_RESPONSE_END = "response.completed, .incomplete or .failed"
 
 
 class Stream(Generic[T]):
@@ -158,6 +187,86 @@ class AsyncStream(Generic[T]):
         await self.response.aclose()
 
     async def __aenter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class ResponseStream:
+    """A streamed response's events (ResponseEvent and its subclasses); `final_response` is the response object
+    of the event that ended it (completed, incomplete or failed). Closing it closes the connection, which makes
+    the server abort the request (nothing is stored)."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self.final_response: Response | None = None
+        self._iterator = self._iterate()
+
+    def _iterate(self) -> Iterator[ResponseEvent]:
+        try:
+            for data in iter_events(self.response.iter_lines()):
+                event = parse_response_event(data)
+                if event.type in FINAL_RESPONSE_EVENTS:
+                    self.final_response = event.response
+                    yield event
+                    return
+                yield event
+            raise _cut_off(_RESPONSE_END)
+        except httpx.TransportError as exc:
+            raise transport_error(exc) from exc
+        finally:
+            self.response.close()
+
+    def __iter__(self) -> Iterator[ResponseEvent]:
+        return self
+
+    def __next__(self) -> ResponseEvent:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self.response.close()
+
+    def __enter__(self) -> ResponseStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncResponseStream:
+    """The async twin of ResponseStream."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self.final_response: Response | None = None
+        self._iterator = self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ResponseEvent]:
+        try:
+            async for data in aiter_events(self.response.aiter_lines()):
+                event = parse_response_event(data)
+                if event.type in FINAL_RESPONSE_EVENTS:
+                    self.final_response = event.response
+                    yield event
+                    return
+                yield event
+            raise _cut_off(_RESPONSE_END)
+        except httpx.TransportError as exc:
+            raise transport_error(exc) from exc
+        finally:
+            await self.response.aclose()
+
+    def __aiter__(self) -> AsyncIterator[ResponseEvent]:
+        return self
+
+    async def __anext__(self) -> ResponseEvent:
+        return await self._iterator.__anext__()
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+    async def __aenter__(self) -> AsyncResponseStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
