@@ -184,7 +184,9 @@ def run_routing_bench(
         hf_config, linearize, torch_device, dtype, prompts, engine_args = adapter_engine_setup(
             path, device, kernel_backend, num_requests, prompt_len, num_requests, seed
         )
-        engine = LLM(str(path), **engine_args).engine
+        # Unbounded: every request's rows fit, repeats' second rows included (--route-state-rows), so compute alone
+        # sets the pace; the budgeted engine below has none.
+        engine = LLM(str(path), **engine_args, route_state_rows=num_requests).engine
         layers = len(engine.model.decoder_layers())
         configs = routes_for(layers, num_requests)
         results = _measure(engine, configs, prompts, output_len, repeats, layers)

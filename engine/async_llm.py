@@ -22,6 +22,7 @@ from linrec.engine.core import EngineCore
 from linrec.engine.output import SampleDelta
 from linrec.engine.request import EngineRequest, RequestStatus
 from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
+from linrec.engine.state_store import StateInfo
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,15 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
+
+
+@dataclass
+class _Call:
+    """Run fn(*args) on the engine thread (stored-state operations: they touch the pool)."""
+
+    fn: object
+    args: tuple
+    done: concurrent.futures.Future
 
 
 class EngineError(RuntimeError):
@@ -53,7 +63,7 @@ class RequestFailedError(EngineError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, progress: bool = False):
         self.engine = EngineCore(config, progress=progress)
-        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         # request id -> (its event loop, its queue of SampleDelta | Exception)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
@@ -79,9 +89,14 @@ class AsyncLLM:
         cache_salt: str | None = None,
         layer_route: tuple[int, ...] | str | None = None,
         route_skip_bias: float = 0.0,
+        store_state: str | None = None,
+        resume_state: str | None = None,
+        state_meta: dict | None = None,
     ) -> AsyncIterator[SampleDelta]:
         """Queue a prompt and yield its deltas until all n samples finish. lora_name: a loaded adapter (None:
-        the base model); cache_salt: keeps its prefix-cache states apart from other salts'.
+        the base model); cache_salt: keeps its prefix-cache states apart from other salts'. store_state: keep the
+        end state under this id; resume_state: continue the conversation stored under this id (prompt_token_ids
+        are then only the new tokens); state_meta: kept with the stored state (docs/responses.md).
 
         Raises ValueError / QueueFullError / AdapterNotFoundError before the first delta if the engine refuses
         the request. Cancelling the consumer (client gone) aborts the request and frees its slot within one step.
@@ -92,6 +107,8 @@ class AsyncLLM:
             # An adapter that fell out of the host tier is read here, in a worker thread: the engine thread
             # then finds it in memory, and nobody else's request waits on this disk read.
             await asyncio.to_thread(self.engine.resolve_adapter, lora_name)
+        if resume_state is not None:  # likewise a stored state that went to disk
+            await asyncio.to_thread(self.engine.states.prefetch, resume_state)
         request_id = request_id or self.new_request_id()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
@@ -105,6 +122,9 @@ class AsyncLLM:
             layer_route=layer_route,
             route_skip_bias=route_skip_bias,
             cache_salt=cache_salt,
+            store_state=store_state,
+            resume_state=resume_state,
+            state_meta=state_meta,
         )
         self._commands.put(_Add(request, accepted))
         if self.errored is not None:  # the engine died after the check above: nobody will take the add
@@ -147,6 +167,41 @@ class AsyncLLM:
     def list_lora_adapters(self) -> list[AdapterInfo]:
         return self.engine.adapters.list() if self.engine.adapters is not None else []
 
+    # -- stored states (docs/responses.md): each runs on the engine thread, between steps --------------------------
+
+    async def state_info(self, state_id: str, cache_salt: str | None = None) -> StateInfo:
+        return await self._call(self.engine.state_info, state_id, cache_salt)
+
+    async def delete_state(self, state_id: str, cache_salt: str | None = None) -> None:
+        await self._call(self.engine.delete_state, state_id, cache_salt)
+
+    async def set_state_meta(self, state_id: str, meta: dict, cache_salt: str | None = None) -> None:
+        await self._call(self.engine.set_state_meta, state_id, meta, cache_salt)
+
+    async def export_state(self, state_id: str, cache_salt: str | None = None) -> bytes:
+        await asyncio.to_thread(self.engine.states.prefetch, state_id)
+        return await self._call(self.engine.export_state, state_id, cache_salt)
+
+    async def import_state(
+        self, data: bytes, state_id: str, cache_salt: str | None = None, meta: dict | None = None
+    ) -> StateInfo:
+        return await self._call(self.engine.import_state, data, state_id, cache_salt, meta)
+
+    async def fork_state(
+        self, state_id: str, new_state_id: str, cache_salt: str | None = None, meta: dict | None = None
+    ) -> StateInfo:
+        await asyncio.to_thread(self.engine.states.prefetch, state_id)
+        return await self._call(self.engine.fork_state, state_id, new_state_id, cache_salt, meta)
+
+    async def _call(self, fn, *args):
+        if self.errored is not None:
+            raise EngineDeadError(_dead_message(self.errored))
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(fn, args, done))
+        if self.errored is not None:
+            self._refuse_queued_commands()
+        return await asyncio.wrap_future(done)
+
     def check_health(self) -> None:
         """Raise EngineDeadError unless the engine thread is alive and serving."""
         if self.errored is not None:
@@ -161,6 +216,8 @@ class AsyncLLM:
         self._stopped.set()
         self._commands.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # the engine thread is done with the pool: stored states go to disk
+            self.engine.close()
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -187,6 +244,8 @@ class AsyncLLM:
                 return
             if isinstance(command, _Add) and command.accepted.set_running_or_notify_cancel():
                 command.accepted.set_exception(EngineDeadError(_dead_message(self.errored)))
+            elif isinstance(command, _Call) and command.done.set_running_or_notify_cancel():
+                command.done.set_exception(EngineDeadError(_dead_message(self.errored)))
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -205,6 +264,13 @@ class AsyncLLM:
                     command.accepted.set_result(None)
             elif isinstance(command, _Abort):
                 self.engine.abort(command.request_ids)
+            elif isinstance(command, _Call) and command.done.set_running_or_notify_cancel():
+                try:
+                    result = command.fn(*command.args)
+                except Exception as exc:  # refused (unknown id, a bad import): the caller raises it
+                    command.done.set_exception(exc)
+                else:
+                    command.done.set_result(result)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

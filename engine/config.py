@@ -48,6 +48,15 @@ def parse_state_memory(text: str) -> int | float:
     return value if not has_unit and value <= 1.0 else int(value)
 
 
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' or '123456' -> bytes."""
+    try:
+        value, _ = parse_byte_size(text)
+    except ValueError:
+        raise ValueError(f"expected a byte count such as 2GiB, got {text!r}") from None
+    return int(value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     # The model: what to load and how.
@@ -74,6 +83,14 @@ class EngineConfig:
     merge_lora: str | None = field(
         default=None,
         metadata={"help": "merge a PEFT LoRA adapter directory into the weights at load", "metavar": "DIR"},
+    )
+    route_state_rows: int = field(
+        default=0,
+        metadata={
+            "help": "request state rows per layer beyond --max-num-seqs, from --state-memory (docs/routing.md): "
+            "routes that repeat a layer hold a second row of it, so without these repeats run fewer requests "
+            "at once"
+        },
     )
     router: str | None = field(
         default=None,
@@ -157,6 +174,43 @@ class EngineConfig:
         default=256,
         metadata={"help": "prefix snapshot rows at most (taken from --state-memory after the running slots)"},
     )
+    # Stored states (engine/state_store.py, docs/responses.md): a finished request's end state kept under an id, so
+    # that a continuation (the Responses API's previous_response_id) prefills only its new tokens. Tiers: rows of
+    # the pool (taken from state_memory after the running slots, before the prefix snapshots), host memory, and a
+    # directory, which also survives a restart.
+    max_device_states: int = field(
+        default=16,
+        metadata={"help": "stored states kept in pool rows at most (from --state-memory after the running slots)"},
+    )
+    state_store_host_bytes: int = field(
+        default=1 << 30,
+        metadata={
+            "help": "host memory for stored states pushed out of the pool (bytes; 2GiB); beyond, the least "
+            "recently used go to --state-store, or are dropped without one",
+            "parse": parse_bytes,
+            "metavar": "BYTES",
+        },
+    )
+    state_store: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory for stored states pushed out of host memory and for every stored state at "
+            "shutdown, so that conversations survive a restart",
+            "metavar": "DIR",
+        },
+    )
+    state_store_max_bytes: int = field(
+        default=8 << 30,
+        metadata={
+            "help": "bytes --state-store may hold; beyond, the least recently used states are deleted",
+            "parse": parse_bytes,
+            "metavar": "BYTES",
+        },
+    )
+    state_ttl: float = field(
+        default=30 * 24 * 3600.0,
+        metadata={"help": "seconds a stored state lives after it was stored (default 30 days, as OpenAI's)"},
+    )
     seed: int = field(default=0, metadata={"help": "the engine generator's seed (requests may carry their own)"})
     # True: every step runs eagerly. False: on CUDA, decode-only steps replay CUDA graphs captured per
     # batch-size bucket at start-up (engine/cuda_graphs.py); on the CPU there are no graphs either way.
@@ -214,3 +268,9 @@ class EngineConfig:
             raise ValueError(f"expected max_cpu_loras >= max_loras={self.max_loras}, got {self.max_cpu_loras}")
         if self.max_cached_states < 0:
             raise ValueError(f"expected max_cached_states >= 0, got {self.max_cached_states}")
+        for name in ("max_device_states", "state_store_host_bytes", "state_store_max_bytes", "route_state_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"expected {name} as an int >= 0, got {value!r}")
+        if isinstance(self.state_ttl, bool) or not isinstance(self.state_ttl, int | float) or not self.state_ttl > 0:
+            raise ValueError(f"expected state_ttl > 0 (seconds), got {self.state_ttl!r}")

@@ -19,6 +19,7 @@ from linrec.engine.sampling_params import InvalidRequestError
 from linrec.engine.scheduler import Scheduler
 from linrec.engine.sparse_switch import SparseSwitch
 from linrec.engine.state_pool import StatePool, num_slots_for_budget
+from linrec.engine.state_store import StateInfo, StateStore, check_state_id, fingerprint_files
 from linrec.engine.warmup import warm_up
 from linrec.kernels.toolchain import current_compile_watch
 from linrec.models.lora import LoraWeights
@@ -148,14 +149,34 @@ class EngineCore:
         self.vocab_size = self.model.config.vocab_size
         self.max_model_len = resolve_max_model_len(config.max_model_len, read_hf_config(self.model_path))
         bytes_per_request = self.bytes_per_request = self.model.state_bytes_per_request()
-        # One budget buys rows: running slots first, snapshot rows from what is left.
+        # One budget buys rows: running slots first, then prefix snapshot rows, then stored states' rows.
         num_rows = num_slots_for_budget(config.state_memory, bytes_per_request, self.device)
         num_slots = min(config.max_num_seqs, num_rows)
+        # Rows beyond one per running request, for the second passes of routes that repeat a layer (docs/routing.md).
+        num_slots += min(num_rows - num_slots, config.route_state_rows)
         num_snapshot_rows = min(num_rows - num_slots, config.max_cached_states) if config.enable_prefix_caching else 0
-        self.pool = StatePool(self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows)
+        # Stored states' device rows from what is left (without any, they go straight to host memory).
+        num_store_rows = min(num_rows - num_slots - num_snapshot_rows, config.max_device_states)
+        self.pool = StatePool(
+            self.model, num_slots, self.device, num_snapshot_rows=num_snapshot_rows, num_store_rows=num_store_rows
+        )
         self.eos_token_ids = eos_token_ids_of(self.tokenizer, self.model)
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.model_key = f"{self.model_path}|{dtype}|{config.linearize}|{config.merge_lora}"
+        # Stored states outlive the process: their model key hashes what the weights and states are (the config,
+        # dtype, conversion, merged adapter's files), not where the checkpoint lies.
+        self._adapter_keys: dict[tuple[str, int], str] = {}
+        self.states = StateStore(
+            self.pool,
+            fingerprint_files(self.model_path, ("config.json",), extra=(dtype, str(config.linearize)))
+            + (f"+{fingerprint_files(config.merge_lora)}" if config.merge_lora else ""),
+            next(self.model.parameters()).dtype,
+            len(self.model.decoder_layers()),
+            directory=config.state_store,
+            host_bytes=config.state_store_host_bytes,
+            disk_bytes=config.state_store_max_bytes,
+            ttl=config.state_ttl,
+        )
         self.num_slots = num_slots
         self.num_step_failures = 0  # steps whose execution raised (each recovered from)
         self.num_failed_requests = 0  # requests ended with an error (traced to them, or lost in a reset)
@@ -213,6 +234,7 @@ class EngineCore:
             max_long_partial_prefills=config.max_long_partial_prefills,
             adapter_slots=AdapterSlots(config.max_loras) if config.enable_lora else None,
             num_layers=len(self.model.decoder_layers()),
+            state_store=self.states,
         )
         self.outputs = OutputProcessor(self.tokenizer)
 
@@ -225,10 +247,34 @@ class EngineCore:
         auto = request.layer_route == "auto"
         route = None if auto else request.layer_route
         route = tuple(int(r) for r in route) if route is not None and any(r != 1 for r in route) else None
+        resume = None
+        if request.resume_state is not None:
+            # A continuation: the stored conversation comes first, its state is loaded at admission, and only the
+            # last stored token and the new ones are fed. It runs the stored route ("auto" decided it already).
+            resume = self.states.resume(
+                request.resume_state, self.states.key(self._adapter_key(adapter), request.cache_salt), "resume_state"
+            )
+            if request.layer_route is not None and not auto and route != resume.layer_route:
+                self.states.unpin(resume)
+                raise InvalidRequestError(
+                    f"expected the stored state's layer route {list(resume.layer_route or [])} (or none given), got "
+                    f"{list(request.layer_route)}",
+                    "layer_route",
+                )
+            route, auto = resume.layer_route, False
+            prompt = [*resume.token_ids, *prompt]
+            if len(prompt) + params.max_tokens > self.max_model_len:
+                self.states.unpin(resume)
+                raise InvalidRequestError(
+                    f"the conversation has {len(prompt)} tokens and max_tokens is {params.max_tokens}; this model's "
+                    f"maximum context length is {self.max_model_len} tokens (max_model_len)",
+                    "max_tokens",
+                    code="context_length_exceeded",
+                )
         key = None
         # A repeated layer's second lane is a state row of its own, which snapshots do not hold, and a route the
         # routers decide is not known before the prompt runs: neither is cached.
-        if self.prefix_cache is not None and not auto and (route is None or 2 not in route):
+        if self.prefix_cache is not None and not auto and (route is None or 2 not in route) and resume is None:
             key = PrefixKey(
                 self.model_key,
                 adapter=f"{adapter.name}#{adapter.uid}" if adapter is not None else None,
@@ -242,6 +288,9 @@ class EngineCore:
         kinds["layer_route"] = route
         kinds["auto_route_bias"] = float(request.route_skip_bias) if auto else None
         parent = Request(request_id, prompt, params, cache_key=key, **kinds)
+        parent.resume, parent.store_id, parent.state_meta = resume, request.store_state, request.state_meta
+        if request.store_state is not None:
+            parent.store_key = self.states.key(self._adapter_key(adapter), request.cache_salt)
         parent.children = [
             Request(f"{request_id}#{i}", prompt, params, sample_index=i, parent_id=request_id, cache_key=key, **kinds)
             for i in range(1, params.n)
@@ -252,7 +301,79 @@ class EngineCore:
             self.scheduler.add_request(parent)
         except BaseException:
             self.outputs.abort([parent.request_id, *(c.request_id for c in parent.children)])
+            if resume is not None:
+                self.states.unpin(resume)
             raise
+
+    def _adapter_key(self, adapter: LoraWeights | SparseWeights | None) -> str | None:
+        """A stored state's adapter key: its name and a hash of its files (the same after a restart or a reload
+        of the same files; another adapter under the same name is another key)."""
+        if adapter is None:
+            return None
+        cached = self._adapter_keys.get((adapter.name, adapter.uid))
+        if cached is None:
+            info = next((i for i in self.adapters.list() if i.uid == adapter.uid), None)
+            digest = fingerprint_files(info.path) if info is not None else f"uid{adapter.uid}"
+            cached = self._adapter_keys[(adapter.name, adapter.uid)] = f"{adapter.name}:{digest}"
+        return cached
+
+    def adapter_key_by_name(self, lora_name: str) -> str | None:
+        """The stored-state key of a loaded adapter by name (None when it is not loaded)."""
+        try:
+            return self._adapter_key(self.resolve_adapter(lora_name))
+        except Exception:  # noqa: BLE001 -- not loaded, or no adapters: no key
+            return None
+
+    # -- stored states (engine thread; AsyncLLM runs these through its command queue) -----------------------
+
+    def state_info(self, state_id: str, cache_salt: str | None = None) -> StateInfo:
+        return self.states.get(state_id, cache_salt).info()
+
+    def delete_state(self, state_id: str, cache_salt: str | None = None) -> None:
+        self.states.delete(state_id, cache_salt)
+
+    def set_state_meta(self, state_id: str, meta: dict, cache_salt: str | None = None) -> None:
+        self.states.set_meta(state_id, meta, cache_salt)
+
+    def export_state(self, state_id: str, cache_salt: str | None = None) -> bytes:
+        return self.states.export(state_id, cache_salt)
+
+    def import_state(
+        self, data: bytes, state_id: str, cache_salt: str | None = None, meta: dict | None = None
+    ) -> StateInfo:
+        return self.states.import_state(data, state_id, cache_salt, meta, self.adapter_key_by_name)
+
+    def fork_state(
+        self, state_id: str, new_state_id: str, cache_salt: str | None = None, meta: dict | None = None
+    ) -> StateInfo:
+        return self.states.fork(state_id, new_state_id, cache_salt, meta)
+
+    def close(self) -> None:
+        """Write every stored state held only in memory to --state-store (shutdown; a restart finds them)."""
+        written = self.states.flush()
+        if written:
+            logger.info("linrec: wrote %d stored state(s) to %s", written, self.config.state_store)
+
+    def _store_states(self) -> None:
+        """Keep the end states of the requests that completed with store_state (after a step: their rows are
+        not reused before the next schedule())."""
+        for request, rows, lane_rows in self.scheduler.take_state_saves():
+            tokens = request.prompt_token_ids + request.output_token_ids
+            if request.num_computed_tokens != len(tokens) - 1:  # every token but the last sampled one is fed
+                logger.error("linrec: not storing %s: its state is not at its last token", request.request_id)
+                continue
+            adapter = request.lora if request.lora is not None else request.sparse
+            self.states.save(
+                request.store_id,
+                request.store_key,
+                tokens,
+                request.num_computed_tokens,
+                rows,
+                lane_rows,
+                adapter.name if adapter is not None else None,
+                request.layer_route,
+                request.state_meta,
+            )
 
     def resolve_adapter(self, lora_name: str | None) -> LoraWeights | SparseWeights | None:
         """The LoraWeights or SparseWeights of a known adapter name (None for the base model). Thread-safe (the
@@ -272,8 +393,21 @@ class EngineCore:
         it later; returns the prompt as a list of ints. The one place these checks live: the server's requests
         reach them too. Raises InvalidRequestError naming the field."""
         params = request.sampling_params
-        if not request.prompt_token_ids:
+        if request.resume_state is not None and not isinstance(request.resume_state, str):
+            raise InvalidRequestError(f"expected a stored state id, got {request.resume_state!r}", "resume_state")
+        if not request.prompt_token_ids and request.resume_state is None:  # a continuation may add nothing
             raise InvalidRequestError("expected a non-empty prompt, got 0 tokens", "prompt")
+        if request.store_state is not None:
+            try:
+                check_state_id(request.store_state)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(str(exc), "store_state") from None
+            if params.n != 1:
+                raise InvalidRequestError(
+                    f"expected n=1 to store the end state (one state per id), got n={params.n}", "store_state"
+                )
+        if request.state_meta is not None and not isinstance(request.state_meta, dict):
+            raise InvalidRequestError(f"expected state_meta as a dict, got {type(request.state_meta).__name__}")
         prompt = [int(t) for t in request.prompt_token_ids]
         vocab = self.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
@@ -309,7 +443,7 @@ class EngineCore:
         if repeats and self.num_slots < 2:
             raise InvalidRequestError(
                 "expected a pool of 2 or more request rows to repeat a layer (its second pass keeps a state row of "
-                "its own): this engine's has 1 (raise --state-memory or --max-num-seqs)",
+                "its own): this engine's has 1 (raise --route-state-rows, --max-num-seqs or --state-memory)",
                 "layer_route",
             )
         if repeats and params.n > 1:
@@ -419,6 +553,7 @@ class EngineCore:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, stop_reason=stop_string)
         for request in failed:
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        self._store_states()
         return deltas + self._fail_requests(failed)
 
     def reset(self) -> list[SampleDelta]:

@@ -78,13 +78,17 @@ class LLM:
         cache_salt: str | None = None,
         layer_route: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None = None,
         layer_route_skip_bias: float = 0.0,
+        store_state: str | Sequence[str | None] | None = None,
+        resume_state: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to its end. lora_request (one for all prompts, or one per prompt) serves them with a
         LoRA adapter (LLM(..., enable_lora=True)); an adapter name seen for the first time is read from its
         lora_path. cache_salt keeps their prefix-cache states apart from other salts'. layer_route (one route
         for all prompts, or one per prompt, None for every layer once) gives each layer's count: 0 skip,
         1 execute, 2 repeat; "auto" lets the model's routers decide it (LLM(..., router=DIR)), with
-        layer_route_skip_bias added to their skip logits (docs/routing.md)."""
+        layer_route_skip_bias added to their skip logits (docs/routing.md). store_state keeps each prompt's end
+        state under an id (one id, or one per prompt); resume_state continues the conversation stored under an
+        id, the prompt then holding only the new tokens (docs/responses.md)."""
         prompt_list = normalize_prompts(prompts)
         loras = self._lora_names(lora_request, len(prompt_list))
         # one route (a sequence of ints, or "auto") for every prompt, or one route, "auto" or None per prompt
@@ -93,18 +97,24 @@ class LLM:
         is_one_route = not isinstance(layer_route, list) or all(isinstance(r, int) for r in layer_route)
         routes = _per_prompt(layer_route, len(prompt_list), is_one_route, "layer_route")
         routes = [r if r is None or isinstance(r, str) else tuple(r) for r in routes]
+        stores = _per_prompt(
+            store_state, len(prompt_list), store_state is None or isinstance(store_state, str), "store_state"
+        )
+        resumes = _per_prompt(
+            resume_state, len(prompt_list), resume_state is None or isinstance(resume_state, str), "resume_state"
+        )
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = _per_prompt(
             sampling_params, len(prompt_list), isinstance(sampling_params, SamplingParams), "SamplingParams"
         )
         pending: list[tuple] = []
-        for prompt, params, lora_name, route in zip(prompt_list, params_list, loras, routes):
-            if isinstance(prompt, str):
-                token_ids = self.tokenizer.encode(prompt)
-                pending.append((str(next(self._ids)), prompt, token_ids, params, lora_name, route))
-            else:
-                pending.append((str(next(self._ids)), None, [int(t) for t in prompt], params, lora_name, route))
+        for prompt, params, lora_name, route, store, resume in zip(
+            prompt_list, params_list, loras, routes, stores, resumes
+        ):
+            text = prompt if isinstance(prompt, str) else None
+            token_ids = self.tokenizer.encode(prompt) if text is not None else [int(t) for t in prompt]
+            pending.append((str(next(self._ids)), text, token_ids, params, lora_name, route, store, resume))
         results: dict[str, RequestOutput] = {
             rid: RequestOutput(
                 rid,
@@ -118,7 +128,7 @@ class LLM:
         queue = list(reversed(pending))
         while queue or self.engine.has_unfinished():
             while queue:  # submit as many as the waiting queue takes; the rest wait for room
-                rid, _text, ids, params, lora_name, route = queue[-1]
+                rid, _text, ids, params, lora_name, route, store, resume = queue[-1]
                 try:
                     request = EngineRequest(
                         rid,
@@ -128,6 +138,8 @@ class LLM:
                         layer_route=route,
                         route_skip_bias=layer_route_skip_bias,
                         cache_salt=cache_salt,
+                        store_state=store,
+                        resume_state=resume,
                     )
                     self.engine.add_request(request)
                 except QueueFullError:

@@ -26,6 +26,10 @@ class SampleDelta:
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None  # time.monotonic() when the prompt got its slot (for metrics)
     layer_route: tuple[int, ...] | None = None  # the route the sample runs (given or decided); None: every layer
+    # On the sample's last delta: the whole prompt the engine ran (a continuation's stored conversation
+    # included), and how many of its tokens were not prefilled (loaded from a stored state or a prefix snapshot).
+    num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None
 
 
 @dataclass
@@ -111,6 +115,8 @@ class OutputProcessor:
             request.first_scheduled_time if request.parent_id is None else None,
             request.layer_route,
         )
+        if finish_reason is not None:
+            delta.num_prompt_tokens, delta.num_cached_tokens = request.num_prompt_tokens, request.num_cached_tokens
         stop_string = detokenizer.stop_reason if detokenizer.stop_reason is not None and not update.finished else None
         return delta, stop_string
 

@@ -31,6 +31,12 @@ class EngineRequest:
     # Prefix-cache states are shared only between requests with the same salt (vLLM's cache_salt), so that
     # tenants cannot probe each other's prompts.
     cache_salt: str | None = None
+    # Stored states (engine/state_store.py, docs/responses.md): keep the end state under this id when the request
+    # completes (n must be 1); continue from the state stored under this id (prompt_token_ids are then only the
+    # new tokens: the stored conversation comes first); JSON-able metadata kept with the stored state.
+    store_state: str | None = None
+    resume_state: str | None = None
+    state_meta: dict | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -80,6 +86,12 @@ class Request:
     lane_rows: tuple[int, ...] | None = None
     # layer_route "auto" not decided yet: the skip bias its routers get at its first step (None: decided/given).
     auto_route_bias: float | None = None
+    # A continuation: the stored state (engine/state_store.py's StoredState) it loads at admission, pinned until
+    # then; and the id its own end state is stored under when it completes (with its metadata).
+    resume: object | None = None
+    store_id: str | None = None
+    store_key: object | None = None  # engine/state_store.py's StateKey: model, adapter, tenant
+    state_meta: dict | None = None
 
     def row_counts(self, num_layers: int) -> tuple[int, ...] | None:
         """The rows it needs in each layer, or None for one row in every layer (no route, or all ones): its route's

@@ -54,7 +54,10 @@ class Runner:
         # Order matters: end states leave their freed slots before those slots are reset or loaded.
         self.pool.copy_rows(out.end_saves)
         self.pool.reset(out.slots_to_reset)
-        self.pool.copy_rows(out.loads)
+        self.pool.copy_rows([(src, dst) for src, dst in out.loads if isinstance(src, int)])
+        for src, dst in out.loads:
+            if not isinstance(src, int):  # a stored state's host copy
+                self.pool.write(dst, src)
         for slot, weights in out.adapter_loads:
             self.load_adapter(slot, weights)
         if out.is_empty:

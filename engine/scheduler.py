@@ -147,7 +147,8 @@ class SchedulerOutput:
     # (rows -> snapshot row: states at this step's chunk ends). A routed request's rows copy only the layers it
     # executes: a snapshot is loaded only by requests of the same route.
     end_saves: list[tuple[Rows, int]] = field(default_factory=list)
-    loads: list[tuple[int, Rows]] = field(default_factory=list)
+    # (a load's source is a snapshot row, a stored state's device row, or its host copy: a list of CPU tensors)
+    loads: list[tuple[int | list, Rows]] = field(default_factory=list)
     saves: list[tuple[Rows, int]] = field(default_factory=list)
     # A quarantine step: a group of requests rebuilding their states after a failed step, nothing else; if it
     # fails too, the group is split (a group of one is the cause).
@@ -226,6 +227,7 @@ class Scheduler:
         max_long_partial_prefills: int = 1,
         adapter_slots: AdapterSlots | None = None,
         num_layers: int = 1,
+        state_store=None,
     ):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -283,6 +285,11 @@ class Scheduler:
         self.num_layer_passes_repeated = 0
         self._num_sparse = 0
         self._passes: dict[str, int] = {}
+        # Stored states (engine/state_store.py): where a continuation loads its state from, and the requests
+        # that completed with a state to keep, (request, its rows, its second-lane rows), which the engine
+        # copies out after the step, before their rows are reused.
+        self.state_store = state_store
+        self._state_saves: list[tuple[Request, Rows, Rows | None]] = []
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -344,11 +351,19 @@ class Scheduler:
         plan = self._plans.pop(request.request_id, None)
         if plan is not None:
             self._drop_plan(request, plan)
+        if request.resume is not None:  # a continuation that never loaded its state
+            self.state_store.unpin(request.resume)
+            request.resume = None
         if request.state_rows is not None:
             # A failed or quarantined request's state is unknown or half rebuilt: never a snapshot.
             is_state_sound = status is not RequestStatus.FINISHED_ERROR and not is_suspect
             if request.status is RequestStatus.RUNNING and request.num_computed_tokens > 0 and is_state_sound:
                 self._save_end_state(request)
+                if request.store_id is not None and status in (
+                    RequestStatus.FINISHED_STOPPED,
+                    RequestStatus.FINISHED_LENGTH,
+                ):
+                    self._state_saves.append((request, request.state_rows, request.lane_rows))
             self.allocator.free(request.state_rows, *[request.lane_rows] if request.lane_rows else [])
             request.slot_id, request.layer_rows, request.lane_rows = 0, None, None
         self._adapter_waits.pop(request.request_id, None)
@@ -428,7 +443,7 @@ class Scheduler:
             budget -= num_tokens
         # Pass 3: admit waiting prompts while there are slots (n of them for an n-sample prompt). A long one
         # is passed over while the long prefills are at their bound; it keeps its place in the queue.
-        loads: list[tuple[int, Rows]] = []
+        loads: list[tuple[int | list, Rows]] = []
         # A routed request may fit in rows that other routes left, with no whole slot free.
         has_rows = self.allocator.num_rows_used < self.allocator.num_rows * self.allocator.num_layers
         queued = [*self._ready, *self.waiting] if budget > 0 and self._num_free_seqs() > 0 and has_rows else []
@@ -466,7 +481,15 @@ class Scheduler:
                 slots_to_reset.append(request.lane_rows)
             if _adapter(request) is not None:
                 self._place_adapter(request)
-            if hit is not None:
+            if request.resume is not None:  # a continuation: its stored state, from the device row or the host
+                entry, request.resume = request.resume, None
+                first, second = self.state_store.source(entry)
+                loads.append((first, request.state_rows))
+                if second is not None:
+                    loads.append((second, request.lane_rows))
+                self.state_store.unpin(entry)
+                request.num_computed_tokens = request.num_cached_tokens = entry.num_fed
+            elif hit is not None:
                 loads.append((hit.row, request.state_rows))
                 request.num_computed_tokens = request.num_cached_tokens = hit.depth
             else:
@@ -493,7 +516,11 @@ class Scheduler:
         return self._output([c for c in chunks if c[1] > 0], slots_to_reset, loads)
 
     def _output(
-        self, chunks: list[list], slots_to_reset: list[Rows], loads: list[tuple[int, Rows]], is_quarantine: bool = False
+        self,
+        chunks: list[list],
+        slots_to_reset: list[Rows],
+        loads: list[tuple[int | list, Rows]],
+        is_quarantine: bool = False,
     ) -> SchedulerOutput:
         """The step's plain-data output for chunks of [request, tokens to feed] in batch order: the
         sequences, snapshot saves, n > 1 forks and the rows to sample."""
@@ -532,6 +559,12 @@ class Scheduler:
             adapter_loads,
             sparse_slot=sparse_slot,
         )
+
+    def take_state_saves(self) -> list[tuple[Request, Rows, Rows | None]]:
+        """The completed requests whose end state is to be stored, with their rows (still unchanged: call before
+        the next schedule())."""
+        saves, self._state_saves = self._state_saves, []
+        return saves
 
     def _allocate_rows(self, request: Request, counts: tuple[int, ...] | None) -> None:
         """Its rows: a slot in every layer (counts None), or per layer what its route needs."""

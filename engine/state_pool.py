@@ -63,27 +63,59 @@ class StatePool:
     business.
     """
 
-    def __init__(self, model: CausalLM, num_slots: int, device: torch.device, num_snapshot_rows: int = 0):
+    def __init__(
+        self,
+        model: CausalLM,
+        num_slots: int,
+        device: torch.device,
+        num_snapshot_rows: int = 0,
+        num_store_rows: int = 0,
+    ):
         if num_slots < 1:
             raise ValueError(f"expected num_slots >= 1, got {num_slots}")
-        if num_snapshot_rows < 0:
-            raise ValueError(f"expected num_snapshot_rows >= 0, got {num_snapshot_rows}")
+        if num_snapshot_rows < 0 or num_store_rows < 0:
+            raise ValueError(
+                f"expected num_snapshot_rows, num_store_rows >= 0, got {num_snapshot_rows}, {num_store_rows}"
+            )
         self.num_slots = num_slots
         self.num_snapshot_rows = num_snapshot_rows
+        self.num_store_rows = num_store_rows
         self.bytes_per_request = model.state_bytes_per_request()
+        self.state_spec = model.state_spec()
         # Bytes of one row of each layer: what a routed request's state costs follows its route.
-        self.layer_bytes = [sum(spec.num_bytes for spec in layer.values()) for layer in model.state_spec()]
+        self.layer_bytes = [sum(spec.num_bytes for spec in layer.values()) for layer in self.state_spec]
         # Per layer: name -> [num_rows, *shape]; models read and write rows by slot id.
         self.layers: list[LayerState] = model.allocate_state(self.num_rows, device)
 
     @property
     def num_rows(self) -> int:
-        return 1 + self.num_slots + self.num_snapshot_rows
+        return 1 + self.num_slots + self.num_snapshot_rows + self.num_store_rows
 
     @property
     def snapshot_rows(self) -> list[int]:
         """Row ids reserved for prefix-cache snapshots."""
-        return list(range(1 + self.num_slots, self.num_rows))
+        return list(range(1 + self.num_slots, 1 + self.num_slots + self.num_snapshot_rows))
+
+    @property
+    def store_rows(self) -> list[int]:
+        """Row ids reserved for stored states' device tier (engine/state_store.py)."""
+        return list(range(1 + self.num_slots + self.num_snapshot_rows, self.num_rows))
+
+    def read(self, rows: Rows) -> list[dict[str, torch.Tensor]]:
+        """CPU copies of the state in `rows`: per layer, name -> tensor (an empty dict where rows name none)."""
+        out = []
+        for layer, tensors in enumerate(self.layers):
+            row = row_in_layer(rows, layer)
+            out.append({name: t[row].to("cpu", copy=True) for name, t in tensors.items()} if row else {})
+        return out
+
+    def write(self, rows: Rows, state: list[dict[str, torch.Tensor]]) -> None:
+        """Copy a state read by read() (or imported) into `rows`, in each layer where both have one."""
+        for layer, tensors in enumerate(self.layers):
+            row = row_in_layer(rows, layer)
+            if row and state[layer]:
+                for name, tensor in tensors.items():
+                    tensor[row].copy_(state[layer][name], non_blocking=False)
 
     @property
     def total_bytes(self) -> int:

@@ -428,3 +428,17 @@ def test_an_auto_request_aborted_while_its_deciding_step_runs_gives_back_every_r
     assert engine.scheduler is scheduler  # no bookkeeping failure (which resets the engine)
     assert not engine.has_unfinished() and engine.stats().num_state_rows_used == 0
     assert run(llm, PROMPTS[:1], "auto")  # and the engine serves the next one
+
+
+def test_route_state_rows_give_repeats_their_second_rows(family_dir):
+    """Two requests repeating every layer need 4 rows of each layer: with 2 slots they take turns, and 2 rows of
+    --route-state-rows let them run together."""
+    _family, path = family_dir
+    repeat = (2, 2, 2, 2)
+    _outs, most, _stats = most_running_while(LLM(str(path), max_num_seqs=2, **CPU), PROMPTS[:2], repeat)
+    assert most == 1
+    llm = LLM(str(path), max_num_seqs=2, route_state_rows=2, **CPU)
+    assert llm.engine.num_slots == 4
+    outs, most, stats = most_running_while(llm, PROMPTS[:2], repeat)
+    assert most == 2 and stats.num_state_rows_used == 4 * NUM_LAYERS
+    assert [o.token_ids for o in outs] == [run(llm, [p], repeat)[0].token_ids for p in PROMPTS[:2]]

@@ -130,7 +130,8 @@ def test_state_bytes_do_not_grow_with_context(demo_model_dir):
     assert (pool.bytes_per_request, pool.total_bytes) == (per_request, total)
     llm.generate(random_prompts(1, 4096, 4096)[0:1], greedy(max_tokens=2))
     assert (pool.bytes_per_request, pool.total_bytes) == (per_request, total)
-    assert total == per_request * pool.num_rows == per_request * (1 + pool.num_slots + pool.num_snapshot_rows)
+    assert total == per_request * pool.num_rows
+    assert pool.num_rows == 1 + pool.num_slots + pool.num_snapshot_rows + pool.num_store_rows
 
 
 def test_chat_uses_the_template_and_logprobs_are_returned(demo_model_dir):
