@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -92,6 +92,10 @@ class EngineStats:
     num_state_rows_used: int = 0
     num_state_rows_total: int = 0
     state_bytes_used: int = 0
+    # Stored states (engine/state_store.py): per tier (device, host, disk), (states, bytes); and the store's
+    # cumulative counters (StoreStats: saves, resumes, misses, spills, restores, drops, expirations, deletions).
+    stored_states: dict = field(default_factory=dict)
+    state_store_counts: dict = field(default_factory=dict)
 
 
 # A checkpoint without max_position_embeddings (Mamba2, fla's GLA and Gated DeltaNet) gets this default
@@ -520,6 +524,8 @@ class EngineCore:
             state_bytes_used=sum(
                 allocator.rows_used(layer) * num_bytes for layer, num_bytes in enumerate(self.pool.layer_bytes)
             ),
+            stored_states=self.states.tier_counts(),
+            state_store_counts=asdict(self.states.stats),
         )
 
     def step(self) -> list[SampleDelta]:

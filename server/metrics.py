@@ -89,6 +89,15 @@ class _EngineCollector(Collector):
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self._model_name], value)
             yield family
+        # Stored states (docs/responses.md), per tier: pool rows, host memory, --state-store.
+        for name, doc, index in (
+            ("stored_states", "Stored states (conversation end states kept for continuations), per tier.", 0),
+            ("stored_state_bytes", "Bytes of stored states, per tier.", 1),
+        ):
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "tier"])
+            for tier, counts in stats.stored_states.items():
+                family.add_metric([self._model_name, tier], counts[index])
+            yield family
         # Cumulative counters (exposed with the _total suffix); vLLM counts queries and hits in tokens.
         counters = (
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_query_tokens),
@@ -135,6 +144,21 @@ class _EngineCollector(Collector):
                 "(a bug: see the warning log line naming the kernel).",
                 stats.num_kernel_compilations_after_warmup,
             ),
+        )
+        store = stats.state_store_counts
+        counters += tuple(
+            (f"stored_state_{key}", doc, store.get(key, 0))
+            for key, doc in (
+                ("saves", "States stored: requests that completed with store, imports and forks."),
+                ("resumes", "Continuations that found their stored state (hits)."),
+                ("misses", "Continuations and lookups of a state id not found for that model and tenant."),
+                ("spills_to_host", "Stored states moved from pool rows to host memory."),
+                ("spills_to_disk", "Stored states moved from host memory to --state-store."),
+                ("restores", "Stored states read back from --state-store."),
+                ("drops", "Stored states dropped for room (host memory full without --state-store, or its bound)."),
+                ("expirations", "Stored states removed past --state-ttl."),
+                ("deletions", "Stored states deleted by request."),
+            )
         )
         for name, doc, value in counters:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])

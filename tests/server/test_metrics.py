@@ -226,3 +226,29 @@ def test_prometheus_scrapes_a_protected_metrics_endpoint_with_the_key_only(live_
             assert query('linrec:state_slots_total{job="without_key"}') == []
         metrics = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer scrape-key"}).text
     assert 'route="/metrics",status="401"' in metrics and 'route="/metrics",status="200"' in metrics
+
+
+def test_stored_state_metrics_follow_the_engine(demo_model_dir) -> None:
+    """Stored states per tier and the store's counters, rendered from a real engine's stats and read back by
+    prometheus-client's parser after a store, a continuation, a miss and a push to the host."""
+    from linrec import LLM, SamplingParams
+    from linrec.server.metrics import Metrics
+
+    llm = LLM(demo_model_dir(), max_device_states=1, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.generate([[1, 2, 3]], params, store_state="a")
+    llm.generate([[4]], params, resume_state="a", store_state="b")  # b takes the one row: a goes to the host
+    with pytest.raises(ValueError):
+        llm.generate([[4]], params, resume_state="nobody")
+    body, _ = Metrics(MODEL, llm.engine.stats).render()
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert value(samples, "stored_states", tier="device", **LABELS) == 1
+    assert value(samples, "stored_states", tier="host", **LABELS) == 1
+    assert value(samples, "stored_states", tier="disk", **LABELS) == 0
+    per_state = llm.engine.bytes_per_request
+    assert value(samples, "stored_state_bytes", tier="host", **LABELS) == per_state
+    for name, expected in (("saves", 2), ("resumes", 1), ("misses", 1), ("spills_to_host", 1), ("restores", 0)):
+        assert value(samples, f"stored_state_{name}_total", **LABELS) == expected, name
