@@ -356,3 +356,188 @@ class ModelList(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict; None fields stay (OpenAI sends explicit nulls, e.g. logprobs: null)."""
     return model.model_dump(mode="json")
+
+
+# -- /v1/responses (OpenAI's Responses API over linrec's stored states; docs/responses.md) -----------------
+
+MAX_METADATA_KEYS = 16  # OpenAI's bounds on `metadata`: 16 pairs, keys of 64 and values of 512 characters
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+# A stored response's id (the engine's state id): ours are resp_<32 hex>; an import may name its own, in
+# characters that are safe in a URL path and a file name (the disk tier keeps one file per state).
+STATE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+StateId = Annotated[str, Field(pattern=STATE_ID_PATTERN)]
+Metadata = Annotated[
+    dict[
+        Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS)],
+        Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)],
+    ],
+    Field(max_length=MAX_METADATA_KEYS),
+]
+
+
+class ResponseInputText(BaseModel):
+    """A text part of an input message; `output_text` is what an assistant message of an earlier output holds
+    (OpenAI takes its output items back as input)."""
+
+    model_config = REQUEST_CONFIG
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class ResponseInputMessage(BaseModel):
+    """One message of `input` (OpenAI's EasyInputMessage; an output message item passed back fits it too)."""
+
+    model_config = REQUEST_CONFIG
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ResponseInputText]
+
+
+class ResponseTextFormat(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    type: Literal["text"] = "text"  # linrec generates plain text only (no json_schema / json_object)
+
+
+class ResponseTextConfig(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    format: ResponseTextFormat | None = None
+
+
+class ResponsesRequest(_SamplingRequest):
+    """POST /v1/responses. OpenAI's fields that linrec serves, with the extras of /v1/chat/completions (vLLM's
+    sampling names, cache_salt, layer_route); fields for tools, reasoning or background runs are refused by the
+    handler rather than silently ignored."""
+
+    input: str | Annotated[list[ResponseInputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    previous_response_id: StateId | None = None
+    store: bool = True  # OpenAI's default: the response (and here its end state) is kept for later turns
+    max_output_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    metadata: Metadata | None = None
+    # The Responses API has one output per request (and a stored state needs exactly one).
+    n: Annotated[int, Field(ge=1, le=1), INTEGRAL] = 1
+    # OpenAI's fields that linrec accepts only in their default form (the handler says so in a 400).
+    text: ResponseTextConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    background: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ResponseOutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[ResponseOutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0  # conversation tokens not prefilled: loaded from the stored state or a prefix snapshot
+    cache_write_tokens: int = 0  # OpenAI's (tokens written to its prompt cache); linrec's cache has no such charge
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int = 0  # the whole conversation the engine ran: every earlier turn's tokens plus this input's
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+    # As UsageInfo's: with a layer_route in the request, the route the output ran and its layer passes per token.
+    layer_routes: list[list[int]] | None = None
+    layers_executed: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unrouted(self, handler):
+        data = handler(self)
+        if self.layer_routes is None:
+            data.pop("layer_routes", None)
+            data.pop("layers_executed", None)
+        return data
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"] = "max_output_tokens"
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    """OpenAI's Response object: what POST answers, what GET returns of a stored one, and what a stream's
+    response.* events carry. Fields linrec has no use for keep OpenAI's defaults (no tools, no reasoning)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    completed_at: int | None = None
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    model: str
+    output: list[ResponseOutputMessage] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    store: bool = True
+    temperature: float = 1.0
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    tool_choice: str = "auto"
+    tools: list[Any] = Field(default_factory=list)
+    top_p: float = 1.0
+    truncation: Literal["disabled"] = "disabled"
+    usage: ResponseUsage | None = None
+    user: str | None = None
+    background: bool = False
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
+
+
+class ForkRequest(BaseModel):
+    """POST /v1/responses/{id}/fork's optional body: the tenant the stored response belongs to."""
+
+    model_config = REQUEST_CONFIG
+
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
+
+
+class StateObject(BaseModel):
+    """What linrec keeps of a stored response (POST /v1/states answers it for an import)."""
+
+    id: str
+    object: Literal["state"] = "state"
+    model: str
+    num_tokens: int  # the conversation so far: every turn's input and output tokens
+    num_bytes: int
+    created_at: int

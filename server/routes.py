@@ -7,9 +7,9 @@ import hmac
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -20,6 +20,7 @@ import linrec
 from linrec.engine.async_llm import EngineDeadError
 from linrec.server import protocol as p
 from linrec.server.metrics import Metrics
+from linrec.server.responses import ResponsesServing
 from linrec.server.serving import APIError, ClientDisconnected, OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ServerState:
 _ERROR_MEANINGS = {
     400: "Invalid request: the message names the field (`param`) and what was expected",
     401: "Missing or wrong API key",
-    404: "Unknown model",
+    404: "Unknown model, or no stored response under this id for this model and tenant (`state_not_found`)",
     413: "Request body over --max-request-body-bytes",
     429: "The engine's waiting queue is full; retry after Retry-After seconds",
     500: "The engine failed (never the client's input)",
@@ -50,7 +51,9 @@ _ERROR_MEANINGS = {
 }
 
 
-def _responses(*codes: int, ok: type | None = None, stream: bool = False, **ok_content: Any) -> dict[int | str, Any]:
+def _responses(
+    *codes: int, ok: type | None = None, stream: bool = False, named_events: bool = False, **ok_content: Any
+) -> dict[int | str, Any]:
     out: dict[int | str, Any] = {
         code: {"model": p.ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in codes
     }
@@ -58,6 +61,9 @@ def _responses(*codes: int, ok: type | None = None, stream: bool = False, **ok_c
         out[200] = {"model": ok, "description": "Success"}
         if stream:  # stream: true answers with server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`
             event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+            if named_events:  # the Responses API's: `event: <type>` and `data: <event JSON>`, no [DONE]
+                event["properties"]["event"] = {"type": "string"}
+                event["required"] = ["event", "data"]
             out[200]["content"] = {"text/event-stream": {"schema": event}}
     elif ok_content:
         out[200] = {"description": "Success", **ok_content}
@@ -65,6 +71,12 @@ def _responses(*codes: int, ok: type | None = None, stream: bool = False, **ok_c
 
 
 _BODY_ERRORS = (400, 401, 404, 413, 503)  # every route that reads a JSON body
+# A tenant, as in a request body's cache_salt: GET, DELETE and the state routes take it in the query.
+SaltQuery = Annotated[
+    str | None,
+    Query(min_length=1, max_length=p.MAX_CACHE_SALT_CHARS, description="the tenant (cache_salt) it was stored under"),
+]
+_STATE_BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
 def build_router(serving: OpenAIServing) -> APIRouter:
@@ -121,6 +133,63 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
         return await serving.create_chat_completion(body, raw, raw.state.request_id)
 
+    responses = ResponsesServing(serving)
+
+    @router.post(
+        "/v1/responses",
+        response_model=None,
+        responses=_responses(*_BODY_ERRORS, 429, 500, ok=p.ResponseObject, stream=True, named_events=True),
+    )
+    async def create_response(body: p.ResponsesRequest, raw: Request) -> Response:
+        return await responses.create(body, raw)
+
+    @router.get(
+        "/v1/responses/{response_id}",
+        response_model=None,
+        responses=_responses(400, 401, 404, 503, ok=p.ResponseObject),
+    )
+    async def retrieve_response(response_id: str, cache_salt: SaltQuery = None) -> Response:
+        return await responses.retrieve(response_id, cache_salt)
+
+    @router.delete(
+        "/v1/responses/{response_id}",
+        response_model=None,
+        responses=_responses(400, 401, 404, 503, ok=p.ResponseDeleted),
+    )
+    async def delete_response(response_id: str, cache_salt: SaltQuery = None) -> Response:
+        return await responses.delete(response_id, cache_salt)
+
+    @router.post(
+        "/v1/responses/{response_id}/fork",
+        response_model=None,
+        responses=_responses(*_BODY_ERRORS, 500, ok=p.ResponseObject),
+    )
+    async def fork_response(response_id: str, body: p.ForkRequest | None = None) -> Response:
+        return await responses.fork(response_id, body.cache_salt if body is not None else None)
+
+    @router.get(
+        "/v1/states/{state_id}",
+        response_class=Response,
+        responses=_responses(400, 401, 404, 503, content=_STATE_BYTES),
+    )
+    async def export_state(state_id: str, cache_salt: SaltQuery = None) -> Response:
+        return await responses.export_state(state_id, cache_salt)
+
+    @router.post(
+        "/v1/states",
+        response_model=None,
+        responses=_responses(400, 401, 413, 500, 503, ok=p.StateObject),
+        openapi_extra={"requestBody": {"required": True, "content": _STATE_BYTES}},
+    )
+    async def import_state(
+        raw: Request,
+        id: Annotated[
+            str | None, Query(pattern=p.STATE_ID_PATTERN, description="the id to keep it under (default: a new one)")
+        ] = None,
+        cache_salt: SaltQuery = None,
+    ) -> Response:
+        return await responses.import_state(raw, id, cache_salt)
+
     @router.post(
         "/v1/load_lora_adapter",
         response_model=None,
@@ -166,7 +235,8 @@ def install_openapi(
             components = schema.setdefault("components", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.get("schemas", {}).pop(name, None)
-            for name in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"):
+            requests = ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest", "TokenizeRequest")
+            for name in (*requests, "DetokenizeRequest"):
                 model = components.get("schemas", {}).get(name, {}).get("properties", {}).get("model")
                 if model is not None:  # any other name is a 404
                     model.clear()

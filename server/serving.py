@@ -37,6 +37,7 @@ from linrec.engine.output import SampleDelta
 from linrec.engine.request import Logprob
 from linrec.engine.sampling_params import SamplingParams
 from linrec.engine.scheduler import QueueFullError
+from linrec.engine.state_store import StateNotFoundError
 from linrec.server import protocol as p
 from linrec.server.metrics import Metrics, RequestTimer
 
@@ -279,12 +280,15 @@ class OpenAIServing:
         lora_name: str | None = None,
         cache_salt: str | None = None,
         route: tuple[object, float] = (None, 0.0),
+        stored: dict[str, Any] | None = None,
     ) -> AsyncIterator[tuple[int, SampleDelta]]:
         """Every prompt's deltas, merged, tagged with the prompt's index; metrics observed on the way. The
-        engine validates each prompt (EngineCore.validate): a refusal ends the merged stream before any delta."""
+        engine validates each prompt (EngineCore.validate): a refusal ends the merged stream before any delta.
+        stored: the stored-state fields of a one-prompt request (store_state, resume_state, state_meta)."""
         if self._expired_message is not None:
             raise self._expired()
         arrival = time.monotonic()
+        stored = {k: v for k, v in (stored or {}).items() if v is not None}
         gens = [
             self._timed(
                 self.llm.generate(
@@ -295,6 +299,7 @@ class OpenAIServing:
                     cache_salt=cache_salt,
                     layer_route=route[0],
                     route_skip_bias=route[1],
+                    **stored,
                 ),
                 RequestTimer(self.metrics, arrival, len(ids)),
                 f"{base_id}-{i}",
@@ -542,17 +547,22 @@ class OpenAIServing:
                         raise APIError(400, f"expected text content parts, got {part.type!r}", param="messages")
                     texts.append(part.text or "")
                 content = "".join(texts)
-            _check_text(content or "", "messages")
             conversation.append({"role": message.role, "content": content or ""})
+        text = self.chat_text(conversation, add_generation_prompt, "messages")
+        return self._encode(text, "messages", generates, add_special_tokens=False)
+
+    def chat_text(self, conversation: list[dict[str, str]], add_generation_prompt: bool, param: str) -> str:
+        """A conversation of {"role", "content"} dicts through the chat template, as text (in the pool)."""
+        for message in conversation:
+            _check_text(message["content"], param)
         if self.tokenizer.chat_template is None:
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param=param)
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as exc:  # jinja's TemplateError and raise_exception(): the messages broke the template
-            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-        return self._encode(text, "messages", generates, add_special_tokens=False)
+            raise APIError(400, f"the chat template rejected the messages: {exc}", param=param) from None
 
     async def create_chat_completion(self, req: p.ChatCompletionRequest, raw: Request, request_id: str):
         lora_name = self.check_model(req.model)
@@ -834,10 +844,12 @@ def _engine_error(exc: BaseException) -> APIError:
         return APIError(500, "the engine ended the request without output", type="InternalServerError")
     if isinstance(exc, AdapterNotFoundError):  # unloaded between the model check and the engine
         return APIError(404, str(exc), type="NotFoundError", param="model", code="model_not_found")
+    if isinstance(exc, StateNotFoundError):  # also another model's, adapter's or tenant's: ids cannot be probed
+        return APIError(404, str(exc), type="NotFoundError", param=exc.param, code="state_not_found")
     return APIError(400, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None))
 
 
-def _route(req: p.CompletionRequest | p.ChatCompletionRequest) -> tuple[object, float]:
+def _route(req: p._SamplingRequest) -> tuple[object, float]:
     """The request's layer route for the engine ("auto", a tuple of counts or None) and its skip bias."""
     route = req.layer_route
     return (tuple(route) if isinstance(route, list) else route), req.layer_route_skip_bias
