@@ -6,11 +6,15 @@ linrec_client's methods against the same server."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from safetensors.torch import load as load_safetensors
 
 import linrec_client as lc
+from linrec.engine.async_llm import AsyncLLM
+from linrec.engine.config import EngineConfig
 
 openai = pytest.importorskip("openai")
 
@@ -266,6 +270,29 @@ def _foreign_state() -> bytes:
     return save({"token_ids": torch.tensor([1, 2], dtype=torch.int64)}, metadata=meta)
 
 
+def test_a_template_that_cannot_be_cut_refuses_continuations(tmp_path, tools) -> None:
+    """A template that renders the last message differently has no segment to cut: a 400 naming the field."""
+    from linrec.models.demo import write_demo_model
+
+    path = write_demo_model(tmp_path / "model", "liger_gla")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if loop.last %}<last>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = AsyncLLM(EngineConfig(model=str(path), device="cpu", max_num_seqs=4, max_model_len=96))
+    try:
+        with tools.run_app(tools.app_over(llm)) as base_url:
+            client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            first = client.responses.create(input="Hi", **GREEDY)  # a first turn needs no cut
+            with pytest.raises(openai.BadRequestError) as info:
+                client.responses.create(input="Go", previous_response_id=first.id, **GREEDY)
+            assert info.value.body["param"] == "previous_response_id" and "prefix" in info.value.body["message"]
+    finally:
+        llm.shutdown()
+
+
 def test_a_stored_response_survives_a_restart(make_server, tmp_path) -> None:
     store = str(tmp_path / "states")
     with make_server(max_model_len=96, state_store=store) as server:
@@ -285,8 +312,6 @@ def test_a_stored_response_continues_only_on_its_own_model(tmp_path, tools) -> N
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from linrec.engine.async_llm import AsyncLLM
-    from linrec.engine.config import EngineConfig
     from linrec.models.demo import demo_llama_config
     from linrec.models.tokenizer import write_byte_tokenizer
 
