@@ -93,6 +93,10 @@ class MultiturnBenchResult:
     num_turns_compared: int  # conversation-turns compared between the contenders (over every round)
     num_turns_equal: int  # of those, turns whose greedy tokens are equal
     prompts_equal: bool  # the engine prompt of every turn has the same length under both contenders
+    # The responses engine's state store over the timed rounds (engine/state_store.py's StoreStats: saves, resumes,
+    # misses, spills_to_host, ...), and its pool rows for stored states: where the conversations' states lived.
+    store_stats: dict[str, int] = field(default_factory=dict)
+    max_device_states: int = 0
 
     def by_name(self) -> dict[str, ContenderResult]:
         return {c.name: c for c in self.contenders}
@@ -177,6 +181,13 @@ class MultiturnBenchResult:
             f"({self.num_turns_equal}/{self.num_turns_compared} conversation-turns); "
             f"engine prompts equal: {'yes' if self.prompts_equal else 'NO'}",
         ]
+        if self.store_stats:
+            stats = self.store_stats
+            rows.insert(
+                3,
+                f"responses' state store ({self.max_device_states} pool rows): {stats['saves']} saves, "
+                f"{stats['resumes']} resumes, {stats['misses']} misses, {stats['spills_to_host']} spilled to host",
+            )
         return "\n".join(rows)
 
 
@@ -352,6 +363,8 @@ def _bench(
         if name == "responses":
             _forget(engine, warmed, f"{name}-warmup")
     runs: dict[str, list[_Run]] = {name: [] for name in CONTENDERS}
+    store = engines["responses"].states
+    before = asdict(store.stats)
     for r in range(repeats):  # each round starts with the other contender
         users = make_conversations(num_conversations, num_turns, user_len, vocab_size, seed + r)
         for name in CONTENDERS[r % 2 :] + CONTENDERS[: r % 2]:
@@ -360,6 +373,7 @@ def _bench(
                 _forget(engines[name], run, f"{name}-r{r}")
             runs[name].append(run)
 
+    store_stats = {name: count - before[name] for name, count in asdict(store.stats).items()}
     contenders = [_summarize(name, runs[name]) for name in CONTENDERS]
     pairs = [
         (a, b)
@@ -385,6 +399,8 @@ def _bench(
         prompts_equal=all(
             a.prompt_tokens == b.prompt_tokens for a, b in zip(runs["responses"], runs["resend"], strict=True)
         ),
+        store_stats=store_stats,
+        max_device_states=engines["responses"].config.max_device_states,
     )
 
 

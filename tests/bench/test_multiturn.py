@@ -12,6 +12,7 @@ from linrec.bench.common import write_bench_model
 from linrec.bench.decode import DECODE_MODEL_OVERRIDES
 from linrec.bench.multiturn import make_conversations
 from linrec.cli import main
+from linrec.engine.config import EngineConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +52,10 @@ def test_tiny_run_reports_every_turn_and_the_checks_pass(tiny_model, tmp_path, c
     # responses feeds the new input alone in turn 1, then the new input + the stored last token (sampled, never fed)
     assert [(t["prefill_tokens_min"], t["prefill_tokens_max"]) for t in responses["turns"]] == [(4, 4), (5, 5), (5, 5)]
     assert data["targets_met"]["responses prefill == new input + 1"]
+    # every turn stored its state, every turn after the first resumed one, none was missing
+    stats = data["store_stats"]
+    assert (stats["saves"], stats["resumes"], stats["misses"]) == (9, 6, 0)
+    assert data["max_device_states"] == EngineConfig.max_device_states
     # resending cannot feed less: the last reply token was never fed in its own request either
     assert all(t["prefill_tokens_min"] >= 5 for t in resend["turns"][1:])
     assert "responses: turn-3 / turn-1 TTFT" in text and "greedy tokens equal in every turn: yes (9/9" in text
