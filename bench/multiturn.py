@@ -297,6 +297,7 @@ def run_multiturn_bench(
     output_len: int = 16,
     device: str = "auto",
     kernel_backend: str = "auto",
+    max_device_states: int | None = None,
     repeats: int = 3,
     seed: int = 0,
     threads: int | None = None,
@@ -304,8 +305,9 @@ def run_multiturn_bench(
     """Run both contenders (see the module docstring) and compare.
 
     model: a local checkpoint (Llama/Qwen2/Mistral are served linearized as Liger-GLA); None: the seeded bench
-    model of `family`, written once under the cache dir. float32 on the CPU, bfloat16 on CUDA. threads: torch CPU
-    threads (None keeps torch's default).
+    model of `family`, written once under the cache dir. float32 on the CPU, bfloat16 on CUDA. max_device_states:
+    stored states kept in pool rows (None: EngineConfig's default), for both engines. threads: torch CPU threads
+    (None keeps torch's default).
     """
     import torch
 
@@ -324,15 +326,17 @@ def run_multiturn_bench(
     torch.set_num_threads(threads or previous)
     try:
         return _bench(
-            model, family, num_conversations, num_turns, user_len, output_len, device, kernel_backend, repeats, seed
-        )
+            model, family, num_conversations, num_turns, user_len, output_len, device, kernel_backend,
+            max_device_states, repeats, seed,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(previous)
 
 
 def _bench(
-    model, family, num_conversations, num_turns, user_len, output_len, device, kernel_backend, repeats, seed
-) -> MultiturnBenchResult:
+    model, family, num_conversations, num_turns, user_len, output_len, device, kernel_backend, max_device_states,
+    repeats, seed,
+) -> MultiturnBenchResult:  # fmt: skip
     """run_multiturn_bench's body, under its thread setting, with its arguments checked."""
     import torch
 
@@ -346,6 +350,8 @@ def _bench(
         path, device, kernel_backend, 1, 1, num_conversations, seed
     )
     engine_args["enable_prefix_caching"] = True  # for both: what a vLLM or SGLang user has on
+    if max_device_states is not None:
+        engine_args["max_device_states"] = max_device_states
     engines = {name: LLM(str(path), **engine_args).engine for name in CONTENDERS}
     conversation_len = num_turns * (user_len + output_len)
     max_model_len = engines["resend"].max_model_len

@@ -327,8 +327,12 @@ def _add_multiturn(kinds) -> None:
     add_config_args(
         multiturn,
         EngineConfig,
-        ("device", "kernel_backend"),
-        helps={"device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)"},
+        ("device", "kernel_backend", "max_device_states"),
+        helps={
+            "device": "auto, cpu, cuda, cuda:N (float32 on the CPU, bfloat16 on CUDA)",
+            "max_device_states": "stored states kept in pool rows (both engines); fewer than --num-conversations "
+            "resumes some turns from host memory",
+        },
     )
     multiturn.add_argument("--repeats", type=int, default=3, help="interleaved rounds per contender; medians count")
     multiturn.add_argument("--seed", type=int, default=0, help="user-token RNG (round r uses seed + r)")
@@ -343,6 +347,7 @@ def _run_bench_multiturn(args: argparse.Namespace) -> int:
     from linrec.bench.multiturn import run_multiturn_bench
 
     names = ("family", "num_conversations", "num_turns", "user_len", "output_len", "device", "kernel_backend")
+    names += ("max_device_states",)
     try:
         result = run_multiturn_bench(
             args.model,
