@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from linrec.engine.adapters import AdapterInfo, AdapterNotFoundError
+from linrec.engine.client import EngineDeadError, EngineInfo, RequestFailedError
 from linrec.engine.config import EngineConfig
-from linrec.engine.core import EngineCore
+from linrec.engine.core import EngineCore, EngineStats
 from linrec.engine.output import SampleDelta
 from linrec.engine.request import EngineRequest, RequestStatus
 from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -47,19 +48,6 @@ class _Call:
     done: concurrent.futures.Future
 
 
-class EngineError(RuntimeError):
-    """The engine could not finish a request for a reason of its own (HTTP 500). The message never quotes
-    a request's content: the same error may reach many clients, and only their own input is theirs to see."""
-
-
-class EngineDeadError(EngineError):
-    """The engine thread stopped on an unexpected error; every open and later request gets this."""
-
-
-class RequestFailedError(EngineError):
-    """An error inside an engine step was traced to this request: it ended, and the engine goes on."""
-
-
 class AsyncLLM:
     def __init__(self, config: EngineConfig, progress: bool = False):
         self.engine = EngineCore(config, progress=progress)
@@ -75,6 +63,27 @@ class AsyncLLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def info(self) -> EngineInfo:
+        engine = self.engine
+        return EngineInfo(
+            engine.model_path,
+            engine.max_model_len,
+            engine.vocab_size,
+            len(engine.model.decoder_layers()),
+            engine.adapters is not None,
+        )
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics (read on the caller's thread; each count may be one step stale)."""
+        return self.engine.stats()
+
+    def has_lora_adapter(self, lora_name: str) -> bool:
+        return self.engine.adapters is not None and lora_name in self.engine.adapters
+
+    async def remove_lora_adapter(self, lora_name: str) -> None:
+        self.unload_lora_adapter(lora_name)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

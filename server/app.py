@@ -19,6 +19,7 @@ from fastapi import FastAPI
 import linrec
 from linrec import envs
 from linrec.engine.async_llm import AsyncLLM
+from linrec.engine.client import EngineClient
 from linrec.engine.config import EngineConfig
 from linrec.server.config import ServerConfig
 from linrec.server.metrics import Metrics
@@ -44,16 +45,17 @@ def model_name_for(engine_config: EngineConfig, server_config: ServerConfig) -> 
     return str(engine_config.model)
 
 
-def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
-    """One app per engine; each app has its own metrics registry and drain state (app.state.server)."""
-    adapters = llm.engine.adapters
-    if config.lora_modules and adapters is None:
+def build_app(llm: EngineClient, config: ServerConfig, model_name: str) -> FastAPI:
+    """One app per engine client (engine/client.py: an in-process AsyncLLM, or replicas behind one); each app has
+    its own metrics registry and drain state (app.state.server). Call it outside an event loop: it loads
+    --lora-modules before serving."""
+    if config.lora_modules and not llm.info.serves_adapters:
         raise ValueError("--lora-modules needs --enable-lora (the engine allocates adapter slots only then)")
     for name, path in config.lora_modules:
         if name == model_name:
             raise ValueError(f"expected LoRA module names other than the served model's {model_name!r}")
-        adapters.load(name, path)
-    metrics = Metrics(model_name, llm.engine.stats)
+        asyncio.run(llm.load_lora_adapter(name, path))
+    metrics = Metrics(model_name, llm.stats)
     serving = OpenAIServing(llm, model_name, metrics)
     state = ServerState()
     app = FastAPI(
@@ -63,7 +65,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     api_key = config.api_key if config.api_key is not None else envs.api_key()
-    install_openapi(app, model_name, llm.engine.vocab_size, api_key is not None, config.metrics_require_api_key)
+    install_openapi(app, model_name, llm.info.vocab_size, api_key is not None, config.metrics_require_api_key)
     if config.metrics_require_api_key and api_key is None:
         raise ValueError("metrics_require_api_key needs an API key (--api-key or LINREC_API_KEY), got none")
     route_paths = frozenset(route.path for route in router.routes)

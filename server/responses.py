@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from linrec.engine.async_llm import EngineError
+from linrec.engine.client import EngineError, StateNotFoundError
 from linrec.engine.output import SampleDelta
 from linrec.engine.sampling_params import InvalidRequestError
-from linrec.engine.state_store import StateInfo, StateNotFoundError
+from linrec.engine.state_store import StateInfo
 from linrec.server import protocol as p
 from linrec.server.serving import (
     APIError,

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import linrec
-from linrec.engine.async_llm import EngineDeadError
+from linrec.engine.client import EngineDeadError
 from linrec.server import protocol as p
 from linrec.server.metrics import Metrics
 from linrec.server.responses import ResponsesServing

@@ -31,13 +31,10 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from linrec.engine.adapters import AdapterNotFoundError
-from linrec.engine.async_llm import AsyncLLM, EngineError
+from linrec.engine.client import AdapterNotFoundError, EngineClient, EngineError, QueueFullError, StateNotFoundError
 from linrec.engine.output import SampleDelta
 from linrec.engine.request import Logprob
 from linrec.engine.sampling_params import SamplingParams
-from linrec.engine.scheduler import QueueFullError
-from linrec.engine.state_store import StateNotFoundError
 from linrec.server import protocol as p
 from linrec.server.metrics import Metrics, RequestTimer
 
@@ -95,14 +92,17 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, llm: AsyncLLM, model_name: str, metrics: Metrics):
-        self.llm = llm
+    def __init__(self, llm: EngineClient, model_name: str, metrics: Metrics):
+        self.llm = llm  # the engine, only through its client protocol (engine/client.py)
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = llm.tokenizer
-        self.max_model_len: int = llm.engine.max_model_len  # always set: the engine resolves its default
-        self.num_layers: int = len(llm.engine.model.decoder_layers())
-        self.vocab_size = llm.engine.vocab_size
+        info = llm.info
+        self.max_model_len: int = info.max_model_len  # always set: the engine resolves its default
+        self.num_layers: int = info.num_layers
+        self.vocab_size = info.vocab_size
+        self.model_path = info.model_path
+        self.serves_adapters = info.serves_adapters
         # None where this tokenizer's kind gives no such bound (see max_chars_per_token).
         self.max_chars_per_token = max_chars_per_token(self.tokenizer)
         self._pool = ThreadPoolExecutor(NUM_TOKENIZER_THREADS, thread_name_prefix="linrec-tokenizer")
@@ -152,8 +152,7 @@ class OpenAIServing:
         """The LoRA adapter a request's `model` names (None: the base model). 404 model_not_found otherwise."""
         if model is None or model == self.model_name:
             return None
-        adapters = self.llm.engine.adapters
-        if adapters is not None and model in adapters:
+        if self.serves_adapters and self.llm.has_lora_adapter(model):
             return model
         served = ", ".join(f"`{n}`" for n in [self.model_name, *(a.name for a in self.llm.list_lora_adapters())])
         raise APIError(
@@ -169,7 +168,7 @@ class OpenAIServing:
         return model if model is not None else self.model_name
 
     def models(self) -> dict[str, Any]:
-        root = self.llm.engine.model_path
+        root = self.model_path
         cards = [p.ModelCard(id=self.model_name, root=root, max_model_len=self.max_model_len)]
         cards += [
             p.ModelCard(
@@ -182,7 +181,7 @@ class OpenAIServing:
     # -- LoRA adapters at runtime (vLLM's endpoints and answers) ---------------------------------------
 
     async def load_lora_adapter(self, req: p.LoadLoRAAdapterRequest) -> PlainTextResponse:
-        if self.llm.engine.adapters is None:
+        if not self.serves_adapters:
             raise APIError(400, "this server serves no LoRA adapters (start it with --enable-lora)", param="lora_name")
         if req.lora_name == self.model_name:
             raise APIError(400, f"expected an adapter name other than the base model's `{self.model_name}`")
@@ -195,7 +194,7 @@ class OpenAIServing:
 
     async def unload_lora_adapter(self, req: p.UnloadLoRAAdapterRequest) -> PlainTextResponse:
         try:
-            self.llm.unload_lora_adapter(req.lora_name)
+            await self.llm.remove_lora_adapter(req.lora_name)
         except AdapterNotFoundError as exc:
             raise APIError(404, str(exc), type="NotFoundError", param="lora_name") from None
         logger.info("linrec: LoRA adapter %r unloaded (its running requests finish on it)", req.lora_name)

@@ -39,3 +39,20 @@ def test_inner_layers_import_no_outer_one() -> None:
                 if any(name == outer or name.startswith(outer + ".") for outer in forbidden):
                     offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not offenders, offenders
+
+
+def test_the_server_reaches_the_engine_only_through_its_client_protocol() -> None:
+    """server/ holds an EngineClient (engine/client.py): no attribute named `engine` (EngineCore), and no import
+    of the engine's internals (core, scheduler, pool, runner), so that an engine in another process (Ray Serve
+    replicas) serves the same app."""
+    internals = ("linrec.engine.scheduler", "linrec.engine.state_pool", "linrec.engine.runner", "linrec.engine.llm")
+    offenders = []
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "engine":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} reads .engine")
+        for name in _imported_modules(path):
+            if name in internals:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, offenders
