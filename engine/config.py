@@ -180,7 +180,10 @@ class EngineConfig:
     # directory, which also survives a restart.
     max_device_states: int = field(
         default=16,
-        metadata={"help": "stored states kept in pool rows at most (from --state-memory after the running slots)"},
+        metadata={
+            "help": "stored states kept in pool rows at most (from --state-memory after the running slots and "
+            "prefix snapshot rows)"
+        },
     )
     state_store_host_bytes: int = field(
         default=1 << 30,

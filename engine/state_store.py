@@ -164,7 +164,16 @@ class StateStore:
         self._free_rows = list(reversed(pool.store_rows))
         self._lock = threading.RLock()  # prefetch runs in a worker thread; everything else on the engine's
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                probe = self.directory / f".probe.{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise ValueError(
+                    f"expected --state-store to be a directory linrec can write, got {str(directory)!r} "
+                    f"({exc.strerror or type(exc).__name__})"
+                ) from None
             self._scan()
 
     # -- keys and lookups ------------------------------------------------------------------------------------------

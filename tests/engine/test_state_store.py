@@ -248,3 +248,11 @@ def test_an_auto_route_is_decided_once_and_its_continuations_keep_it(tmp_path):
     assert decided is not None and all(o.layer_route == decided for o in outputs)
     for a, b in zip(outputs, resend(llm, TURNS, outputs, layer_route=decided)):
         assert_same(a, b)
+
+
+def test_a_state_store_that_is_no_writable_directory_is_one_line(tmp_path):
+    path = write_seeded_model(tmp_path / "m", "mamba2", {"num_hidden_layers": NUM_LAYERS})
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"^expected --state-store to be a directory linrec can write, got '.*a-file'"):
+        LLM(str(path), state_store=str(afile), **CPU)
