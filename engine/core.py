@@ -367,17 +367,20 @@ class EngineCore:
                 logger.error("linrec: not storing %s: its state is not at its last token", request.request_id)
                 continue
             adapter = request.lora if request.lora is not None else request.sparse
-            self.states.save(
-                request.store_id,
-                request.store_key,
-                tokens,
-                request.num_computed_tokens,
-                rows,
-                lane_rows,
-                adapter.name if adapter is not None else None,
-                request.layer_route,
-                request.state_meta,
-            )
+            try:
+                self.states.save(
+                    request.store_id,
+                    request.store_key,
+                    tokens,
+                    request.num_computed_tokens,
+                    rows,
+                    lane_rows,
+                    adapter.name if adapter is not None else None,
+                    request.layer_route,
+                    request.state_meta,
+                )
+            except Exception:  # noqa: BLE001 -- the request is answered; only its next turn will not find it
+                logger.exception("linrec: storing the state of %s failed", request.request_id)
 
     def resolve_adapter(self, lora_name: str | None) -> LoraWeights | SparseWeights | None:
         """The LoraWeights or SparseWeights of a known adapter name (None for the base model). Thread-safe (the

@@ -378,7 +378,11 @@ class StateStore:
         with self._lock:
             for entry in list(self._entries.values()):
                 if entry.path is None and entry.key.model == self.model_key and not self._expire(entry):
-                    self._write(entry)
+                    try:
+                        self._write(entry)
+                    except OSError as exc:
+                        logger.warning("linrec: state store cannot write %s (%s)", entry.state_id, exc)
+                        continue
                     written += 1
         return written
 
@@ -454,7 +458,13 @@ class StateStore:
                 self.stats.drops += 1
                 continue
             if entry.path is None:
-                self._write(entry)
+                try:
+                    self._write(entry)
+                except OSError as exc:  # a full or broken disk loses this state, not the engine
+                    logger.warning("linrec: state store cannot write %s (%s): dropped", entry.state_id, exc)
+                    self._remove(entry.state_id)
+                    self.stats.drops += 1
+                    continue
             entry.host = None
             self._host.pop(entry.state_id)
             self._disk[entry.state_id] = entry

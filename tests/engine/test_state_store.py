@@ -256,3 +256,26 @@ def test_a_state_store_that_is_no_writable_directory_is_one_line(tmp_path):
     afile.write_text("x")
     with pytest.raises(ValueError, match=r"^expected --state-store to be a directory linrec can write, got '.*a-file'"):
         LLM(str(path), state_store=str(afile), **CPU)
+
+
+def test_a_state_that_cannot_be_kept_loses_only_itself(tmp_path, monkeypatch):
+    """A disk that refuses the write drops that state (counted); a store that raises leaves the request answered;
+    the engine is not reset and serves the next request."""
+    from linrec.engine.state_store import StateStore
+
+    path = write_seeded_model(tmp_path / "m", "gla", {"num_hidden_layers": NUM_LAYERS})
+    llm = LLM(str(path), max_device_states=0, state_store_host_bytes=0, state_store=str(tmp_path / "s"), **CPU)
+
+    def full_disk(self, entry):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StateStore, "_write", full_disk)
+    scheduler = llm.engine.scheduler
+    out = llm.generate([TURNS[0]], greedy(), store_state="lost")[0].outputs[0]
+    assert out.finish_reason == "length" and llm.engine.states.stats.drops == 1
+    with pytest.raises(StateNotFoundError):
+        llm.engine.state_info("lost")
+    monkeypatch.setattr(StateStore, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    assert llm.generate([TURNS[0]], greedy(), store_state="broken")[0].outputs[0].finish_reason == "length"
+    assert llm.engine.scheduler is scheduler  # no reset
+    assert llm.generate([TURNS[1]], greedy())[0].outputs[0].token_ids
