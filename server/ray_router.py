@@ -1,0 +1,258 @@
+"""Affinity routing for engine replicas on Ray Serve (docs/scale-out.md): a request goes where its state is.
+
+A recurrent model's reusable work lives on one replica: a stored conversation (resume_state), prefix-cache
+snapshots of the prompts it was sent, the adapters it has loaded. AffinityRouter, a Ray Serve RequestRouter,
+ranks the replicas per request:
+
+1. session: resume_state names a conversation: the replica holding it (the only one that can serve it).
+2. imbalance: the busiest replica runs more than `imbalance_abs` requests beyond the idlest and more than
+   `imbalance_rel` times as many: the least loaded one (SGLang's cache-aware router's rule, 64 / 1.5x).
+3. prefix: the replica the longest leading part of this prompt was last sent to, when that part covers at
+   least `match_threshold` of the prompt (0.3, as SGLang's and vLLM's routers).
+4. adapter: the least loaded replica that served this adapter lately (so it is likely resident).
+5. least_loaded: everything else.
+
+Prefix knowledge is router-side and approximate, as in SGLang's router: a table of prompt blocks (block hashes
+chained from the adapter and cache salt, so equal hashes mean equal leading tokens) -> the replica each was
+last sent to, bounded in size; it says where a prefix went, not whether that replica still caches it.
+
+The router reads only the first argument of a call: a ReplicaRequest (generate) or a Target (every other
+call), both plain data, and tells the caller where the call went by their `routed` method.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from linrec.engine.sampling_params import SamplingParams
+
+# Routing reasons, the `reason` label of linrec:routing_decisions_total; `fallback`: the preferred replica
+# refused the request (its queue was full) and another took it.
+# `power_of_two`: the baseline policy's choice.
+REASONS = ("session", "imbalance", "prefix", "adapter", "least_loaded", "fallback", "power_of_two")
+POLICIES = ("affinity", "power_of_two")
+MAX_PENDING = 65_536  # routing choices awaiting their request's dispatch
+PREFIX_BLOCK_TOKENS = 16  # prompt tokens per prefix-table entry: a match is counted in whole blocks
+MAX_PREFIX_BLOCKS = 200_000  # table entries kept (least recently sent dropped first): ~20 MB at most
+MAX_KNOWN_STATES = 100_000  # state id -> replica entries kept
+
+
+@dataclass
+class ReplicaRequest:
+    """One generate call as it travels to a replica: the engine request's fields, and where it went."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    layer_route: tuple[int, ...] | str | None = None
+    route_skip_bias: float = 0.0
+    store_state: str | None = None
+    resume_state: str | None = None
+    state_meta: dict | None = None
+    state_replica: str | None = None  # the replica the client knows holds resume_state (None: unknown)
+    # Set by the router on the caller's copy (the same object, in the caller's process).
+    replica_id: str | None = None
+    reason: str | None = None
+
+    def routed(self, replica_id: str, reason: str) -> None:
+        self.replica_id, self.reason = replica_id, reason
+
+
+@dataclass
+class Target:
+    """A call for one replica (replica_id), or for any (None): stats, adapters, stored states. The router
+    fills in the replicas it knows, so that any call also tells the caller who serves."""
+
+    replica_id: str | None = None
+    known_replicas: list[str] = field(default_factory=list)  # set by the router
+    routed_to: str | None = None  # set by the router
+
+    def routed(self, replica_id: str, known_replicas: list[str]) -> None:
+        self.routed_to, self.known_replicas = replica_id, known_replicas
+
+
+class PrefixTable:
+    """Prompt blocks -> the replica they were last sent to: an approximate radix tree of token-id prefixes."""
+
+    def __init__(self, block_tokens: int = PREFIX_BLOCK_TOKENS, max_blocks: int = MAX_PREFIX_BLOCKS):
+        self.block_tokens = block_tokens
+        self.max_blocks = max_blocks
+        self._blocks: OrderedDict[int, str] = OrderedDict()  # chained block hash -> replica id
+
+    def _hashes(self, token_ids: list[int], root: tuple) -> list[int]:
+        hashes, h = [], hash(root)
+        for start in range(0, len(token_ids) - self.block_tokens + 1, self.block_tokens):
+            h = hash((h, tuple(token_ids[start : start + self.block_tokens])))
+            hashes.append(h)
+        return hashes
+
+    def match(self, token_ids: list[int], root: tuple) -> dict[str, int]:
+        """Per replica, how many leading tokens of `token_ids` were last sent to it (in whole blocks): the
+        blocks are walked from the start, and a replica's match ends where the chain leaves it."""
+        matched: dict[str, int] = {}
+        for i, h in enumerate(self._hashes(token_ids, root)):
+            replica = self._blocks.get(h)
+            if replica is None:
+                break
+            matched[replica] = (i + 1) * self.block_tokens
+        return matched
+
+    def insert(self, token_ids: list[int], root: tuple, replica_id: str) -> None:
+        for h in self._hashes(token_ids, root):
+            self._blocks[h] = replica_id
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+
+    def forget(self, replica_id: str) -> None:
+        for h in [h for h, r in self._blocks.items() if r == replica_id]:
+            del self._blocks[h]
+
+
+class AffinityRouter(RequestRouter):
+    """Ray Serve RequestRouter for linrec's engine replicas (see the module docstring)."""
+
+    def initialize_state(
+        self,
+        policy: str = "affinity",
+        match_threshold: float = 0.3,
+        imbalance_abs: int = 64,
+        imbalance_rel: float = 1.5,
+        **_: Any,
+    ) -> None:
+        """policy: 'affinity' (the module docstring), or 'power_of_two' (Ray Serve's default choice for generate
+        calls: two random replicas, the one with fewer ongoing requests; the baseline affinity is measured
+        against). Targeted calls reach their replica under either."""
+        if policy not in POLICIES:
+            raise ValueError(f"expected policy in {POLICIES}, got {policy!r}")
+        if not 0.0 < match_threshold <= 1.0:
+            raise ValueError(f"expected 0 < match_threshold <= 1, got {match_threshold}")
+        if imbalance_abs < 0 or imbalance_rel < 1.0:
+            raise ValueError(
+                f"expected imbalance_abs >= 0 and imbalance_rel >= 1, got {imbalance_abs} and {imbalance_rel}"
+            )
+        self.policy = policy
+        self.match_threshold = match_threshold
+        self.imbalance_abs = imbalance_abs
+        self.imbalance_rel = imbalance_rel
+        self.prefixes = PrefixTable()
+        self.states: OrderedDict[str, str] = OrderedDict()  # stored state id -> the replica it was stored on
+        # internal request id -> (the preferred replica, why): read back when the request is routed
+        self._preferred: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    # -- load and residency ------------------------------------------------------------------------
+
+    def _load(self, replica: RunningReplica) -> int:
+        """Requests on the replica: Serve's own count of ongoing calls (updated as requests are sent), else the
+        engine's running + waiting from the last routing stats."""
+        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
+        if queue_len is not None:
+            return queue_len
+        return int((replica.routing_stats or {}).get("load", 0))
+
+    def _least_loaded(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """Replicas by load, ties in random order (so that equal replicas share the first requests)."""
+        shuffled = random.sample(replicas, len(replicas))
+        return sorted(shuffled, key=self._load)
+
+    def _state_holder(self, request: ReplicaRequest, by_id: dict[str, RunningReplica]) -> RunningReplica | None:
+        state_id = request.resume_state
+        for replica_id in (request.state_replica, self.states.get(state_id)):
+            if replica_id in by_id:
+                return by_id[replica_id]
+        for replica in by_id.values():
+            if state_id in (replica.routing_stats or {}).get("states", ()):
+                return replica
+        return None
+
+    # -- RequestRouter ---------------------------------------------------------------------------------
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if isinstance(call, Target):
+            # A targeted call goes to its replica; one no longer here goes anywhere, and the replica refuses it
+            # (it checks the target), so that the caller hears at once instead of waiting for it forever.
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == call.replica_id]
+            return [chosen or self._least_loaded(candidate_replicas)]
+        if not isinstance(call, ReplicaRequest):
+            return [self._least_loaded(candidate_replicas)]
+        if self.policy == "power_of_two":
+            two = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
+            self._prefer(pending_request, two[0] if len(two) == 1 else min(two, key=self._load), "power_of_two")
+            return [two]
+        preferred, reason = self._choose(call, candidate_replicas)
+        self._prefer(pending_request, preferred, reason)
+        others = [r for r in self._least_loaded(candidate_replicas) if r is not preferred]
+        return [[preferred], others]
+
+    def _prefer(self, pending_request: PendingRequest, replica: RunningReplica, reason: str) -> None:
+        internal_id = pending_request.metadata.internal_request_id
+        self._preferred[internal_id] = (replica.replica_id.unique_id, reason)
+        self._preferred.move_to_end(internal_id)
+        while len(self._preferred) > MAX_PENDING:  # requests cancelled before they were routed
+            self._preferred.popitem(last=False)
+
+    def _choose(self, request: ReplicaRequest, replicas: list[RunningReplica]) -> tuple[RunningReplica, str]:
+        by_id = {r.replica_id.unique_id: r for r in replicas}
+        ordered = self._least_loaded(replicas)
+        if request.resume_state is not None:
+            holder = self._state_holder(request, by_id)
+            if holder is not None:
+                return holder, "session"
+        loads = [self._load(r) for r in ordered]
+        if loads[-1] - loads[0] > self.imbalance_abs and loads[-1] > self.imbalance_rel * loads[0]:
+            return ordered[0], "imbalance"
+        if request.resume_state is None and request.prompt_token_ids:
+            matched = self.prefixes.match(request.prompt_token_ids, _root(request))
+            matched = {replica_id: n for replica_id, n in matched.items() if replica_id in by_id}
+            if matched:
+                replica_id = max(matched, key=matched.__getitem__)
+                if matched[replica_id] >= self.match_threshold * len(request.prompt_token_ids):
+                    return by_id[replica_id], "prefix"
+        if request.lora_name is not None:
+            with_adapter = [r for r in ordered if request.lora_name in (r.routing_stats or {}).get("adapters", ())]
+            if with_adapter:
+                return with_adapter[0], "adapter"
+        return ordered[0], "least_loaded"
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
+        call = pending_request.args[0] if pending_request.args else None
+        chosen = replica_id.unique_id
+        if isinstance(call, Target):
+            call.routed(chosen, sorted(r.unique_id for r in self.curr_replicas))
+            return
+        preferred = self._preferred.pop(pending_request.metadata.internal_request_id, None)
+        if not isinstance(call, ReplicaRequest):
+            return
+        is_kept = preferred is not None and (preferred[0] == chosen or preferred[1] == "power_of_two")
+        reason = preferred[1] if is_kept else "fallback"
+        call.routed(chosen, reason)
+        if call.resume_state is None and call.prompt_token_ids:
+            self.prefixes.insert(call.prompt_token_ids, _root(call), chosen)
+        if call.store_state is not None:
+            self.states[call.store_state] = chosen
+            self.states.move_to_end(call.store_state)
+            while len(self.states) > MAX_KNOWN_STATES:
+                self.states.popitem(last=False)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.prefixes.forget(replica_id.unique_id)
+        for state_id in [s for s, r in self.states.items() if r == replica_id.unique_id]:
+            del self.states[state_id]
+
+
+def _root(request: ReplicaRequest) -> tuple:
+    """What a prefix's states depend on beside its tokens: the adapter and the tenant's cache salt."""
+    return (request.lora_name, request.cache_salt)
