@@ -629,7 +629,10 @@ class Scheduler:
         return 0 < self.long_prefill_token_threshold < num_prefill_tokens
 
     def _hit_depth(self, request: Request, plan: _PrefixPlan | None) -> int:
-        """Prompt tokens a waiting request would load from a snapshot if admitted now (read only)."""
+        """Prompt tokens a waiting request would load from a snapshot or its stored state if admitted now (read
+        only): what it does not prefill does not make it a long prompt."""
+        if request.resume is not None:
+            return request.resume.num_fed
         if plan is None or not self.long_prefill_token_threshold:
             return 0
         return self.cache.hit_depth(plan.key, request.prompt_token_ids, request.num_prompt_tokens - 1)

@@ -279,3 +279,22 @@ def test_a_state_that_cannot_be_kept_loses_only_itself(tmp_path, monkeypatch):
     assert llm.generate([TURNS[0]], greedy(), store_state="broken")[0].outputs[0].finish_reason == "length"
     assert llm.engine.scheduler is scheduler  # no reset
     assert llm.generate([TURNS[1]], greedy())[0].outputs[0].token_ids
+
+
+def test_continuations_of_long_conversations_are_not_long_prompts(tmp_path):
+    """A continuation prefills its new tokens only: however long the stored conversation, it is admitted as the
+    short prompt it is, all of them in one step (found by bench multiturn: past the long-prompt threshold they
+    were admitted one per step)."""
+    path = write_seeded_model(tmp_path / "m", "liger_gla", {"num_hidden_layers": NUM_LAYERS})
+    llm = LLM(str(path), max_num_seqs=8, max_num_batched_tokens=64, **CPU)  # long: over 16 tokens to prefill
+    engine = llm.engine
+    for i in range(4):
+        llm.generate([TURNS[i % 3]], greedy(2), store_state=f"long{i}")
+    for i in range(4):
+        engine.add_request(EngineRequest(f"next{i}", [7, 8, 9], greedy(2), resume_state=f"long{i}"))
+    original, outs = engine.scheduler.schedule, []
+    engine.scheduler.schedule = lambda: outs.append(original()) or outs[-1]
+    while engine.has_unfinished():
+        engine.step()
+    first = outs[0]  # the stored last token and the 3 new ones, of every continuation
+    assert len(first.sequences) == 4 and all(len(s.token_ids) == 4 for s in first.sequences)
