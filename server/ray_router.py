@@ -147,6 +147,11 @@ class AffinityRouter(RequestRouter):
         # internal request id -> (the preferred replica, why): read back when the request is routed
         self._preferred: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
+    def _get_pending_request_matching_metadata(self, request_metadata=None) -> PendingRequest | None:
+        """The replica chosen for a request goes to that request. (RequestRouter's default hands it to the oldest
+        pending request, FIFO: under concurrency a targeted call or a conversation's turn would land elsewhere.)"""
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
+
     # -- load and residency ------------------------------------------------------------------------
 
     def _load(self, replica: RunningReplica) -> int:

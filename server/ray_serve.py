@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
@@ -54,6 +53,7 @@ STATS_PERIOD_S = 0.5  # the client's snapshot of every replica's stats
 ROUTING_STATS_PERIOD_S = 1.0  # record_routing_stats, as Serve polls it for the router
 CALL_TIMEOUT_S = 10.0  # a stats call to a replica that does not answer in this long counts it as gone
 RECENT_STATES = 4096  # stored state ids a replica reports to the router (the most recent)
+INGRESS_CONNECT_TIMEOUT_S = 1800.0  # `serve run`: the ingress waits this long for the engines to load the model
 RECENT_ADAPTERS = 64  # adapter names a replica reports as recently served (so likely resident)
 
 
@@ -258,7 +258,13 @@ class RayEngineClient:
     """EngineClient over EngineReplica replicas (see the module docstring). Adapters are loaded on every replica
     (and on one that joins later); a stored state lives on the replica that stored it, and the client finds it."""
 
-    def __init__(self, handle: DeploymentHandle, *, stats_period_s: float = STATS_PERIOD_S):
+    def __init__(
+        self, handle: DeploymentHandle, *, stats_period_s: float = STATS_PERIOD_S, connect_timeout_s: float = 0.0
+    ):
+        """connect_timeout_s: how long to wait for a first replica to answer (an ingress deployed beside its engines
+        starts before they have loaded the model)."""
+        import time
+
         from linrec.models.tokenizer import load_tokenizer
 
         self._handle = handle
@@ -273,11 +279,15 @@ class RayEngineClient:
         self._id_prefix = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        deadline = time.monotonic() + connect_timeout_s
         self.poll()
+        while not self._replicas and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.poll()
         if not self._replicas:
             raise EngineDeadError("no engine replica answered: the deployment has none running")
         first = next(iter(self._replicas.values()))
-        info = handle.info.remote(Target(first.replica_id)).result(timeout_s=CALL_TIMEOUT_S)
+        info = handle.info.remote(Target(first.replica_id)).result(timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True)
         self._info = replace(info, num_replicas=len(self._replicas))
         self._tokenizer = load_tokenizer(info.model_path)
         for stats in self._replicas.values():
@@ -311,16 +321,19 @@ class RayEngineClient:
             for name in wanted.keys() - {a.name for a in stats.adapters}:
                 try:
                     self._handle.load_lora_adapter.remote(Target(stats.replica_id), name, wanted[name].path).result(
-                        timeout_s=CALL_TIMEOUT_S
+                        timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True
                     )
                 except Exception as exc:  # noqa: BLE001 -- tried again at the next poll
                     logger.warning("linrec: loading adapter %r on replica %s failed: %s", name, stats.replica_id, exc)
 
     def _stats_of(self, target: Target) -> ReplicaStats | None:
+        # _skip_asyncio_check: an ingress replica builds its client inside its event loop; the handle's router runs
+        # on a loop of its own, so blocking here waits on nothing this thread holds.
         response = self._handle.stats.remote(target)
         try:
-            return response.result(timeout_s=CALL_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 -- dead, replaced or not answering: not counted as serving
+            return response.result(timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True)
+        except Exception as exc:  # noqa: BLE001 -- dead, replaced or not answering: not counted as serving
+            logger.debug("linrec: no stats from replica %s: %r", target.replica_id, exc)
             response.cancel()
             return None
 
@@ -685,15 +698,16 @@ class _Ingress:
     """The HTTP ingress deployment (its ASGI app comes from _ingress_app); holds the engines' handle so that
     Serve deploys them with it."""
 
-    def __init__(self, engine: DeploymentHandle):
-        self.engine = engine
+    def __init__(self, engines: DeploymentHandle):
+        self.engines = engines
 
 
 def _ingress_app(engine_config: EngineConfig, server_config: ServerConfig):
     from linrec.server.app import model_name_for
 
     app_name = serve.get_replica_context().app_name
-    client = RayEngineClient(serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name))
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name)
+    client = RayEngineClient(handle, connect_timeout_s=INGRESS_CONNECT_TIMEOUT_S)
     return build_ray_app(client, server_config, model_name_for(engine_config, server_config))
 
 
@@ -713,7 +727,11 @@ def build_serve_app(args: dict[str, Any]):
     engine_config = EngineConfig(**_parsed(EngineConfig, {k: v for k, v in args.items() if k in engine_names}))
     server_config = ServerConfig(**_parsed(ServerConfig, {k: v for k, v in args.items() if k in server_names}))
     engines = engine_deployment(engine_config, num_replicas, policy=policy).bind(engine_config)
-    ingress = serve.deployment(serve.ingress(functools.partial(_ingress_app, engine_config, server_config))(_Ingress))
+
+    def asgi_app():  # a function, not a partial: Serve calls functions and takes anything else for the app itself
+        return _ingress_app(engine_config, server_config)
+
+    ingress = serve.deployment(serve.ingress(asgi_app)(_Ingress))
     ingress = ingress.options(name="LinrecIngress", num_replicas=num_ingress, ray_actor_options={"num_cpus": 0.25})
     return ingress.bind(engines)
 
