@@ -548,7 +548,7 @@ class EngineCore:
             result = self.runner.execute(out)
         except Exception:
             self.num_step_failures += 1
-            names = [s.request.request_id for s in out.sequences]
+            names = [s.request_id for s in out.sequences]
             logger.exception(
                 "linrec: an engine step failed (%s step, %d sequence(s): %s); recovering",
                 "quarantine" if out.is_quarantine else "batched",

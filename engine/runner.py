@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from linrec.engine.cuda_graphs import DecodeGraphs
-from linrec.engine.request import Logprob, Request
+from linrec.engine.request import Logprob
 from linrec.engine.sampler import Sampler, SamplingMetadata, make_generator
-from linrec.engine.scheduler import ScheduledSequence, SchedulerOutput, StepResult
+from linrec.engine.scheduler import SampleRow, ScheduledSequence, SchedulerOutput, StepResult
 from linrec.engine.sparse_switch import SparseSwitch
 from linrec.engine.state_pool import StatePool
 from linrec.models.base import CausalLM
@@ -72,7 +72,7 @@ class Runner:
             return StepResult({}, routes=routes)
         rows = torch.tensor([index for _, index in out.samples], dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[rows])[:, : self.vocab_size]
-        requests = [request for request, _ in out.samples]
+        requests = [row for row, _ in out.samples]  # SampleRow: plain data
         metadata = SamplingMetadata.build(
             [(r.sampling_params, r.prompt_token_ids, r.output_token_ids, self._generator(r)) for r in requests],
             vocab_size=logits.shape[-1],
@@ -166,10 +166,10 @@ class Runner:
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, batch, self.pool.layers)
         if routes is not None and batch.decided_routes:
-            routes.update({seqs[b].request.request_id: route for b, route in batch.decided_routes.items()})
+            routes.update({seqs[b].request_id: route for b, route in batch.decided_routes.items()})
         return hidden[batch.last_token_indices()]
 
-    def _generator(self, request: Request) -> torch.Generator | None:
+    def _generator(self, request: SampleRow) -> torch.Generator | None:
         seed = request.sampling_params.seed
         if seed is None:
             return None

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from linrec.engine.adapters import AdapterSlots
 from linrec.engine.prefix_cache import PrefixCache, PrefixKey, RadixNode
 from linrec.engine.request import Request, RequestStatus
-from linrec.engine.sampling_params import InvalidRequestError
+from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.engine.state_pool import RowAllocator, Rows
 
 # A branch point is claimed (the leader's chunk cut there, followers waiting one step for it) only if it
@@ -99,6 +99,16 @@ def _weights(request: Request) -> int | None:
     return request.sparse.uid if request.sparse is not None else None
 
 
+def _sample_row(request: Request) -> SampleRow:
+    return SampleRow(
+        request.request_id,
+        request.sample_index,
+        request.sampling_params,
+        request.prompt_token_ids,
+        request.output_token_ids,
+    )
+
+
 def _adapter(request: Request):
     """The request's adapter, LoRA or sparse (LoraWeights | SparseWeights), or None for the base model."""
     return request.lora if request.lora is not None else request.sparse
@@ -115,7 +125,7 @@ def default_long_prefill_threshold(max_num_batched_tokens: int) -> int:
 
 @dataclass
 class ScheduledSequence:
-    request: Request  # read-only for the runner (token history and sampling params)
+    request_id: str  # the engine request (a parent or a child sample) this sequence feeds
     slot_id: int  # state row this sequence reads and writes in every layer (0: a routed one's, per layer below)
     token_ids: list[int]  # tokens fed this step: a prefill chunk or the one pending decode token
     start_position: int  # tokens already folded into the state before this step
@@ -128,6 +138,19 @@ class ScheduledSequence:
     auto_route: float | None = None  # its routers decide its route in this step, with this skip bias
 
 
+@dataclass(frozen=True)
+class SampleRow:
+    """What the sampler needs of one sample: its parameters and its tokens so far (penalties, seeded generators).
+    Plain data, like all of SchedulerOutput: no live request crosses to the runner, so an engine's runner could
+    live in another process."""
+
+    request_id: str
+    sample_index: int
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
 @dataclass
 class SchedulerOutput:
     sequences: list[ScheduledSequence]  # decodes first, then prefill chunks; their order is the batch order
@@ -137,9 +160,9 @@ class SchedulerOutput:
     # After the forward, copy the state in the first rows into each of the others (n > 1 children
     # forking from their parent's prefilled prompt).
     forks: list[tuple[Rows, list[Rows]]]
-    # Rows to sample: (request, index into `sequences` whose last-token logits it samples from).
+    # Rows to sample: (what sampling it needs, index into `sequences` whose last-token logits it samples from).
     # Forking children sample from their parent's row, each with its own generator.
-    samples: list[tuple[Request, int]]
+    samples: list[tuple[SampleRow, int]]
     finished_request_ids: list[str]  # finished since the last step (the runner drops their generators)
     # Prefix-state cache row copies, in the runner's order: end_saves (rows -> snapshot row: the end
     # states of requests finished since the last step, whose rows are not reused before this copy),
@@ -290,6 +313,7 @@ class Scheduler:
         # copies out after the step, before their rows are reused.
         self.state_store = state_store
         self._state_saves: list[tuple[Request, Rows, Rows | None]] = []
+        self._step: dict[str, Request] = {}  # request id -> the live request behind the last output's plain data
 
     # -- requests in and out -----------------------------------------------------------------------
 
@@ -525,24 +549,28 @@ class Scheduler:
         """The step's plain-data output for chunks of [request, tokens to feed] in batch order: the
         sequences, snapshot saves, n > 1 forks and the rows to sample."""
         sequences = [self._sequence(request, num_tokens) for request, num_tokens in chunks]
+        # The live requests behind this step's plain data: update() and recover() fold the results into them.
+        self._step = {request.request_id: request for request, _ in chunks}
         # One sparse adapter for every sequence: scattered into the weights; any other mix: the per-token add-on.
         sparse_slots = {seq.sparse_slot for seq in sequences}
         sparse_slot = sparse_slots.pop() if len(sparse_slots) == 1 else -1
         self.num_sparse_mixed_steps += sparse_slot < 0 and any(seq.sparse_slot >= 0 for seq in sequences)
         saves = self._plan_saves(sequences) if self.cache is not None else []
         for seq in sequences:
-            if seq.start_position < seq.request.num_prompt_tokens:
+            if seq.start_position < self._step[seq.request_id].num_prompt_tokens:
                 self.prefix_stats.num_prefill_tokens += len(seq.token_ids)
         forks: list[tuple[Rows, list[Rows]]] = []
-        samples: list[tuple[Request, int]] = []
+        samples: list[tuple[SampleRow, int]] = []
         for index, seq in enumerate(sequences):
             if not seq.needs_sample:
                 continue
-            samples.append((seq.request, index))
-            children = [c for c in seq.request.children if c.status is RequestStatus.WAITING]
-            if children and seq.request.num_computed_tokens + len(seq.token_ids) == seq.request.num_prompt_tokens:
-                forks.append((seq.request.state_rows, [c.state_rows for c in children]))
-                samples.extend((child, index) for child in children)
+            request = self._step[seq.request_id]
+            samples.append((_sample_row(request), index))
+            children = [c for c in request.children if c.status is RequestStatus.WAITING]
+            if children and request.num_computed_tokens + len(seq.token_ids) == request.num_prompt_tokens:
+                forks.append((request.state_rows, [c.state_rows for c in children]))
+                samples.extend((_sample_row(child), index) for child in children)
+                self._step.update((child.request_id, child) for child in children)
         finished, self._finished_since_step = self._finished_since_step, []
         end_saves, self._end_saves = self._end_saves, []
         adapter_loads, self._adapter_loads = self._adapter_loads, []
@@ -654,7 +682,8 @@ class Scheduler:
                 half = len(group) // 2
                 self._quarantine.extendleft([group[half:], group[:half]])  # bisect: the first half runs next
         else:
-            group = [s.request for s in output.sequences if not s.request.status.is_finished]  # one each
+            group = [self._step[s.request_id] for s in output.sequences]
+            group = [r for r in group if not r.status.is_finished]  # one each
             for request in group:
                 request.num_failed_steps += 1
                 if request.num_failed_steps >= MAX_FAILED_STEPS:
@@ -691,9 +720,10 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, result: StepResult) -> list[RequestUpdate]:
         """Fold the step's results in: advance states, append tokens, check stops, free slots."""
+        step = self._step
         for seq in output.sequences:  # routes the routers decided: frozen from now on
-            route = result.routes.get(seq.request.request_id)
-            request = seq.request
+            route = result.routes.get(seq.request_id)
+            request = step[seq.request_id]
             if route is not None and request.auto_route_bias is not None:
                 request.layer_route, request.auto_route_bias = route, None
             if route is not None and request.layer_rows is not None and request.lane_rows is not None:
@@ -710,9 +740,9 @@ class Scheduler:
                 self.num_layer_passes_skipped += request.layer_route.count(0) * len(seq.token_ids)
                 self.num_layer_passes_repeated += request.layer_route.count(2) * len(seq.token_ids)
         if output.is_quarantine:
-            for request, _index in output.samples:
-                if request.request_id in self._samples_owed:  # forked children are not suspects
-                    self._samples_owed[request.request_id] -= 1
+            for row, _index in output.samples:
+                if row.request_id in self._samples_owed:  # forked children are not suspects
+                    self._samples_owed[row.request_id] -= 1
             group = self._quarantine[0] if self._quarantine else []
             if all(not self._samples_owed.get(r.request_id) for r in group):
                 # Rebuilt, and one more step ran: the group rejoins the others.
@@ -722,11 +752,13 @@ class Scheduler:
         if self.cache is not None:
             self._land_snapshots()
         for seq in output.sequences:
-            seq.request.num_computed_tokens += len(seq.token_ids)
-            plan = self._plans.get(seq.request.request_id)
-            if plan is not None and plan.path is not None and not seq.request.is_prefilling:
+            request = step[seq.request_id]
+            request.num_computed_tokens += len(seq.token_ids)
+            plan = self._plans.get(seq.request_id)
+            if plan is not None and plan.path is not None and not request.is_prefilling:
                 self._release_path(plan)  # the prompt is in the state: its path no longer needs holding
-        for request, _index in output.samples:
+        sampled = [step[row.request_id] for row, _index in output.samples]
+        for request in sampled:
             if request.parent_id is not None and request.status is RequestStatus.WAITING:
                 # A child whose slot now holds its parent's prefilled prompt. All children start
                 # running before any stop check, so a parent that ends at once does not take them along.
@@ -734,7 +766,7 @@ class Scheduler:
                 request.num_computed_tokens = request.num_prompt_tokens
                 self.running.append(request)
         updates: list[RequestUpdate] = []
-        for request, _index in output.samples:
+        for request in sampled:
             if request.status.is_finished:  # aborted while the step ran
                 continue
             token_id = result.sampled_token_ids[request.request_id]
@@ -764,7 +796,7 @@ class Scheduler:
         feeds_all = num_tokens >= request.num_pending_tokens  # the prompt's end, a decode, a rebuilt state
         is_sparse = request.sparse is not None
         return ScheduledSequence(
-            request,
+            request.request_id,
             request.slot_id,
             token_ids,
             request.num_computed_tokens,
@@ -829,7 +861,7 @@ class Scheduler:
         cache = self.cache
         saves: list[tuple[Rows, int]] = []
         for seq in sequences:
-            request = seq.request
+            request = self._step[seq.request_id]
             plan = self._plans.get(request.request_id)
             end = seq.start_position + len(seq.token_ids)
             # Snapshots are of prompt prefixes only (a rebuilt state's chunk may run into the output).

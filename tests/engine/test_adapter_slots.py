@@ -72,7 +72,7 @@ def test_requests_wait_for_a_slot_and_the_runner_gets_each_load_once():
         sched.add_request(make_request(rid, lora))
     out = step(sched)
     # b1 waits (the one slot holds a); a2 and the base request are admitted past it
-    assert [s.request.request_id for s in out.sequences] == ["a1", "a2", "base"]
+    assert [s.request_id for s in out.sequences] == ["a1", "a2", "base"]
     assert [(slot, w.name) for slot, w in out.adapter_loads] == [(0, "a")]
     assert [s.adapter_slot for s in out.sequences] == [0, 0, -1]
     assert sched.waiting_adapters() == ["b"] and sched.running_adapters() == ["a"]
@@ -80,7 +80,7 @@ def test_requests_wait_for_a_slot_and_the_runner_gets_each_load_once():
         out = step(sched)
     # a1 and a2 finished together: the slot is free, b1 runs with b loaded into it
     out = step(sched)
-    assert [s.request.request_id for s in out.sequences] == ["b1"]
+    assert [s.request_id for s in out.sequences] == ["b1"]
     assert [(slot, w.name) for slot, w in out.adapter_loads] == [(0, "b")]
     assert sched.running_adapters() == ["b"]
 
@@ -106,6 +106,6 @@ def test_a_request_waiting_for_a_slot_stops_admission_behind_it_after_a_bounded_
     for i in range(MAX_ADAPTER_WAIT_STEPS + 8):
         sched.add_request(make_request(f"a{i + 1}", a, max_tokens=1000))
         out = step(sched)
-        admitted_behind += sum(1 for s in out.sequences if s.start_position == 0 and s.request.request_id != "b0")
+        admitted_behind += sum(1 for s in out.sequences if s.start_position == 0 and s.request_id != "b0")
     assert admitted_behind == MAX_ADAPTER_WAIT_STEPS  # admitted while b0's wait was within its bound, then no more
     assert any(r.request_id == "b0" for r in sched.waiting)

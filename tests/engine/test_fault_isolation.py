@@ -62,6 +62,11 @@ def is_poisoned(request) -> bool:
     return any(ids[i : i + len(MARKER)] == MARKER for i in range(len(ids)))
 
 
+def request_of(engine, seq):
+    """The live request behind a scheduled sequence (the scheduler's output names it by id only)."""
+    return engine.scheduler._step[seq.request_id]
+
+
 class Faults:
     """Wraps the runner's forward: a step raises when `should_fail(sequences)` says so, after the forward
     already ran (so the step's states are left half updated, as a real fault would leave them)."""
@@ -122,7 +127,8 @@ def test_a_request_that_makes_steps_fail_fails_alone_and_others_are_untouched(de
     def should_fail(seqs):
         # prefill: the poisoned prompt's first chunk; decode: once it has generated 2 tokens
         for s in seqs:
-            if is_poisoned(s.request) and (phase == "prefill" or s.start_position >= len(poisoned_prompt) + 1):
+            late = phase == "prefill" or s.start_position >= len(poisoned_prompt) + 1
+            if is_poisoned(request_of(engine, s)) and late:
                 return True
         return False
 
@@ -224,7 +230,7 @@ def test_async_callers_of_a_failed_request_get_an_error_that_quotes_nobody(demo_
 
     llm = AsyncLLM(EngineConfig(model=demo_model_dir(), max_num_seqs=8))
     try:
-        Faults(llm.engine, lambda seqs: any(is_poisoned(s.request) for s in seqs))
+        Faults(llm.engine, lambda seqs: any(is_poisoned(request_of(llm.engine, s)) for s in seqs))
         secret = [150, 151, 152, 153]  # another user's prompt: must appear in no error
 
         async def collect(prompt):

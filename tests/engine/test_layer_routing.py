@@ -372,7 +372,7 @@ def test_a_failed_step_rebuilds_routed_requests_on_their_own_rows(family_dir):
 
     def failing(seqs, *args):
         hidden = forward(seqs, *args)  # the states are half updated, as a real fault would leave them
-        if any(s.request.prompt_token_ids == poison and s.start_position > len(poison) for s in seqs):
+        if any(s.request_id == "poison" and s.start_position > len(poison) for s in seqs):
             raised.append(1)
             raise RuntimeError("injected fault")
         return hidden

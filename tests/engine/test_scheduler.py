@@ -40,11 +40,11 @@ def test_decode_first_then_chunked_prefill_under_budget():
     sched.add_request(make_request("b", 20))
     out, _ = step(sched)
     # a decodes (1 token) before b's first chunk takes the remaining 7
-    assert [(s.request.request_id, len(s.token_ids)) for s in out.sequences] == [("a", 1), ("b", 7)]
+    assert [(s.request_id, len(s.token_ids)) for s in out.sequences] == [("a", 1), ("b", 7)]
     assert out.num_batched_tokens == 8
     assert not out.sequences[1].needs_sample
     out, _ = step(sched)
-    assert [(s.request.request_id, len(s.token_ids), s.start_position) for s in out.sequences] == [
+    assert [(s.request_id, len(s.token_ids), s.start_position) for s in out.sequences] == [
         ("a", 1, 4),
         ("b", 7, 7),
     ]
@@ -67,11 +67,11 @@ def test_admission_waits_for_a_free_slot_and_reuse_is_reset():
     for rid in "abc":
         sched.add_request(make_request(rid, 2, max_tokens=1))
     out, _ = step(sched)
-    assert {s.request.request_id for s in out.sequences} == {"a", "b"}
+    assert {s.request_id for s in out.sequences} == {"a", "b"}
     assert sorted(out.slots_to_reset) == [1, 2]
     assert sched.num_waiting == 1
     out, _ = step(sched)  # a and b finished at max_tokens=1 in the last update: c gets a freed slot
-    assert [s.request.request_id for s in out.sequences] == ["c"]
+    assert [s.request_id for s in out.sequences] == ["c"]
     assert out.slots_to_reset == [out.sequences[0].slot_id]
     assert set(out.finished_request_ids) == {"a", "b"}
 
@@ -102,7 +102,7 @@ def test_abort_frees_the_slot_for_the_next_step():
     sched.abort(["a"])
     assert sched.allocator.num_free == 1
     out, _ = step(sched)
-    assert [s.request.request_id for s in out.sequences] == ["b"]
+    assert [s.request_id for s in out.sequences] == ["b"]
     assert "a" in out.finished_request_ids
     sched.abort(["does-not-exist"])  # unknown ids are ignored
 
@@ -120,7 +120,7 @@ def test_n_samples_fork_after_one_prefill():
     assert all(idx == 0 for _, idx in out.samples)
     assert sorted(u.request.request_id for u in updates) == ["p", "p#1", "p#2"]
     out, _ = step(sched)
-    assert sorted(s.request.request_id for s in out.sequences) == ["p", "p#1", "p#2"]
+    assert sorted(s.request_id for s in out.sequences) == ["p", "p#1", "p#2"]
     assert all(s.start_position == 6 for s in out.sequences)  # feeding sample 0 at position 6
 
 
@@ -195,7 +195,7 @@ def test_max_num_seqs_caps_running_even_with_free_slots():
 
 
 def tokens_of(out, rid: str) -> int:
-    return sum(len(s.token_ids) for s in out.sequences if s.request.request_id == rid)
+    return sum(len(s.token_ids) for s in out.sequences if s.request_id == rid)
 
 
 def test_a_short_prompt_is_admitted_at_the_next_step_while_a_long_one_prefills():
@@ -280,7 +280,7 @@ def run_with_faults(sched: Scheduler, fails, max_steps: int = 500) -> tuple[int,
 
 
 def ids_of(out) -> set[str]:
-    return {s.request.request_id for s in out.sequences}
+    return {s.request_id for s in out.sequences}
 
 
 def test_a_failed_step_is_bisected_down_to_its_cause():
@@ -292,7 +292,7 @@ def test_a_failed_step_is_bisected_down_to_its_cause():
         step(sched)
     # r5 breaks every step it is in once it decodes; a rebuild (from position 0) passes, its next step does not.
     num_failed, errors = run_with_faults(
-        sched, lambda out: any(s.request.request_id == "r5" and s.start_position > 5 for s in out.sequences)
+        sched, lambda out: any(s.request_id == "r5" and s.start_position > 5 for s in out.sequences)
     )
     assert errors == ["r5"] and requests[5].status is RequestStatus.FINISHED_ERROR
     assert num_failed <= 2 + 3  # the batch, the whole group again, then one failed group per halving of 8
@@ -316,7 +316,7 @@ def test_quarantine_rebuilds_from_the_first_token_and_runs_nothing_else():
     assert out.is_quarantine and ids_of(out) == {"a", "b"}
     assert sorted(out.slots_to_reset) == sorted([a.slot_id, b.slot_id])
     # Rebuilt from position 0: the prompt and every token generated so far, then a sample.
-    by_id = {s.request.request_id: s for s in out.sequences}
+    by_id = {s.request_id: s for s in out.sequences}
     assert by_id["a"].start_position == 0 and by_id["a"].token_ids == a.prompt_token_ids + a.output_token_ids
     assert by_id["a"].needs_sample and [r.request_id for r, _ in out.samples] == ["a", "b"]
     sched.update(out, StepResult({"a": 7, "b": 7}))

@@ -390,10 +390,9 @@ def test_a_scattered_adapter_never_runs_another_request(llama):
     llm = LLM(llama.dir, max_loras=2, enable_prefix_caching=False, **ADAPTERS, **LIGER)
     assert tokens(llm.generate(PROMPTS[:1], greedy(2), lora_request=requests_for(llama, ["A"])))  # A in a slot
     slot = llm.engine.runner.sparse_switch.weights.index(next(w for w in llm.engine.runner.sparse_switch.weights if w))
-    request = SimpleNamespace(request_id="x")
     sequences = [
-        ScheduledSequence(request, 1, [5], 0, True, sparse_slot=slot),
-        ScheduledSequence(request, 2, [5], 0, True),  # a base request
+        ScheduledSequence("x", 1, [5], 0, True, sparse_slot=slot),
+        ScheduledSequence("y", 2, [5], 0, True),  # a base request
     ]
     out = SchedulerOutput(sequences, [], [], [], [], sparse_slot=slot)
     with pytest.raises(RuntimeError, match="scattered one sparse adapter but holds requests on other weights"):

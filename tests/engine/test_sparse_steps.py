@@ -25,9 +25,13 @@ class FakeSparse:
 SPARSE = [FakeSparse(f"s{i}", 100 + i) for i in range(3)]
 
 
+CREATED: dict[str, Request] = {}  # every request a test made, by id: the scheduler's output names them only
+
+
 def make_request(rid: str, sparse: FakeSparse | None, max_tokens: int = 4, prompt_len: int = 3) -> Request:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(rid, list(range(1, prompt_len + 1)), params, sparse=sparse)
+    request = CREATED[rid] = Request(rid, list(range(1, prompt_len + 1)), params, sparse=sparse)
+    return request
 
 
 def make_scheduler(num_slots: int = 8, budget: int = 64, adapter_slots: int = 4) -> Scheduler:
@@ -47,7 +51,7 @@ def step(sched: Scheduler):
 
 
 def adapters_of(out) -> set:
-    return {s.request.sparse for s in out.sequences}
+    return {CREATED[s.request_id].sparse for s in out.sequences}
 
 
 def test_a_step_scatters_only_when_every_sequence_uses_that_adapter():
@@ -58,7 +62,7 @@ def test_a_step_scatters_only_when_every_sequence_uses_that_adapter():
     while sched.has_unfinished():
         out = step(sched)
         for seq in out.sequences:  # the sequence carries its adapter's device slot, and never a LoRA slot
-            sparse = seq.request.sparse
+            sparse = CREATED[seq.request_id].sparse
             assert seq.adapter_slot == -1
             assert seq.sparse_slot == (sched.adapter_slots.uids.index(sparse.uid) if sparse is not None else -1)
         if out.sparse_slot >= 0:  # base requests never run on an adapter's weights
@@ -95,7 +99,7 @@ def test_every_decoding_request_runs_every_step_and_adapter_waits_are_bounded():
                 n += 1
         decoding = {r.request_id for r in sched.running if not r.is_prefilling}
         out = step(sched)
-        assert decoding <= {s.request.request_id for s in out.sequences}
+        assert decoding <= {s.request_id for s in out.sequences}
         running = {r.sparse.uid for r in sched.running if r.sparse is not None}
         most_adapters = max(most_adapters, len(running))
         assert len(running) <= 2
@@ -154,7 +158,7 @@ def test_an_aborted_sparse_request_releases_its_adapter_slot():
     sched.add_request(make_request("c", SPARSE[1], max_tokens=3))
     while sched.has_unfinished():
         out = step(sched)
-        assert all(s.request.request_id != "a" for s in out.sequences)
+        assert all(s.request_id != "a" for s in out.sequences)
     assert sched.adapter_slots.uids == [SPARSE[1].uid]
 
 

@@ -27,7 +27,7 @@ def poison_the_runner(llm) -> None:
     def faulty(seqs, *args):
         hidden = forward(seqs, *args)
         for s in seqs:
-            ids = s.request.prompt_token_ids
+            ids = llm.engine.scheduler._step[s.request_id].prompt_token_ids  # the live request behind it
             if holds(ids, markers[0]) or (holds(ids, markers[1]) and s.start_position > len(ids)):
                 raise RuntimeError("injected fault")
         return hidden
