@@ -126,7 +126,7 @@ def default_long_prefill_threshold(max_num_batched_tokens: int) -> int:
 @dataclass
 class ScheduledSequence:
     request_id: str  # the engine request (a parent or a child sample) this sequence feeds
-    slot_id: int  # state row this sequence reads and writes in every layer (0: a routed one's, per layer below)
+    slot_id: int  # state row this sequence reads and writes in every layer it runs (0: per layer, layer_rows)
     token_ids: list[int]  # tokens fed this step: a prefill chunk or the one pending decode token
     start_position: int  # tokens already folded into the state before this step
     needs_sample: bool  # the chunk ends the prompt, or it is a decode: sample the next token
@@ -795,9 +795,16 @@ class Scheduler:
         token_ids = request.token_ids_to_compute(num_tokens)
         feeds_all = num_tokens >= request.num_pending_tokens  # the prompt's end, a decode, a rebuilt state
         is_sparse = request.sparse is not None
+        slot = request.slot_id
+        if request.layer_rows is not None:
+            # A routed request's rows given out as one id in every layer it runs (the usual case: the allocator
+            # packs a route into one row id when it can) go as its slot too, so the layers every sequence of a
+            # step runs take the plain path; others keep 0 and run on their per-layer rows.
+            ids = {row for row in request.layer_rows if row}
+            slot = ids.pop() if len(ids) == 1 else 0
         return ScheduledSequence(
             request.request_id,
-            request.slot_id,
+            slot,
             token_ids,
             request.num_computed_tokens,
             feeds_all,

@@ -442,3 +442,27 @@ def test_route_state_rows_give_repeats_their_second_rows(family_dir):
     outs, most, stats = most_running_while(llm, PROMPTS[:2], repeat)
     assert most == 2 and stats.num_state_rows_used == 4 * NUM_LAYERS
     assert [o.token_ids for o in outs] == [run(llm, [p], repeat)[0].token_ids for p in PROMPTS[:2]]
+
+
+def test_a_route_packed_into_one_row_id_runs_the_plain_path_where_everyone_executes(family_dir):
+    """The allocator packs a skip route into one row id when it can; that id goes as the sequence's slot, so a layer
+    every sequence runs takes the plain path (no sub-batch), and the answer is the request's alone."""
+    from linrec.models.batch import ForwardBatch
+
+    _family, path = family_dir
+    llm = LLM(str(path), max_num_seqs=4, **CPU)
+    alone = run(llm, PROMPTS[:1], ROUTES[0])[0]
+    scheduler = llm.engine.scheduler
+    original, outs = scheduler.schedule, []
+    scheduler.schedule = lambda: outs.append(original()) or outs[-1]
+    selects = []
+    select = ForwardBatch.select
+    ForwardBatch.select = lambda self, *a: selects.append(a) or select(self, *a)
+    try:
+        together = run(llm, [PROMPTS[0], PROMPTS[0]], [ROUTES[0], ROUTES[0]])
+    finally:
+        ForwardBatch.select = select
+    rows = [set(s.layer_rows) - {0} for s in outs[0].sequences]
+    assert all(len(r) == 1 for r in rows) and [s.slot_id for s in outs[0].sequences] == [r.pop() for r in rows]
+    assert not selects  # both skip layers 1 and 3: every layer is run by both or by neither
+    assert [o.token_ids for o in together] == [alone.token_ids] * 2
