@@ -90,7 +90,8 @@ class EngineClient(Protocol):
     def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats:
-        """A snapshot for metrics (several engines: their sum, see server/ray_serve.py)."""
+        """A snapshot for metrics. In process: each count may be one step stale; several engines (server/ray_serve.py):
+        their sum, from a poll twice a second."""
         ...
 
     def check_health(self) -> None:

@@ -128,23 +128,28 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def serve_app(app: FastAPI, config: ServerConfig) -> None:
+    """Serve a built app with uvicorn until it stops (SIGTERM drains it first); the engine client is the caller's
+    to shut down."""
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=1,  # the drain already waited; this only bounds the cancel
+        access_log=False,
+    )
+    server = DrainingServer(uv_config, app.state.server, app.state.serving, config.drain_timeout)
+    server.run()
+    app.state.serving.close()
+
+
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> int:
     if config.lora_modules and not engine_config.enable_lora:  # before minutes of model loading, not after
         raise ValueError("--lora-modules needs --enable-lora (the engine allocates adapter slots only then)")
     llm = AsyncLLM(engine_config, progress=True)
     try:
-        app = build_app(llm, config, model_name_for(engine_config, config))
-        uv_config = uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=1,  # the drain already waited; this only bounds the cancel
-            access_log=False,
-        )
-        server = DrainingServer(uv_config, app.state.server, app.state.serving, config.drain_timeout)
-        server.run()
-        app.state.serving.close()
+        serve_app(build_app(llm, config, model_name_for(engine_config, config)), config)
     finally:
         llm.shutdown()
     return 0

@@ -661,9 +661,7 @@ def deploy_engines(
 def run_ray_server(engine_config: EngineConfig, config: ServerConfig, num_replicas: int) -> int:
     """`linrec serve --replicas N`: N engine replicas on a local Ray instance behind this process's HTTP server
     (the same app, auth, errors, streaming, drain and metrics as one engine's)."""
-    import uvicorn
-
-    from linrec.server.app import DrainingServer, model_name_for
+    from linrec.server.app import model_name_for, serve_app
 
     if config.lora_modules and not engine_config.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora (the engine allocates adapter slots only then)")
@@ -671,18 +669,7 @@ def run_ray_server(engine_config: EngineConfig, config: ServerConfig, num_replic
     client = None
     try:
         client = RayEngineClient(deploy_engines(engine_config, num_replicas))
-        app = build_ray_app(client, config, model_name_for(engine_config, config))
-        uv_config = uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            timeout_graceful_shutdown=1,
-            access_log=False,
-        )
-        server = DrainingServer(uv_config, app.state.server, app.state.serving, config.drain_timeout)
-        server.run()
-        app.state.serving.close()
+        serve_app(build_ray_app(client, config, model_name_for(engine_config, config)), config)
     finally:
         if client is not None:
             client.shutdown()
