@@ -573,6 +573,9 @@ class EngineCore:
         logger.error("linrec: resetting the engine; %d unfinished request(s) fail", len(requests))
         for request in requests:
             request.status = RequestStatus.FINISHED_ERROR
+            if request.resume is not None:  # a continuation that never loaded: its stored state may move again
+                self.states.unpin(request.resume)
+                request.resume = None
         self.runner.forget([r.request_id for r in requests])
         self._new_scheduler()
         return self._fail_requests(requests)

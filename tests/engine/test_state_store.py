@@ -298,3 +298,17 @@ def test_continuations_of_long_conversations_are_not_long_prompts(tmp_path):
         engine.step()
     first = outs[0]  # the stored last token and the 3 new ones, of every continuation
     assert len(first.sequences) == 4 and all(len(s.token_ids) == 4 for s in first.sequences)
+
+
+def test_an_engine_reset_unpins_the_continuations_it_fails(tmp_path):
+    path = write_seeded_model(tmp_path / "m", "mamba2", {"num_hidden_layers": NUM_LAYERS})
+    llm = LLM(str(path), max_num_seqs=1, **CPU)
+    engine = llm.engine
+    llm.generate([TURNS[0]], greedy(), store_state="kept")
+    engine.add_request(EngineRequest("busy", TURNS[1], greedy(20)))
+    engine.step()
+    engine.add_request(EngineRequest("waits", TURNS[2], greedy(), resume_state="kept"))  # no slot: it waits
+    assert engine.states.get("kept").pins == 1
+    engine.reset()
+    assert engine.states.get("kept").pins == 0 and not engine.has_unfinished()
+    assert llm.generate([TURNS[2]], greedy(), resume_state="kept")[0].outputs[0].token_ids
