@@ -14,7 +14,13 @@ ranks the replicas per request:
 
 Prefix knowledge is router-side and approximate, as in SGLang's router: a table of prompt blocks (block hashes
 chained from the adapter and cache salt, so equal hashes mean equal leading tokens) -> the replica each was
-last sent to, bounded in size; it says where a prefix went, not whether that replica still caches it.
+last sent to, bounded in size; it says where a prefix went, not whether that replica still caches it. A prompt
+enters the table when its replica is chosen, not when the replica accepts it: Serve chooses for a whole burst of
+requests before the first is accepted, and the later requests of a group must find where its first one went.
+
+Load, as SGLang's router counts it, is this router's own generate requests per replica, from the choice until the
+stream ends. (Serve's queue-length cache is refreshed only when a replica accepts a request, so it does not move
+within a burst of choices and still shows a burst's requests for seconds after they finished.)
 
 The router reads only the first argument of a call: a ReplicaRequest (generate) or a Target (every other
 call), both plain data, and tells the caller where the call went by their `routed` method.
@@ -22,8 +28,12 @@ call), both plain data, and tells the caller where the call went by their `route
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections import OrderedDict
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +47,8 @@ from linrec.engine.sampling_params import SamplingParams
 REASONS = ("session", "imbalance", "prefix", "adapter", "least_loaded", "fallback", "power_of_two")
 POLICIES = ("affinity", "power_of_two")
 MAX_PENDING = 65_536  # routing choices awaiting their request's dispatch
+IDLE_ROUTING_TASK_PAUSE_S = 0.05  # a routing task with no request to route asks again after this long
+STALE_CHOICE_S = 60.0  # a request given its replica this long ago and still not routed was cancelled on the way
 PREFIX_BLOCK_TOKENS = 16  # prompt tokens per prefix-table entry: a match is counted in whole blocks
 MAX_PREFIX_BLOCKS = 200_000  # table entries kept (least recently sent dropped first): ~20 MB at most
 MAX_KNOWN_STATES = 100_000  # state id -> replica entries kept
@@ -144,23 +156,44 @@ class AffinityRouter(RequestRouter):
         self.imbalance_rel = imbalance_rel
         self.prefixes = PrefixTable()
         self.states: OrderedDict[str, str] = OrderedDict()  # stored state id -> the replica it was stored on
-        # internal request id -> (the preferred replica, why): read back when the request is routed
-        self._preferred: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # internal request id -> (its pending request, the preferred replica, why): read back when it is routed
+        self._preferred: OrderedDict[str, tuple[PendingRequest, str, str]] = OrderedDict()
+        # Generate requests per replica id: chosen and not yet routed (the event loop's), and routed and not yet
+        # finished (also decremented by Ray's threads when a stream ends: under the lock). _load is their sum.
+        self._num_chosen: Counter[str] = Counter()
+        self._num_running: Counter[str] = Counter()
+        self._running_lock = threading.Lock()
+        # routing task -> the request it adopted (choose_replicas): a task's choice is fulfilled within the task
+        self._adopted: weakref.WeakKeyDictionary[asyncio.Task, PendingRequest] = weakref.WeakKeyDictionary()
 
     def _get_pending_request_matching_metadata(self, request_metadata=None) -> PendingRequest | None:
         """The replica chosen for a request goes to that request. (RequestRouter's default hands it to the oldest
         pending request, FIFO: under concurrency a targeted call or a conversation's turn would land elsewhere.)"""
         return self._get_pending_request_matching_internal_request_id(request_metadata)
 
+    def _oldest_waiting(self) -> PendingRequest | None:
+        """The oldest request still waiting for a replica (the queue is cleaned lazily: done ones stay a while)."""
+        for pending_request in self._pending_requests_to_fulfill:
+            if not pending_request.future.done():
+                return pending_request
+        return None
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """The replica goes to the request it was chosen for: a task without a request of its own chose it for the
+        request it adopted (choose_replicas), unless that one's own task routed it meanwhile."""
+        if request_metadata is None:
+            adopted = self._adopted.pop(asyncio.current_task(), None)
+            if adopted is None:
+                return
+            request_metadata = adopted.metadata
+        super()._fulfill_next_pending_request(replica, request_metadata)
+
     # -- load and residency ------------------------------------------------------------------------
 
     def _load(self, replica: RunningReplica) -> int:
-        """Requests on the replica: Serve's own count of ongoing calls (updated as requests are sent), else the
-        engine's running + waiting from the last routing stats."""
-        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
-        if queue_len is not None:
-            return queue_len
-        return int((replica.routing_stats or {}).get("load", 0))
+        """This router's generate requests on the replica: chosen for it, or running there (module docstring)."""
+        replica_id = replica.replica_id.unique_id
+        return self._num_chosen[replica_id] + self._num_running[replica_id]
 
     def _least_loaded(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Replicas by load, ties in random order (so that equal replicas share the first requests)."""
@@ -184,7 +217,22 @@ class AffinityRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if pending_request is None:
+            # A routing task without a request of its own: Serve's tasks each take one, and one that finds more tasks
+            # than requests retires still holding it, which nothing else would route (Serve's base router hands a
+            # replica only to the request it was chosen for). So: the oldest waiting request is adopted, and
+            # _fulfill_next_pending_request hands it the replica chosen here. With none waiting, a pause before the
+            # task asks again, or it would loop without yielding to the event loop, probing queue lengths.
+            pending_request = self._oldest_waiting()
+            if pending_request is None:
+                await asyncio.sleep(IDLE_ROUTING_TASK_PAUSE_S)
+                return [self._least_loaded(candidate_replicas)]
+            self._adopted[asyncio.current_task()] = pending_request
+        # Every rank below names every candidate: when none takes the request (a full queue, or a queue-length probe
+        # unanswered within Serve's 0.1 s deadline on a busy machine), Serve must back off before asking again. Left
+        # False (Serve's default, for its locality mixins' first passes) it asks again at once and probes again.
+        pending_request.routing_context.should_backoff = True
+        call = pending_request.args[0] if pending_request.args else None
         if isinstance(call, Target):
             # A targeted call goes to its replica; one no longer here goes anywhere, and the replica refuses it
             # (it checks the target), so that the caller hears at once instead of waiting for it forever.
@@ -196,17 +244,42 @@ class AffinityRouter(RequestRouter):
             two = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
             self._prefer(pending_request, two[0] if len(two) == 1 else min(two, key=self._load), "power_of_two")
             return [two]
-        preferred, reason = self._choose(call, candidate_replicas)
-        self._prefer(pending_request, preferred, reason)
+        earlier = self._preferred.get(pending_request.metadata.internal_request_id)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if earlier is not None and earlier[1] in by_id:
+            # Chosen before (by two routing tasks, or before the replica refused it): the same choice, the same reason
+            preferred = by_id[earlier[1]]
+        else:
+            preferred, reason = self._choose(call, candidate_replicas)
+            self._prefer(pending_request, preferred, reason)
+            if call.resume_state is None and call.prompt_token_ids:  # now: the burst's next request must find it
+                self.prefixes.insert(call.prompt_token_ids, _root(call), preferred.replica_id.unique_id)
         others = [r for r in self._least_loaded(candidate_replicas) if r is not preferred]
         return [[preferred], others]
 
     def _prefer(self, pending_request: PendingRequest, replica: RunningReplica, reason: str) -> None:
         internal_id = pending_request.metadata.internal_request_id
-        self._preferred[internal_id] = (replica.replica_id.unique_id, reason)
-        self._preferred.move_to_end(internal_id)
-        while len(self._preferred) > MAX_PENDING:  # requests cancelled before they were routed
-            self._preferred.popitem(last=False)
+        self._unprefer(internal_id)  # chosen again (power_of_two: a retry after a refusal)
+        replica_id = replica.replica_id.unique_id
+        self._preferred[internal_id] = (pending_request, replica_id, reason)
+        self._num_chosen[replica_id] += 1
+        # Requests cancelled before they were routed are never routed: dropped once they reach the front.
+        now = time.time()
+        while self._preferred:
+            oldest, (pending, _, _) = next(iter(self._preferred.items()))
+            future = pending.future
+            is_stale = future.done() and now - pending.created_at > STALE_CHOICE_S
+            if not (future.cancelled() or is_stale or len(self._preferred) > MAX_PENDING):
+                break
+            self._unprefer(oldest)
+
+    def _unprefer(self, internal_id: str) -> tuple[PendingRequest, str, str] | None:
+        entry = self._preferred.pop(internal_id, None)
+        if entry is not None:
+            self._num_chosen[entry[1]] -= 1
+            if self._num_chosen[entry[1]] <= 0:
+                del self._num_chosen[entry[1]]
+        return entry
 
     def _choose(self, request: ReplicaRequest, replicas: list[RunningReplica]) -> tuple[RunningReplica, str]:
         by_id = {r.replica_id.unique_id: r for r in replicas}
@@ -237,11 +310,14 @@ class AffinityRouter(RequestRouter):
         if isinstance(call, Target):
             call.routed(chosen, sorted(r.unique_id for r in self.curr_replicas))
             return
-        preferred = self._preferred.pop(pending_request.metadata.internal_request_id, None)
+        entry = self._unprefer(pending_request.metadata.internal_request_id)
         if not isinstance(call, ReplicaRequest):
             return
-        is_kept = preferred is not None and (preferred[0] == chosen or preferred[1] == "power_of_two")
-        reason = preferred[1] if is_kept else "fallback"
+        with self._running_lock:
+            self._num_running[chosen] += 1
+        result.add_done_callback(lambda _: self._finished(chosen))
+        is_kept = entry is not None and (entry[1] == chosen or entry[2] == "power_of_two")
+        reason = entry[2] if is_kept else "fallback"
         call.routed(chosen, reason)
         if call.resume_state is None and call.prompt_token_ids:
             self.prefixes.insert(call.prompt_token_ids, _root(call), chosen)
@@ -250,6 +326,13 @@ class AffinityRouter(RequestRouter):
             self.states.move_to_end(call.store_state)
             while len(self.states) > MAX_KNOWN_STATES:
                 self.states.popitem(last=False)
+
+    def _finished(self, replica_id: str) -> None:
+        """A routed generate request's stream ended (on one of Ray's threads)."""
+        with self._running_lock:
+            self._num_running[replica_id] -= 1
+            if self._num_running[replica_id] <= 0:
+                del self._num_running[replica_id]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
