@@ -144,15 +144,49 @@ def _add_prefix(kinds) -> None:
     prefix.add_argument(
         "--modes", default="off,radix,global", help="comma-separated subset of off, radix, global (in this order)"
     )
-    prefix.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode; the fastest is reported")
+    prefix.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved runs per mode (per policy with --replicas); the fastest is reported (default 3; 1 with "
+        "--replicas)",
+    )
+    prefix.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="N >= 2: the workload through N engine replicas on a local Ray instance, affinity routing vs Ray's "
+        "power-of-two choice (fresh replicas each, engine defaults: prefix cache and grouping on; --modes does not "
+        "apply); needs pip install 'linrec[ray]'",
+    )
     prefix.add_argument("--seed", type=int, default=0, help="workload RNG")
     prefix.add_argument("--json", action="store_true", help="print the result as JSON")
+    prefix.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON to FILE")
     prefix.set_defaults(handler=_run_bench_prefix)
 
 
 def _run_bench_prefix(args: argparse.Namespace) -> int:
-    from linrec.bench.prefix import run_prefix_bench
+    from pathlib import Path
 
+    from linrec.bench.prefix import run_prefix_bench, run_prefix_replicas_bench
+
+    if args.replicas != 1:
+        names = ("family", "num_groups", "prompts_per_group", "prefix_len", "question_len", "output_len")
+        names += ("max_num_seqs", "max_num_batched_tokens", "device", "kernel_backend", "seed")
+        try:
+            replicated = run_prefix_replicas_bench(
+                args.model,
+                num_replicas=args.replicas,
+                repeats=1 if args.repeats is None else args.repeats,
+                **{name: getattr(args, name) for name in names},
+            )
+        except ValueError as exc:  # a flag out of range, or no Ray: one line, no traceback
+            print(f"linrec: error: {exc}", file=sys.stderr)
+            return 2
+        print(replicated.to_json() if args.json else replicated.format())
+        if args.out:
+            Path(args.out).write_text(replicated.to_json() + "\n")
+        return 0 if replicated.checks_passed() else 1
     result = run_prefix_bench(
         args.model,
         family=args.family,
@@ -167,9 +201,11 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         kernel_backend=args.kernel_backend,
         seed=args.seed,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-        repeats=args.repeats,
+        repeats=3 if args.repeats is None else args.repeats,
     )
     print(result.to_json() if args.json else result.format())
+    if args.out:
+        Path(args.out).write_text(result.to_json() + "\n")
     return 0
 
 
