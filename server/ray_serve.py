@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import threading
 import uuid
@@ -637,7 +638,8 @@ def start_local_ray(engine_config: EngineConfig, num_replicas: int) -> None:
     """A local Ray instance sized for N replicas: no dashboard, a small object store (deltas are small), and Serve
     without its HTTP proxy (this process serves HTTP)."""
     if not ray.is_initialized():
-        num_cpus = max(os.cpu_count() or 1, num_replicas * CPUS_PER_REPLICA + 1)
+        # whole CPUs: Ray refuses 2.5 (3 replicas on a 2-core machine)
+        num_cpus = max(os.cpu_count() or 1, math.ceil(num_replicas * CPUS_PER_REPLICA + 1))
         if uses_gpu(engine_config):
             num_cpus = max(num_cpus, num_replicas + 1)
         ray.init(

@@ -180,3 +180,20 @@ def test_one_replica_is_todays_path_without_ray() -> None:
         [sys.executable, "-m", "linrec.cli", "serve", "--replicas", "0"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 1 and bad.stderr.strip() == "linrec: error: expected --replicas >= 1, got 0"
+
+
+def test_a_local_ray_instance_gets_whole_cpus(monkeypatch) -> None:
+    """3 CPU replicas on a 2-core machine: 3 CPUs (half a CPU per replica + 1, rounded up); Ray refuses 2.5."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'linrec[ray]')")
+    import ray
+    from ray import serve
+
+    from linrec.server import ray_serve
+
+    started: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(ray_serve.os, "cpu_count", lambda: 2)
+    ray_serve.start_local_ray(EngineConfig(model="demo", device="cpu"), 3)
+    assert started["num_cpus"] == 3 and isinstance(started["num_cpus"], int)
