@@ -146,25 +146,21 @@ class StatePool:
                 tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
     def _per_layer(self, items: list[tuple[Rows, ...]]):
-        """(layer, index tensors) for each layer that rows of `items` name, an item counting in a layer where
-        all its Rows name a row; with only ints, one set of tensors serves every layer."""
+        """(layer, index tensors) for each layer that rows of `items` name, an item counting in a layer where all
+        its Rows name a row. Layers with the same rows share their tensors: slots alone build them once."""
         width = len(items[0])
-        if all(isinstance(r, int) for item in items for r in item):
-            columns = [[item[k] for item in items] for k in range(width)]
-            if width == 2 and len(set(columns[1])) != len(items):
-                raise ValueError(f"expected distinct destination rows, got {columns[1]}")
-            index = tuple(torch.tensor(c, dtype=torch.int64, device=self._device) for c in columns)
-            return [(layer, index) for layer in range(len(self.layers))]
+        built: dict[tuple, tuple[torch.Tensor, ...]] = {}
         out = []
         for layer in range(len(self.layers)):
-            kept = [tuple(row_in_layer(r, layer) for r in item) for item in items]
-            kept = [item for item in kept if all(item)]
+            kept = tuple(item for item in (tuple(row_in_layer(r, layer) for r in it) for it in items) if all(item))
             if not kept:
                 continue
-            columns = [[item[k] for item in kept] for k in range(width)]
-            if width == 2 and len(set(columns[1])) != len(kept):
-                raise ValueError(f"expected distinct destination rows in layer {layer}, got {columns[1]}")
-            out.append((layer, tuple(torch.tensor(c, dtype=torch.int64, device=self._device) for c in columns)))
+            if kept not in built:
+                columns = list(zip(*kept))
+                if width == 2 and len(set(columns[1])) != len(kept):
+                    raise ValueError(f"expected distinct destination rows in layer {layer}, got {list(columns[1])}")
+                built[kept] = tuple(torch.tensor(c, dtype=torch.int64, device=self._device) for c in columns)
+            out.append((layer, built[kept]))
         return out
 
     @property
