@@ -109,6 +109,11 @@ def _sample_row(request: Request) -> SampleRow:
     )
 
 
+def _split(rows: tuple[int, ...], keep: list[bool]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-layer rows as (the kept ones, the others), 0 in the layers each leaves out."""
+    return tuple(r if k else 0 for r, k in zip(rows, keep)), tuple(0 if k else r for r, k in zip(rows, keep))
+
+
 def _adapter(request: Request):
     """The request's adapter, LoRA or sparse (LoraWeights | SparseWeights), or None for the base model."""
     return request.lora if request.lora is not None else request.sparse
@@ -729,12 +734,9 @@ class Scheduler:
             if route is not None and request.layer_rows is not None and request.lane_rows is not None:
                 # It held two rows in every layer until now: the rows its route does not use go back (an abort
                 # while the step ran gave back all of them already).
-                first = tuple(row if count else 0 for row, count in zip(request.layer_rows, route))
-                second = tuple(row if count == 2 else 0 for row, count in zip(request.lane_rows, route))
-                self.allocator.release(
-                    tuple(row - kept for row, kept in zip(request.layer_rows, first)),
-                    tuple(row - kept for row, kept in zip(request.lane_rows, second)),
-                )
+                first, unused_first = _split(request.layer_rows, [count >= 1 for count in route])
+                second, unused_second = _split(request.lane_rows, [count == 2 for count in route])
+                self.allocator.release(unused_first, unused_second)
                 request.layer_rows, request.lane_rows = first, second if any(second) else None
             if request.layer_route is not None:  # per token fed: layers skipped and second passes run
                 self.num_layer_passes_skipped += request.layer_route.count(0) * len(seq.token_ids)
