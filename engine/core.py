@@ -255,26 +255,8 @@ class EngineCore:
         if request.resume_state is not None:
             # A continuation: the stored conversation comes first, its state is loaded at admission, and only the
             # last stored token and the new ones are fed. It runs the stored route ("auto" decided it already).
-            resume = self.states.resume(
-                request.resume_state, self.states.key(self._adapter_key(adapter), request.cache_salt), "resume_state"
-            )
-            if request.layer_route is not None and not auto and route != resume.layer_route:
-                self.states.unpin(resume)
-                raise InvalidRequestError(
-                    f"expected the stored state's layer route {list(resume.layer_route or [])} (or none given), got "
-                    f"{list(request.layer_route)}",
-                    "layer_route",
-                )
-            route, auto = resume.layer_route, False
-            prompt = [*resume.token_ids, *prompt]
-            if len(prompt) + params.max_tokens > self.max_model_len:
-                self.states.unpin(resume)
-                raise InvalidRequestError(
-                    f"the conversation has {len(prompt)} tokens and max_tokens is {params.max_tokens}; this model's "
-                    f"maximum context length is {self.max_model_len} tokens (max_model_len)",
-                    "max_tokens",
-                    code="context_length_exceeded",
-                )
+            resume = self._resume(request, adapter, None if auto else route, prompt)
+            route, auto, prompt = resume.layer_route, False, [*resume.token_ids, *prompt]
         key = None
         # A repeated layer's second lane is a state row of its own, which snapshots do not hold, and a route the
         # routers decide is not known before the prompt runs: neither is cached.
@@ -308,6 +290,32 @@ class EngineCore:
             if resume is not None:
                 self.states.unpin(resume)
             raise
+
+    def _resume(self, request: EngineRequest, adapter, route: tuple[int, ...] | None, prompt: list[int]):
+        """A continuation's stored state, pinned (the caller unpins it if the request is not queued after all),
+        checked against the request: the same route (or none given), and the conversation within max_model_len."""
+        resume = self.states.resume(
+            request.resume_state, self.states.key(self._adapter_key(adapter), request.cache_salt), "resume_state"
+        )
+        try:
+            if request.layer_route not in (None, "auto") and route != resume.layer_route:
+                raise InvalidRequestError(
+                    f"expected the stored state's layer route {list(resume.layer_route or [])} (or none given), got "
+                    f"{list(request.layer_route)}",
+                    "layer_route",
+                )
+            num_tokens = len(resume.token_ids) + len(prompt)
+            if num_tokens + request.sampling_params.max_tokens > self.max_model_len:
+                raise InvalidRequestError(
+                    f"the conversation has {num_tokens} tokens and max_tokens is {request.sampling_params.max_tokens}; "
+                    f"this model's maximum context length is {self.max_model_len} tokens (max_model_len)",
+                    "max_tokens",
+                    code="context_length_exceeded",
+                )
+        except InvalidRequestError:
+            self.states.unpin(resume)
+            raise
+        return resume
 
     def _adapter_key(self, adapter: LoraWeights | SparseWeights | None) -> str | None:
         """A stored state's adapter key: its name and a hash of its files (the same after a restart or a reload

@@ -312,3 +312,21 @@ def test_an_engine_reset_unpins_the_continuations_it_fails(tmp_path):
     engine.reset()
     assert engine.states.get("kept").pins == 0 and not engine.has_unfinished()
     assert llm.generate([TURNS[2]], greedy(), resume_state="kept")[0].outputs[0].token_ids
+
+
+def test_a_refused_continuation_leaves_its_state_unpinned(model_dir):
+    """A route other than the stored one, or a conversation past max_model_len, is refused in one line, and the
+    stored state is free to move again (no pin left behind)."""
+    llm = LLM(str(model_dir), max_model_len=200, **CPU)
+    engine = llm.engine
+    llm.generate([TURNS[0]], greedy(), store_state="s", layer_route=(1, 0, 1, 1))
+    cases = [
+        (dict(layer_route=(1, 1, 1, 0)), r"^expected the stored state's layer route \[1, 0, 1, 1\]"),
+        (dict(max_tokens=170), r"^the conversation has 65 tokens and max_tokens is 170; .* 200 tokens"),
+    ]
+    for kwargs, message in cases:
+        params = greedy(kwargs.pop("max_tokens", 5))
+        with pytest.raises(InvalidRequestError, match=message):
+            engine.add_request(EngineRequest("x", TURNS[1][:30], params, resume_state="s", **kwargs))
+        assert engine.states.get("s").pins == 0 and not engine.has_unfinished()
+    assert llm.generate([TURNS[1][:30]], greedy(), resume_state="s")[0].outputs[0].token_ids
