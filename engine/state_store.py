@@ -179,13 +179,13 @@ class StateStore:
     # -- keys and lookups ------------------------------------------------------------------------------------------
 
     def key(self, adapter: str | None, cache_salt: str | None) -> StateKey:
-        return StateKey(self.model_key, adapter or "", _digest(cache_salt) if cache_salt is not None else "")
+        return StateKey(self.model_key, adapter or "", _salt(cache_salt))
 
     def get(self, state_id: str, cache_salt: str | None = None, param: str | None = None) -> StoredState:
         """The entry under this id for this model and tenant (any adapter), or StateNotFoundError."""
         with self._lock:
             entry = self._entries.get(state_id) if isinstance(state_id, str) else None
-            salt = _digest(cache_salt) if cache_salt is not None else ""
+            salt = _salt(cache_salt)
             if entry is None or entry.key.model != self.model_key or entry.key.salt != salt or self._expire(entry):
                 self.stats.misses += 1
                 raise StateNotFoundError(str(state_id), param)
@@ -220,6 +220,13 @@ class StateStore:
         with self._lock:
             if self._entries.get(state_id) is entry and entry.tier == "disk":
                 self._load_file_bytes(entry, data)
+
+    def _in_memory(self, state_id: str, cache_salt: str | None) -> StoredState:
+        """get(), with a state on disk read back into the host tier."""
+        entry = self.get(state_id, cache_salt)
+        if entry.tier == "disk":
+            self._restore(entry)
+        return entry
 
     def unpin(self, entry: StoredState) -> None:
         with self._lock:
@@ -272,7 +279,7 @@ class StateStore:
                 entry.rows = (first, second)
                 self._device[state_id] = entry
             else:  # no device rows at all: straight to the host
-                entry.host = (self.pool.read(_mask(rows, layer_route, 1)), self._read_lanes(lane_rows, layer_route))
+                entry.host = self._read(rows, lane_rows, layer_route)
                 self._host[state_id] = entry
             self._entries[state_id] = entry
             self.stats.saves += 1
@@ -281,9 +288,7 @@ class StateStore:
 
     def set_meta(self, state_id: str, meta: dict, cache_salt: str | None = None) -> None:
         with self._lock:
-            entry = self.get(state_id, cache_salt)
-            if entry.tier == "disk":
-                self._restore(entry)  # the file is rewritten with the new meta when it leaves memory
+            entry = self._in_memory(state_id, cache_salt)  # the file is rewritten with the new meta when it leaves
             entry.meta = dict(meta)
             if entry.path is not None:
                 entry.path.unlink(missing_ok=True)
@@ -301,9 +306,7 @@ class StateStore:
             check_state_id(new_id)
             if new_id in self._entries:
                 raise InvalidRequestError(f"expected a new state id, got {new_id!r}, which is in use", "id")
-            entry = self.get(state_id, cache_salt)
-            if entry.tier == "disk":
-                self._restore(entry)
+            entry = self._in_memory(state_id, cache_salt)
             state, lanes = self._host_copy(entry)
             copy = StoredState(
                 new_id,
@@ -328,9 +331,7 @@ class StateStore:
 
     def export(self, state_id: str, cache_salt: str | None = None) -> bytes:
         with self._lock:
-            entry = self.get(state_id, cache_salt)
-            if entry.tier == "disk":
-                self._restore(entry)
+            entry = self._in_memory(state_id, cache_salt)
             self._touch(entry)
             return self._serialize(entry)
 
@@ -347,7 +348,7 @@ class StateStore:
         check_state_id(state_id)
         header, tensors = _parse(data)
         entry = self._entry_from(header, tensors, state_id)
-        if entry.key.salt != (_digest(cache_salt) if cache_salt is not None else ""):
+        if entry.key.salt != _salt(cache_salt):
             raise InvalidStateError("expected the cache_salt the state was exported with (a state is a tenant's)")
         if entry.lora_name is not None:
             expected = adapter_key(entry.lora_name) if adapter_key is not None else None
@@ -419,27 +420,27 @@ class StateStore:
 
     def _to_host(self, entry: StoredState) -> None:
         first, second = entry.rows
-        entry.host = (
-            self.pool.read(_mask(first, entry.layer_route, 1)),
-            self._read_lanes(second or None, entry.layer_route),
-        )
+        entry.host = self._host_copy(entry)
         self._free_rows.extend(r for r in (second, first) if r)
         entry.rows = None
         self._device.pop(entry.state_id, None)
         self._host[entry.state_id] = entry
         self.stats.spills_to_host += 1
 
-    def _read_lanes(self, lane_rows: Rows | None, layer_route: tuple[int, ...] | None) -> HostState | None:
+    def _read(
+        self, rows: Rows, lane_rows: Rows | None, layer_route: tuple[int, ...] | None
+    ) -> tuple[HostState, HostState | None]:
+        """CPU copies of a state in the pool: the layers the route runs, and the second lanes of those it repeats."""
+        state = self.pool.read(_mask(rows, layer_route, 1))
         if lane_rows is None or layer_route is None or 2 not in layer_route:
-            return None
-        return self.pool.read(_mask(lane_rows, layer_route, 2))
+            return state, None
+        return state, self.pool.read(_mask(lane_rows, layer_route, 2))
 
     def _host_copy(self, entry: StoredState) -> tuple[HostState, HostState | None]:
+        """A copy of the entry's state on the host (read out of its rows, or cloned from its host tensors)."""
         if entry.rows is not None:
             first, second = entry.rows
-            return self.pool.read(_mask(first, entry.layer_route, 1)), self._read_lanes(
-                second or None, entry.layer_route
-            )
+            return self._read(first, second or None, entry.layer_route)
         state, lanes = entry.host
         clone = [{k: t.clone() for k, t in layer.items()} for layer in state]
         return clone, [{k: t.clone() for k, t in layer.items()} for layer in lanes] if lanes is not None else None
@@ -719,8 +720,9 @@ def _mask(rows: Rows | None, layer_route: tuple[int, ...] | None, at_least: int)
     )
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def _salt(cache_salt: str | None) -> str:
+    """A tenant's key: a hash of its cache salt ("" without one), so that no salt is stored or exported."""
+    return hashlib.sha256(cache_salt.encode()).hexdigest()[:32] if cache_salt is not None else ""
 
 
 def _read_header(prefix: bytes, stream) -> dict[str, str]:
