@@ -166,7 +166,6 @@ def _add_prefix(kinds) -> None:
 
 
 def _run_bench_prefix(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from linrec.bench.prefix import run_prefix_bench, run_prefix_replicas_bench
 
@@ -183,9 +182,7 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         except ValueError as exc:  # a flag out of range, or no Ray: one line, no traceback
             print(f"linrec: error: {exc}", file=sys.stderr)
             return 2
-        print(replicated.to_json() if args.json else replicated.format())
-        if args.out:
-            Path(args.out).write_text(replicated.to_json() + "\n")
+        _report(replicated, args, as_json=args.json)
         return 0 if replicated.checks_passed() else 1
     result = run_prefix_bench(
         args.model,
@@ -203,9 +200,7 @@ def _run_bench_prefix(args: argparse.Namespace) -> int:
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         repeats=3 if args.repeats is None else args.repeats,
     )
-    print(result.to_json() if args.json else result.format())
-    if args.out:
-        Path(args.out).write_text(result.to_json() + "\n")
+    _report(result, args, as_json=args.json)
     return 0
 
 
@@ -267,7 +262,6 @@ def _add_lora(kinds) -> None:
 
 
 def _run_bench_lora(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from linrec.bench.lora import run_lora_bench
 
@@ -286,9 +280,7 @@ def _run_bench_lora(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
     )
-    print(result.format())
-    if args.out:
-        Path(args.out).write_text(result.to_json() + "\n")
+    _report(result, args)
     return 0
 
 
@@ -298,7 +290,7 @@ def _add_routing(kinds) -> None:
         help="layer routes: throughput against the fraction of layers skipped, and the all-ones overhead",
         description="One engine serves the same workload with no route, all-ones routes, routes skipping 25/50/75%% "
         "of the layers, alternating skips, and repeats; output tok/s and ratios to no route; then no route, skip-50 "
-        "and alternating skips under a state-memory budget (bench/routing.py).",
+        "and complementary halves under a state-memory budget (bench/routing.py).",
     )
     _add_adapter_bench_args(routing, num_requests=64, prompt_len=32, output_len=32, adapters=False)
     routing.add_argument("--num-layers", dest="num_layers", type=int, default=8, help="bench model's layers")
@@ -313,7 +305,6 @@ def _add_routing(kinds) -> None:
 
 
 def _run_bench_routing(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from linrec.bench.routing import run_routing_bench
 
@@ -331,9 +322,7 @@ def _run_bench_routing(args: argparse.Namespace) -> int:
         threads=args.threads,
         budget_slots=args.budget_slots,
     )
-    print(result.format())
-    if args.out:
-        Path(args.out).write_text(result.to_json() + "\n")
+    _report(result, args)
     return 0
 
 
@@ -378,7 +367,6 @@ def _add_multiturn(kinds) -> None:
 
 
 def _run_bench_multiturn(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from linrec.bench.multiturn import run_multiturn_bench
 
@@ -395,9 +383,7 @@ def _run_bench_multiturn(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a flag out of range: one line, no traceback
         print(f"linrec: error: {exc}", file=sys.stderr)
         return 2
-    print(result.format())
-    if args.out:
-        Path(args.out).write_text(result.to_json() + "\n")
+    _report(result, args)
     return 0 if result.checks_passed() else 1
 
 
@@ -452,7 +438,6 @@ def _add_sparse(kinds) -> None:
 
 
 def _run_bench_sparse(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from linrec.bench.sparse import run_sparse_bench
 
@@ -481,9 +466,7 @@ def _run_bench_sparse(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a flag out of range: one line, no traceback
         print(f"linrec: error: {exc}", file=sys.stderr)
         return 2
-    print(result.format())
-    if args.out:
-        Path(args.out).write_text(result.to_json() + "\n")
+    _report(result, args)
     return 0 if result.checks_passed() else 1
 
 
@@ -765,3 +748,12 @@ def _run_bench_gpu_check(args: argparse.Namespace) -> int:
 
     argv = sys.argv[sys.argv.index("gpu-check") + 1 :] if "gpu-check" in sys.argv else []
     return run_checks(args, argv)
+
+
+def _report(result, args: argparse.Namespace, as_json: bool = False) -> None:
+    """A bench result on stdout (its table, or its JSON), and its JSON in --out when given."""
+    from pathlib import Path
+
+    print(result.to_json() if as_json else result.format())
+    if args.out:
+        Path(args.out).write_text(result.to_json() + "\n")
