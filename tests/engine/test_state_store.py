@@ -330,3 +330,22 @@ def test_a_refused_continuation_leaves_its_state_unpinned(model_dir):
             engine.add_request(EngineRequest("x", TURNS[1][:30], params, resume_state="s", **kwargs))
         assert engine.states.get("s").pins == 0 and not engine.has_unfinished()
     assert llm.generate([TURNS[1][:30]], greedy(), resume_state="s")[0].outputs[0].token_ids
+
+
+def test_bad_state_store_and_route_row_flags_are_one_line_errors(model_dir):
+    from linrec.cli import main
+    from linrec.engine.config import EngineConfig
+
+    for name, bad in (
+        ("max_device_states", -1),
+        ("state_store_host_bytes", 1.5),
+        ("state_store_max_bytes", True),
+        ("route_state_rows", -2),
+    ):
+        with pytest.raises(ValueError, match=f"^expected {name} as an int >= 0, got {bad!r}$"):
+            EngineConfig(model=str(model_dir), **{name: bad})
+    for bad in (0, -1.0, "soon"):
+        with pytest.raises(ValueError, match=r"^expected state_ttl > 0 \(seconds\)"):
+            EngineConfig(model=str(model_dir), state_ttl=bad)
+    with pytest.raises(SystemExit):  # argparse: a usage error naming the flag
+        main(["serve", "--state-store-max-bytes", "12x"])
