@@ -45,6 +45,9 @@ _LINEARIZED = {
 
 @dataclass(frozen=True)
 class LigerGLAConfig:
+    # the model_type values this config (and its family's class) serves; a family built on this one names its own
+    model_types: ClassVar[tuple[str, ...]] = ("liger_gla", "liger_qwen2_gla", "liger_mistral_gla")
+
     model_type: str  # liger_gla (Llama) | liger_qwen2_gla | liger_mistral_gla
     vocab_size: int
     hidden_size: int
@@ -64,8 +67,8 @@ class LigerGLAConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.model_type not in LigerGLAForCausalLM.model_types:
-            raise ValueError(f"expected model_type in {LigerGLAForCausalLM.model_types}, got {self.model_type!r}")
+        if self.model_type not in self.model_types:
+            raise ValueError(f"expected model_type in {self.model_types}, got {self.model_type!r}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -211,9 +214,11 @@ class LigerGLAAttention(nn.Module):
 
 
 class LigerGLADecoderLayer(nn.Module):
-    def __init__(self, config: LigerGLAConfig):
+    """Llama's decoder layer around an attention that takes (x, ctx, state): Liger's, or a family's built on it."""
+
+    def __init__(self, config: LigerGLAConfig, attention_class: type[nn.Module] = LigerGLAAttention):
         super().__init__()
-        self.self_attn = LigerGLAAttention(config)
+        self.self_attn = attention_class(config)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -226,10 +231,12 @@ class LigerGLADecoderLayer(nn.Module):
 class LigerGLAModel(nn.Module):
     """The `model.` prefix of the checkpoint: embed_tokens, layers, norm."""
 
-    def __init__(self, config: LigerGLAConfig):
+    def __init__(self, config: LigerGLAConfig, attention_class: type[nn.Module] = LigerGLAAttention):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LigerGLADecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LigerGLADecoderLayer(config, attention_class) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
@@ -237,15 +244,16 @@ class LigerGLAForCausalLM(CausalLM):
     """Liger-GLA over HF Llama checkpoint names: model.{embed_tokens, layers.N.{self_attn.{q,k,v,o}_proj,
     mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm} and lm_head."""
 
-    model_types: ClassVar[tuple[str, ...]] = ("liger_gla", "liger_qwen2_gla", "liger_mistral_gla")
-    config_class = LigerGLAConfig
+    model_types: ClassVar[tuple[str, ...]] = LigerGLAConfig.model_types
+    config_class: ClassVar[type[LigerGLAConfig]] = LigerGLAConfig
+    attention_class: ClassVar[type[nn.Module]] = LigerGLAAttention  # what each decoder layer's self_attn is
     embedding_weight_name = "model.embed_tokens.weight"
 
     def __init__(self, config: LigerGLAConfig, kernel_backend: str = "torch"):
         super().__init__()
         self.config = config
         self.kernel_backend = kernel_backend  # auto | triton | torch, resolved against the input's device
-        self.model = LigerGLAModel(config)
+        self.model = LigerGLAModel(config, self.attention_class)
         self.rotary_emb = RotaryEmbedding(config.rope)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights()
