@@ -13,13 +13,14 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "liger_gla": ("linrec.models.liger_gla", "LigerGLAForCausalLM"),
     "liger_qwen2_gla": ("linrec.models.liger_gla", "LigerGLAForCausalLM"),
     "liger_mistral_gla": ("linrec.models.liger_gla", "LigerGLAForCausalLM"),
+    "lolcats_llama": ("linrec.models.lolcats", "LolcatsForCausalLM"),
     "gla": ("linrec.models.gla", "GLAForCausalLM"),
     "gated_deltanet": ("linrec.models.gated_deltanet", "GatedDeltaNetForCausalLM"),
     "mamba2": ("linrec.models.mamba2", "Mamba2ForCausalLM"),
 }
 
 # The family names `linrec demo-model --family` takes, each a model_type above.
-DEMO_FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
+DEMO_FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2", "lolcats_llama")
 
 
 def supported_model_types() -> list[str]:

@@ -21,7 +21,7 @@ from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.models.demo import write_seeded_model
 from linrec.models.router import load_routers, write_random_routers
 
-FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
+FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2", "lolcats_llama")
 NUM_LAYERS = 4
 ATOL = 1e-4
 PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 53)), [(7 * i + 3) % 256 for i in range(24)]]

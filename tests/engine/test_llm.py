@@ -9,7 +9,7 @@ import pytest
 from linrec import LLM, SamplingParams
 from linrec.engine.request import EngineRequest, RequestStatus
 
-FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2"]
+FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2", "lolcats_llama"]
 
 
 def random_prompts(num: int, lo: int, hi: int, vocab: int = 256, seed: int = 0) -> list[list[int]]:

@@ -12,7 +12,7 @@ from linrec.engine.request import Request
 from linrec.engine.scheduler import Scheduler, StepResult
 
 KEY = PrefixKey("m")
-FAMILIES = ["liger_gla", "mamba2"]
+FAMILIES = ["liger_gla", "mamba2", "lolcats_llama"]
 
 
 def greedy(max_tokens: int = 8, **kw) -> SamplingParams:

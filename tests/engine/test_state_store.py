@@ -16,7 +16,7 @@ from linrec.engine.sampling_params import InvalidRequestError, SamplingParams
 from linrec.engine.state_store import InvalidStateError, StateNotFoundError
 from linrec.models.demo import write_seeded_model
 
-FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2")
+FAMILIES = ("liger_gla", "gla", "gated_deltanet", "mamba2", "lolcats_llama")
 NUM_LAYERS = 4
 # Without the prefix cache, resending a conversation prefills all of it: the reference owes nothing to any state.
 CPU = dict(device="cpu", dtype="float32", enable_prefix_caching=False)
