@@ -196,7 +196,8 @@ def load_model(
 
     dtype: auto (config.json's torch_dtype or dtype, else float32) | float32 | bfloat16 | float16.
     linearize="liger-gla" reads a Llama/Qwen2/Mistral checkpoint as Liger-GLA (same weights).
-    merge_lora: a PEFT LoRA adapter directory merged into the weights as they load.
+    merge_lora: a PEFT LoRA adapter directory merged into the weights as they load (after a lolcats_llama
+    directory's own LoRA, config.json's "lolcats_lora").
     progress: show a tqdm bar over the tensors read.
     Raises FileNotFoundError/ValueError with one-line messages that name the offending file or tensor.
     The model comes back in eval mode with gradients off.
@@ -227,12 +228,21 @@ def load_model(
         raise ValueError(f"config.json in {str(path)!r}: {exc}") from None
     files = checkpoint_files(path)
 
-    adapter = None
-    if merge_lora is not None:
+    # A lolcats_llama directory carries its release's LoRA (models/lolcats_checkpoint.py), merged first.
+    own_lora = hf_config.get("lolcats_lora")
+    if own_lora is not None and (not isinstance(own_lora, str) or not own_lora or Path(own_lora).name != own_lora):
+        raise ValueError(
+            f"config.json in {str(path)!r}: expected lolcats_lora a directory name in it, got {own_lora!r}"
+        )
+    merged = ([path / own_lora] if own_lora else []) + ([merge_lora] if merge_lora is not None else [])
+    adapters = []
+    if merged:
         from linrec.models.lora import read_lora_adapter
 
-        adapter = read_lora_adapter(merge_lora)
-        adapter.check_targets(checkpoint_tensor_names(files))
+        names = checkpoint_tensor_names(files)
+        for adapter_dir in merged:
+            adapters.append(read_lora_adapter(adapter_dir))
+            adapters[-1].check_targets(names)
 
     # Built on the target device (torch.device's context is thread-local), then cast: changing the
     # process-wide default dtype instead would leak into tensors other threads create meanwhile.
@@ -240,7 +250,7 @@ def load_model(
         model = model_cls.from_hf_config(hf_config, **_constructor_kwargs(model_cls, kernel_backend))
     model.to(torch_dtype)
     weights: Iterable[tuple[str, torch.Tensor]] = iter_checkpoint_tensors(files)
-    if adapter is not None:
+    for adapter in adapters:
         weights = adapter.merge(weights)
     if progress:
         from tqdm import tqdm
