@@ -23,7 +23,13 @@ stream ends. (Serve's queue-length cache is refreshed only when a replica accept
 within a burst of choices and still shows a burst's requests for seconds after they finished.)
 
 The router reads only the first argument of a call: a ReplicaRequest (generate) or a Target (every other
-call), both plain data, and tells the caller where the call went by their `routed` method.
+call), both plain data. It writes its choice into that argument before Serve sends it, so that the choice travels
+with the call and the replica reports it back in its answer (a generate stream's first item, a stats call's
+result): the caller never depends on the router changing the caller's own object, which Serve may have copied.
+
+Serve pickles a router's module by value (RequestRouterConfig): in a process other than the one that deployed it
+(an ingress replica under `serve run`), this module's classes in the router are copies of those the caller builds
+its calls with. So the router recognizes a call by its class's import path (_is), not by isinstance.
 """
 
 from __future__ import annotations
@@ -69,25 +75,27 @@ class ReplicaRequest:
     resume_state: str | None = None
     state_meta: dict | None = None
     state_replica: str | None = None  # the replica the client knows holds resume_state (None: unknown)
-    # Set by the router on the caller's copy (the same object, in the caller's process).
-    replica_id: str | None = None
+    # Written by the router before the call is sent, so that they travel with it: the replica it ranked first (None:
+    # any it offered) and why (REASONS; None: no AffinityRouter routed it).
+    preferred_replica: str | None = None
     reason: str | None = None
 
-    def routed(self, replica_id: str, reason: str) -> None:
-        self.replica_id, self.reason = replica_id, reason
+    def reason_on(self, replica_id: str) -> str | None:
+        """Why the request runs on replica_id: the router's reason, or `fallback` where the replica it preferred
+        refused the request and another took it."""
+        if self.reason is None or self.preferred_replica in (None, replica_id):
+            return self.reason
+        return "fallback"
 
 
 @dataclass
 class Target:
-    """A call for one replica (replica_id), or for any (None): stats, adapters, stored states. The router
-    fills in the replicas it knows, so that any call also tells the caller who serves."""
+    """A call for one replica (replica_id), or for any (None): stats, adapters, stored states."""
 
     replica_id: str | None = None
-    known_replicas: list[str] = field(default_factory=list)  # set by the router
-    routed_to: str | None = None  # set by the router
-
-    def routed(self, replica_id: str, known_replicas: list[str]) -> None:
-        self.routed_to, self.known_replicas = replica_id, known_replicas
+    # Written by the router before the call is sent: every replica it routes to (a stats call answers with them:
+    # the client's census of the replicas).
+    known_replicas: list[str] = field(default_factory=list)
 
 
 class PrefixTable:
@@ -156,8 +164,8 @@ class AffinityRouter(RequestRouter):
         self.imbalance_rel = imbalance_rel
         self.prefixes = PrefixTable()
         self.states: OrderedDict[str, str] = OrderedDict()  # stored state id -> the replica it was stored on
-        # internal request id -> (its pending request, the preferred replica, why): read back when it is routed
-        self._preferred: OrderedDict[str, tuple[PendingRequest, str, str]] = OrderedDict()
+        # internal request id -> (its pending request, the preferred replica): read back when it is routed
+        self._preferred: OrderedDict[str, tuple[PendingRequest, str]] = OrderedDict()
         # Generate requests per replica id: chosen and not yet routed (the event loop's), and routed and not yet
         # finished (also decremented by Ray's threads when a stream ends: under the lock). _load is their sum.
         self._num_chosen: Counter[str] = Counter()
@@ -233,12 +241,13 @@ class AffinityRouter(RequestRouter):
         # False (Serve's default, for its locality mixins' first passes) it asks again at once and probes again.
         pending_request.routing_context.should_backoff = True
         call = pending_request.args[0] if pending_request.args else None
-        if isinstance(call, Target):
+        if _is(call, Target):
             # A targeted call goes to its replica; one no longer here goes anywhere, and the replica refuses it
             # (it checks the target), so that the caller hears at once instead of waiting for it forever.
+            call.known_replicas = sorted(r.unique_id for r in self.curr_replicas)
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == call.replica_id]
             return [chosen or self._least_loaded(candidate_replicas)]
-        if not isinstance(call, ReplicaRequest):
+        if not _is(call, ReplicaRequest):
             return [self._least_loaded(candidate_replicas)]
         if self.policy == "power_of_two":
             two = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
@@ -258,28 +267,32 @@ class AffinityRouter(RequestRouter):
         return [[preferred], others]
 
     def _prefer(self, pending_request: PendingRequest, replica: RunningReplica, reason: str) -> None:
+        """Count the choice as the replica's load until the request is routed, and write it into the call (for
+        power_of_two, the reason holds on whichever of the two replicas Serve takes)."""
         internal_id = pending_request.metadata.internal_request_id
         self._unprefer(internal_id)  # chosen again (power_of_two: a retry after a refusal)
         replica_id = replica.replica_id.unique_id
-        self._preferred[internal_id] = (pending_request, replica_id, reason)
+        self._preferred[internal_id] = (pending_request, replica_id)
         self._num_chosen[replica_id] += 1
+        call = pending_request.args[0]
+        call.preferred_replica = None if reason == "power_of_two" else replica_id
+        call.reason = reason
         # Requests cancelled before they were routed are never routed: dropped once they reach the front.
         now = time.time()
         while self._preferred:
-            oldest, (pending, _, _) = next(iter(self._preferred.items()))
+            oldest, (pending, _) = next(iter(self._preferred.items()))
             future = pending.future
             is_stale = future.done() and now - pending.created_at > STALE_CHOICE_S
             if not (future.cancelled() or is_stale or len(self._preferred) > MAX_PENDING):
                 break
             self._unprefer(oldest)
 
-    def _unprefer(self, internal_id: str) -> tuple[PendingRequest, str, str] | None:
+    def _unprefer(self, internal_id: str) -> None:
         entry = self._preferred.pop(internal_id, None)
         if entry is not None:
             self._num_chosen[entry[1]] -= 1
             if self._num_chosen[entry[1]] <= 0:
                 del self._num_chosen[entry[1]]
-        return entry
 
     def _choose(self, request: ReplicaRequest, replicas: list[RunningReplica]) -> tuple[RunningReplica, str]:
         by_id = {r.replica_id.unique_id: r for r in replicas}
@@ -307,18 +320,14 @@ class AffinityRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         call = pending_request.args[0] if pending_request.args else None
         chosen = replica_id.unique_id
-        if isinstance(call, Target):
-            call.routed(chosen, sorted(r.unique_id for r in self.curr_replicas))
+        if _is(call, Target):
             return
-        entry = self._unprefer(pending_request.metadata.internal_request_id)
-        if not isinstance(call, ReplicaRequest):
+        self._unprefer(pending_request.metadata.internal_request_id)
+        if not _is(call, ReplicaRequest):
             return
         with self._running_lock:
             self._num_running[chosen] += 1
         result.add_done_callback(lambda _: self._finished(chosen))
-        is_kept = entry is not None and (entry[1] == chosen or entry[2] == "power_of_two")
-        reason = entry[2] if is_kept else "fallback"
-        call.routed(chosen, reason)
         if call.resume_state is None and call.prompt_token_ids:
             self.prefixes.insert(call.prompt_token_ids, _root(call), chosen)
         if call.store_state is not None:
@@ -339,6 +348,13 @@ class AffinityRouter(RequestRouter):
         self.prefixes.forget(replica_id.unique_id)
         for state_id in [s for s, r in self.states.items() if r == replica_id.unique_id]:
             del self.states[state_id]
+
+
+def _is(call: Any, cls: type) -> bool:
+    """isinstance by import path (the module docstring): in a router Serve unpickled in another process, `cls` is a
+    copy of the class the caller's call was built from."""
+    kind = type(call)
+    return (kind.__module__, kind.__qualname__) == (cls.__module__, cls.__qualname__)
 
 
 def _root(request: ReplicaRequest) -> tuple:

@@ -1,7 +1,9 @@
 """Engine replicas on Ray Serve behind one OpenAI endpoint (docs/scale-out.md).
 
-- EngineReplica: a Ray Serve deployment holding one AsyncLLM; generate streams SampleDeltas; stats, adapters and
-  stored states are calls that name their replica (a Target), which AffinityRouter (server/ray_router.py) honours.
+- EngineReplica: a Ray Serve deployment holding one AsyncLLM; generate streams where it runs and why (Routed), then
+  SampleDeltas; stats, adapters and stored states are calls that name their replica (a Target), which
+  AffinityRouter (server/ray_router.py) honours. The client learns where a call went from these answers alone, so it
+  works wherever the handle is used: this process (`linrec serve --replicas`) or an ingress replica (`serve run`).
 - RayEngineClient: the EngineClient (engine/client.py) over the deployment's handle, so that build_app serves N
   replicas as it serves one engine. A background thread asks every replica for its stats twice a second: the
   server's synchronous reads (stats, health, adapters) answer from that snapshot and never wait on a replica.
@@ -71,6 +73,16 @@ class ReplicaStats:
     stats: EngineStats
     adapters: list[AdapterInfo]  # adapters the replica knows
     states: list[str] = field(default_factory=list)  # stored state ids it holds (most recent last, bounded)
+    known_replicas: list[str] = field(default_factory=list)  # every replica the router knew when it sent this call
+
+
+@dataclass
+class Routed:
+    """A generate stream's first item: the replica serving it and the routing reason (ray_router.REASONS; None when
+    no AffinityRouter routed it)."""
+
+    replica_id: str
+    reason: str | None
 
 
 class EngineReplica:
@@ -94,7 +106,8 @@ class EngineReplica:
         while len(self._states) > RECENT_STATES:
             self._states.popitem(last=False)
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[SampleDelta]:
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[Routed | SampleDelta]:
+        yield Routed(self.replica_id, request.reason_on(self.replica_id))
         if request.lora_name is not None:
             self._adapters_used[request.lora_name] = None
             self._adapters_used.move_to_end(request.lora_name)
@@ -123,7 +136,12 @@ class EngineReplica:
     async def stats(self, target: Target) -> ReplicaStats:
         self._check(target)
         return ReplicaStats(
-            self.replica_id, self.actor_name, self.llm.stats(), self.llm.list_lora_adapters(), list(self._states)
+            self.replica_id,
+            self.actor_name,
+            self.llm.stats(),
+            self.llm.list_lora_adapters(),
+            list(self._states),
+            target.known_replicas,
         )
 
     async def check_health(self) -> None:
@@ -165,11 +183,12 @@ class EngineReplica:
 
     async def import_state(
         self, target: Target, data: bytes, state_id: str, cache_salt: str | None, meta: dict | None
-    ) -> StateInfo:
+    ) -> tuple[str, StateInfo]:
+        """The state's info, and this replica's id (the target may name none: the least loaded replica took it)."""
         self._check(target)
         info = await self.llm.import_state(data, state_id, cache_salt, meta)
         self._stored(state_id)
-        return info
+        return self.replica_id, info
 
     async def fork_state(
         self, target: Target, state_id: str, new_state_id: str, cache_salt: str | None, meta: dict | None
@@ -288,7 +307,7 @@ class RayEngineClient:
         if not self._replicas:
             raise EngineDeadError("no engine replica answered: the deployment has none running")
         first = next(iter(self._replicas.values()))
-        info = handle.info.remote(Target(first.replica_id)).result(timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True)
+        info = self._remote("info", Target(first.replica_id)).result(timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True)
         self._info = replace(info, num_replicas=len(self._replicas))
         self._tokenizer = load_tokenizer(info.model_path)
         for stats in self._replicas.values():
@@ -300,14 +319,13 @@ class RayEngineClient:
     # -- the replica snapshot -----------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Ask every replica for its stats (any one first: the router tells which replicas there are), and load
+        """Ask every replica for its stats (any one first: its answer names the replicas the router knows), and load
         adapters that a replica lacks (one that joined after they were loaded)."""
-        census = Target()
         found: dict[str, ReplicaStats] = {}
-        first = self._stats_of(census)
+        first = self._stats_of(Target())
         if first is not None:
             found[first.replica_id] = first
-            for replica_id in census.known_replicas:
+            for replica_id in first.known_replicas:
                 if replica_id not in found:
                     stats = self._stats_of(Target(replica_id))
                     if stats is not None and stats.replica_id == replica_id:
@@ -321,7 +339,7 @@ class RayEngineClient:
         for stats in found.values():
             for name in wanted.keys() - {a.name for a in stats.adapters}:
                 try:
-                    self._handle.load_lora_adapter.remote(Target(stats.replica_id), name, wanted[name].path).result(
+                    self._remote("load_lora_adapter", Target(stats.replica_id), name, wanted[name].path).result(
                         timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True
                     )
                 except Exception as exc:  # noqa: BLE001 -- tried again at the next poll
@@ -330,7 +348,7 @@ class RayEngineClient:
     def _stats_of(self, target: Target) -> ReplicaStats | None:
         # _skip_asyncio_check: an ingress replica builds its client inside its event loop; the handle's router runs
         # on a loop of its own, so blocking here waits on nothing this thread holds.
-        response = self._handle.stats.remote(target)
+        response = self._remote("stats", target)
         try:
             return response.result(timeout_s=CALL_TIMEOUT_S, _skip_asyncio_check=True)
         except Exception as exc:  # noqa: BLE001 -- dead, replaced or not answering: not counted as serving
@@ -408,29 +426,31 @@ class RayEngineClient:
             state_meta=state_meta,
             state_replica=state_replica,
         )
-        stream = self._stream.generate.remote(call)
+        stream = self._remote("generate", call, stream=True)
         self._open[request_id] = stream
-        finished = counted = False
+        routed: Routed | None = None  # the stream's first item
+        finished = False
         try:
             while True:
                 try:
-                    delta = await stream.__anext__()
+                    item = await stream.__anext__()
                 except StopAsyncIteration:
                     break
                 except Exception as exc:  # noqa: BLE001 -- mapped to the engine's own errors
-                    raise self._engine_error(exc, call.replica_id, f"request {request_id}") from None
-                finally:
-                    if not counted and call.reason is not None:
-                        self._decisions[call.reason] += 1
-                        counted = True
-                yield delta
+                    raise self._engine_error(exc, routed and routed.replica_id, f"request {request_id}") from None
+                if isinstance(item, Routed):
+                    routed = item
+                    if routed.reason is not None:
+                        self._decisions[routed.reason] += 1
+                    continue
+                yield item
             finished = True
         finally:
             self._open.pop(request_id, None)
             if not finished:
                 stream.cancel()
-        if store_state is not None and call.replica_id is not None:
-            self._remember_state(store_state, call.replica_id)
+        if store_state is not None and routed is not None:
+            self._remember_state(store_state, routed.replica_id)
 
     def abort(self, request_id: str) -> None:
         stream = self._open.get(request_id)
@@ -520,9 +540,9 @@ class RayEngineClient:
     async def import_state(
         self, data: bytes, state_id: str, cache_salt: str | None = None, meta: dict | None = None
     ) -> StateInfo:
-        target = Target()  # the least loaded replica takes it
-        info = await self._call_target(target, "import_state", data, state_id, cache_salt, meta)
-        self._remember_state(state_id, target.routed_to)
+        # Target(): the least loaded replica takes it
+        replica_id, info = await self._call_target(Target(), "import_state", data, state_id, cache_salt, meta)
+        self._remember_state(state_id, replica_id)
         return info
 
     async def fork_state(
@@ -540,9 +560,13 @@ class RayEngineClient:
 
     async def _call_target(self, target: Target, method: str, *args: Any) -> Any:
         try:
-            return await getattr(self._handle, method).remote(target, *args)
+            return await self._remote(method, target, *args)
         except Exception as exc:  # noqa: BLE001 -- mapped to the engine's own errors
-            raise self._engine_error(exc, target.replica_id or target.routed_to, method) from None
+            raise self._engine_error(exc, target.replica_id, method) from None
+
+    def _remote(self, method: str, *args: Any, stream: bool = False) -> Any:
+        handle = self._stream if stream else self._handle
+        return getattr(handle, method).remote(*args)
 
     @staticmethod
     def _engine_error(exc: BaseException, replica_id: str | None, what: str) -> BaseException:

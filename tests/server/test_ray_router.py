@@ -1,11 +1,15 @@
 """AffinityRouter's choices (server/ray_router.py) without a Ray cluster: the router built as Serve builds it, fed
-fake replicas (an id and routing stats) and pending requests, its decisions read from what it tells the call.
-The cluster tests (test_ray_serve.py) cover prefix and session affinity end to end; these cover the rest."""
+fake replicas (an id and routing stats) and pending requests, its decisions read as the replica reads them from the
+call it is sent. The cluster tests (test_ray_serve.py, test_ray_serve_run.py) cover prefix and session affinity end
+to end; these cover the rest."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -76,21 +80,22 @@ async def choose(router: AffinityRouter, candidates: list[FakeReplica], call) ->
     return pr, [[r.replica_id.unique_id for r in rank] for rank in ranks]
 
 
-async def route(router: AffinityRouter, candidates: list[FakeReplica], call, to: str | None = None) -> FakeResult:
-    """Choose, then route the call to `to` (default: the first choice), as Serve does once the replica accepts."""
+async def route(
+    router: AffinityRouter, candidates: list[FakeReplica], call: ReplicaRequest, to: str | None = None
+) -> tuple[str, str | None]:
+    """Choose, then route the call to `to` (default: the first choice), as Serve does once the replica accepts: the
+    replica and the reason it reports (EngineReplica.generate's Routed)."""
     pr, ranks = await choose(router, candidates, call)
-    result = FakeResult()
-    router.on_request_routed(pr, ReplicaID(to or ranks[0][0], DEPLOYMENT), result)
-    return result
+    replica_id = to or ranks[0][0]
+    router.on_request_routed(pr, ReplicaID(replica_id, DEPLOYMENT), FakeResult())
+    return replica_id, call.reason_on(replica_id)
 
 
-async def load(router: AffinityRouter, candidates: list[FakeReplica], counts: dict[str, int]) -> list[FakeResult]:
+async def load(router: AffinityRouter, candidates: list[FakeReplica], counts: dict[str, int]) -> None:
     """Put `counts` running requests on the replicas (prompts nothing else shares, no adapter)."""
-    results = []
     for replica_id, n in counts.items():
         for _ in range(n):
-            results.append(await route(router, candidates, request([]), to=replica_id))
-    return results
+            await route(router, candidates, request([]), to=replica_id)
 
 
 def test_an_adapter_goes_to_the_least_loaded_replica_that_served_it() -> None:
@@ -102,11 +107,9 @@ def test_an_adapter_goes_to_the_least_loaded_replica_that_served_it() -> None:
         pr, ranks = await choose(router, candidates, call)
         assert ranks[0] == ["r2"] and set(ranks[1]) == {"r0", "r1"}  # r0 is idler but lacks the adapter
         router.on_request_routed(pr, ReplicaID("r2", DEPLOYMENT), FakeResult())
-        assert (call.replica_id, call.reason) == ("r2", "adapter")
+        assert call.reason_on("r2") == "adapter"
         # An adapter no replica served lately: the least loaded one.
-        other = request([8] * 40, lora_name="c")
-        await route(router, candidates, other)
-        assert (other.replica_id, other.reason) == ("r0", "least_loaded")
+        assert await route(router, candidates, request([8] * 40, lora_name="c")) == ("r0", "least_loaded")
 
     asyncio.run(main())
 
@@ -115,15 +118,11 @@ def test_a_prefix_outranks_an_adapter_and_an_adapter_outranks_load() -> None:
     async def main() -> None:
         router = make_router()
         candidates = replicas(("a",), ("a",))
-        first = request([5] * 64, lora_name="a")
-        await route(router, candidates, first)
-        again = request([5] * 64 + [6] * 4, lora_name="a")
-        await route(router, candidates, again)
-        assert (again.replica_id, again.reason) == (first.replica_id, "prefix")
+        first, _ = await route(router, candidates, request([5] * 64, lora_name="a"))
+        assert await route(router, candidates, request([5] * 64 + [6] * 4, lora_name="a")) == (first, "prefix")
         # The same tokens under another adapter are another prefix (the chain starts from the adapter).
-        other = request([5] * 64 + [6] * 4, lora_name="b")
-        await route(router, candidates, other)
-        assert other.reason == "least_loaded" and other.replica_id != first.replica_id
+        other, reason = await route(router, candidates, request([5] * 64 + [6] * 4, lora_name="b"))
+        assert reason == "least_loaded" and other != first
 
     asyncio.run(main())
 
@@ -143,9 +142,8 @@ def test_a_load_imbalance_overrides_prefix_and_adapter_affinity(loads: dict[str,
         candidates = replicas(("a",), ())
         await route(router, candidates, request([3] * 64, lora_name="a"), to="r0")
         await load(router, candidates, loads)
-        call = request([3] * 64 + [4], lora_name="a")
-        await route(router, candidates, call)
-        assert (call.replica_id, call.reason) == (("r1", "imbalance") if reason == "imbalance" else ("r0", reason))
+        routed = await route(router, candidates, request([3] * 64 + [4], lora_name="a"))
+        assert routed == (("r1", "imbalance") if reason == "imbalance" else ("r0", reason))
 
     asyncio.run(main())
 
@@ -155,9 +153,7 @@ def test_the_imbalance_thresholds_are_the_routers_kwargs() -> None:
         router = make_router(imbalance_abs=2, imbalance_rel=1.0)
         candidates = replicas(("a",), ())
         await load(router, candidates, {"r0": 3, "r1": 0})
-        call = request([9] * 32, lora_name="a")
-        await route(router, candidates, call)
-        assert (call.replica_id, call.reason) == ("r1", "imbalance")
+        assert await route(router, candidates, request([9] * 32, lora_name="a")) == ("r1", "imbalance")
 
     asyncio.run(main())
     for bad in ({"policy": "random"}, {"match_threshold": 0.0}, {"imbalance_abs": -1}, {"imbalance_rel": 0.5}):
@@ -171,9 +167,7 @@ def test_a_session_outranks_an_imbalance() -> None:
         candidates = replicas((), ())
         await route(router, candidates, request([1] * 16, store_state="conv"), to="r0")
         await load(router, candidates, {"r0": 100})
-        turn = request([2] * 4, resume_state="conv")
-        await route(router, candidates, turn)
-        assert (turn.replica_id, turn.reason) == ("r0", "session")
+        assert await route(router, candidates, request([2] * 4, resume_state="conv")) == ("r0", "session")
 
     asyncio.run(main())
 
@@ -194,7 +188,8 @@ def test_a_burst_keeps_each_group_on_one_replica_and_spreads_the_groups() -> Non
         for _, _, pr, ranks in chosen:
             results.append(FakeResult())
             router.on_request_routed(pr, ReplicaID(ranks[0][0], DEPLOYMENT), results[-1])
-        assert sorted(call.reason for _, call in calls) == ["least_loaded"] * 2 + ["prefix"] * 6
+        reasons = [call.reason_on(ranks[0][0]) for _, call, _, ranks in chosen]
+        assert sorted(reasons) == ["least_loaded"] * 2 + ["prefix"] * 6
         # Finished streams leave the load: an idle router balances from zero again.
         for result in results:
             result.finish()
@@ -211,7 +206,7 @@ def test_a_refused_preference_is_a_fallback_and_moves_its_load() -> None:
         pr, ranks = await choose(router, candidates, call)
         preferred, other = ranks[0][0], ranks[1][0]
         router.on_request_routed(pr, ReplicaID(other, DEPLOYMENT), FakeResult())
-        assert (call.replica_id, call.reason) == (other, "fallback")
+        assert (call.reason_on(other), call.reason_on(preferred)) == ("fallback", "least_loaded")
         by_id = {r.replica_id.unique_id: r for r in candidates}
         assert (router._load(by_id[preferred]), router._load(by_id[other])) == (0, 1)
 
@@ -227,8 +222,44 @@ def test_targeted_calls_reach_their_replica_and_do_not_count_as_load() -> None:
             pr, ranks = await choose(router, candidates, target)
             assert ranks == [["r1"]]
             router.on_request_routed(pr, ReplicaID("r1", DEPLOYMENT), FakeResult())
-            assert target.routed_to == "r1"
         assert [router._load(r) for r in candidates] == [0, 0]
+
+    asyncio.run(main())
+
+
+def test_the_router_serve_unpickles_in_another_process_routes_the_callers_calls(tmp_path) -> None:
+    """Serve pickles the router's module by value (RequestRouterConfig), so where the router is unpickled in another
+    process than the one that deployed it (an ingress replica under `serve run`), its ReplicaRequest and Target are
+    copies of the classes the caller builds calls from: it must still honour a Target and write its choice."""
+    from ray import cloudpickle
+
+    # Pickled in a subprocess: cloudpickle gives a class pickled in this process back as the class itself.
+    script = (
+        "import sys\n"
+        "from ray.serve.config import RequestRouterConfig\n"
+        "config = RequestRouterConfig(request_router_class='linrec.server.ray_router.AffinityRouter')\n"
+        "sys.stdout.write(config.get_serialized_request_router_cls().hex())\n"
+    )
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    copied = cloudpickle.loads(bytes.fromhex(out.stdout))
+    assert copied is not AffinityRouter and copied.__qualname__ == AffinityRouter.__qualname__
+    router = copied(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state()
+
+    async def main() -> None:
+        candidates = replicas((), ())
+        for replica_id in ("r0", "r1"):
+            _, ranks = await choose(router, candidates, Target(replica_id))
+            assert ranks == [[replica_id]]
+        call = request([4] * 32)
+        pr, ranks = await choose(router, candidates, call)
+        assert call.reason_on(ranks[0][0]) == "least_loaded"
+        router.on_request_routed(pr, ReplicaID(ranks[0][0], DEPLOYMENT), FakeResult())
+        assert await route(router, candidates, request([4] * 32 + [5])) == (ranks[0][0], "prefix")
 
     asyncio.run(main())
 
@@ -244,7 +275,7 @@ def test_power_of_two_offers_two_random_replicas() -> None:
             assert len(ranks) == 1 and len(set(ranks[0])) == 2
             seen.update(ranks[0])
             router.on_request_routed(pr, ReplicaID(ranks[0][1], DEPLOYMENT), FakeResult())
-            assert call.reason == "power_of_two"  # whichever of the two Serve took
+            assert call.reason_on(ranks[0][1]) == "power_of_two"  # whichever of the two Serve took
         assert seen == {"r0", "r1", "r2"}
 
     asyncio.run(main())
@@ -264,7 +295,7 @@ def test_a_request_chosen_twice_keeps_its_first_choice_and_every_choice_backs_of
         assert [r.replica_id.unique_id for r in again[0]] == first[0]
         assert sum(router._load(r) for r in candidates) == 1
         router.on_request_routed(pr, ReplicaID(first[0][0], DEPLOYMENT), FakeResult())
-        assert call.reason == "least_loaded"  # not "prefix": its own prompt, entered at the first choice
+        assert call.reason_on(first[0][0]) == "least_loaded"  # not "prefix": its own prompt, entered at first choice
 
     asyncio.run(main())
 
