@@ -70,7 +70,7 @@ class EagerReplayGraphs(DecodeGraphs):
                 self._graphs[size, with_lora] = _EagerGraph(self, size, with_lora)
 
 
-FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2"]
+FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2", "lolcats_llama"]
 
 
 class CaptureSafetyMode(TorchDispatchMode):

@@ -17,7 +17,7 @@ from linrec.engine.llm import LLM
 from linrec.engine.sampling_params import SamplingParams
 from linrec.kernels.toolchain import CompileWatch
 
-FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2"]
+FAMILIES = ["liger_gla", "gla", "gated_deltanet", "mamba2", "lolcats_llama"]
 PROMPTS = [[5, 77, 190, 3, 41], [200, 13, 8, 99, 150, 7, 64, 32, 1], [88, 120]]
 
 
