@@ -552,19 +552,21 @@ def test_mamba2_matches_peft_on_transformers(tmp_path: Path, monkeypatch: pytest
     assert diff < ATOL, f"PEFT's unmerged Mamba2 differs from its merge by {diff:.2e}: a LoRA did not run"
 
 
-FLA_TARGETS = {
+# Families whose every projection PEFT wraps on linrec's own model (no transformers class to wrap instead).
+PEFT_TARGETS = {
+    "lolcats_llama": ["q_proj", "k_proj", "v_proj", "o_proj", *MLP],
     "gla": ["q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.0", "gk_proj.1", "o_proj", *MLP],
     "gated_deltanet": ["q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj", *MLP],
 }
 
 
-@pytest.mark.parametrize("family", sorted(FLA_TARGETS))
+@pytest.mark.parametrize("family", sorted(PEFT_TARGETS))
 def test_fla_families_match_peft_unmerged_and_merged(demo_model_dir, family: str, tmp_path: Path):
-    """fla GLA / Gated DeltaNet with a LoRA on every projection, the recurrent ones (gates, decays, betas)
+    """fla GLA / Gated DeltaNet / LoLCATs with a LoRA on every projection, the recurrent ones (gates, decays, betas)
     included: PEFT wrapping linrec's model, unmerged == per request == merged at load."""
     model_dir, adapter_dir = demo_model_dir(family), tmp_path / "adapter"
     peft_model = peft_adapter(
-        load_model(model_dir, **CPU), adapter_dir, 9, r=4, lora_alpha=8, target_modules=FLA_TARGETS[family]
+        load_model(model_dir, **CPU), adapter_dir, 9, r=4, lora_alpha=8, target_modules=PEFT_TARGETS[family]
     )
     adapted = {name.removesuffix(".weight") for name in read_lora_adapter(adapter_dir).deltas}
     assert adapted == set(load_model(model_dir, **CPU).projections()), "every projection carries a LoRA"

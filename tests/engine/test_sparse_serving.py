@@ -346,6 +346,32 @@ def test_mamba2_shira_equals_peft_unmerged_and_merged(tmp_path: Path):
     assert lp_diff < ATOL and merged_diff < ATOL
 
 
+def test_lolcats_shira_equals_peft_unmerged(demo_model_dir, tmp_path: Path):
+    """PEFT SHiRA wrapping linrec's own LoLCATs model (no transformers class has its attention): served per request
+    == PEFT's unmerged forward, a greedy loop over full forwards."""
+    model_dir, adapter_dir = demo_model_dir("lolcats_llama"), tmp_path / "adapter"
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    peft_model = shira_adapter(load_model(model_dir, **CPU), adapter_dir, 4, r=2, target_modules=targets)
+
+    @torch.no_grad()
+    def peft_logits(ids: list[int]) -> torch.Tensor:
+        model = peft_model.base_model.model
+        return model.compute_logits(
+            peft_model(torch.tensor(ids), ForwardBatch.build([len(ids)]), model.allocate_state(2))
+        )
+
+    llm = LLM(model_dir, max_loras=1, **ADAPTERS, **CPU)
+    outs = first(llm.generate(PROMPTS, greedy(logprobs=20), lora_request=LoRARequest("l", 1, str(adapter_dir))))
+    base = tokens(llm.generate(PROMPTS, greedy()))
+    lp_diff = 0.0
+    for ours, prompt, before in zip(outs, PROMPTS, base):
+        want, logits = full_forward_greedy(peft_logits, prompt)
+        assert ours.token_ids == want != before
+        lp_diff = max(lp_diff, logprobs_vs_logits(ours, logits))
+    print(f"lolcats_llama SHiRA: vs PEFT unmerged max |logprob diff| {lp_diff:.2e}")
+    assert lp_diff < ATOL
+
+
 # --------------------------------------------------------------------- mixed steps in one engine
 
 
