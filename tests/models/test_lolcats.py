@@ -362,9 +362,22 @@ def test_cli_convert_and_its_errors(tmp_path, release, capsys):
     assert linrec_main(["convert", "--to", "lolcats", str(root / "base"), str(tmp_path / "x")]) != 0
     assert linrec_main(["convert", "--to", "liger-gla", "--lolcats-weights", "a.pt", str(root / "base"),
                         str(tmp_path / "y")]) != 0  # fmt: skip
+    bad_alpha = ["convert", "--to", "lolcats", "--lolcats-weights", str(root / "finetune.pt"), "--lolcats-weights",
+                 str(root / "distill.pt"), "--lora-alpha", "-1", str(root / "base"), str(tmp_path / "z")]  # fmt: skip
+    assert linrec_main(bad_alpha) != 0 and not (tmp_path / "z").exists()
     err = capsys.readouterr().err
-    assert "needs --lolcats-weights" in err and "go with --to lolcats" in err
+    assert "needs --lolcats-weights" in err and "go with --to lolcats" in err and "expected lora_alpha > 0" in err
     assert "Traceback" not in err
+
+
+def test_a_base_other_than_llama_or_mistral_is_refused(tmp_path, release):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(
+        ValueError, match=r"expected a LoLCATs base of model_type in \('llama', 'mistral'\), got 'qwen2'"
+    ):
+        convert_lolcats(tmp_path / "qwen2", tmp_path / "out", [release[0] / "distill.pt"])
 
 
 def test_a_config_pointing_outside_its_directory_is_refused(tmp_path, release):
