@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from linrec.models.loader import INDEX_FILE, check_model_dir, checkpoint_files, linearize_config, read_hf_config
@@ -37,14 +38,24 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "liger-gla") 
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if (src / INDEX_FILE).is_file():
             shutil.copy2(src / INDEX_FILE, staging / INDEX_FILE)
-        for file in files:
-            target = staging / file.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file, target)
-        for name in _EXTRA_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, staging / name)
+        copy_base_files(src, staging, files)
 
+    return write_new_dir(dst, write)
+
+
+def copy_base_files(src: Path, staging: Path, files: list[Path]) -> None:
+    """Copy `src`'s weight files (at their paths relative to it), its tokenizer and generation config."""
+    for file in files:
+        target = staging / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
+    for name in _EXTRA_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, staging / name)
+
+
+def write_new_dir(dst: Path, write: Callable[[Path], object]) -> Path:
+    """write_dir_atomically, with the one-line refusal when another process wrote `dst` meanwhile."""
     if not write_dir_atomically(dst, write):
         raise FileExistsError(f"destination {str(dst)!r} was written by another process meanwhile; not overwriting it")
     return dst

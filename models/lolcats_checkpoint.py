@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from linrec.models.convert import copy_base_files, write_new_dir
 from linrec.models.loader import INDEX_FILE, check_model_dir, checkpoint_files, checkpoint_tensor_names, read_hf_config
-from linrec.models.staging import write_dir_atomically
-from linrec.models.tokenizer import TOKENIZER_FILES
 
 LOLCATS_WEIGHTS_FILE = "lolcats.safetensors"
 LOLCATS_LORA_DIR = "lolcats_lora"
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 WINDOW_SIZE = 64  # the released attention's window (`window_size: 64` in every released config)
-_EXTRA_FILES = ("generation_config.json", *TOKENIZER_FILES)
 _KEY = re.compile(
     r"(?:.*\.)?layers\.(\d+)\.self_attn\."
     r"(?:(feature_map_[qk])\.mlp\.layer|(window_factors)|([qkvo]_proj)\.(lora_[AB])(?:\.default)?\.weight)"
@@ -208,13 +205,8 @@ def convert_lolcats(
 
     def write(staging: Path) -> None:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        weight_map: dict[str, str] = {}
-        for file in files:
-            target = staging / file.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file, target)
-            for name in checkpoint_tensor_names([file]):
-                weight_map[name] = str(file.relative_to(src))
+        copy_base_files(src, staging, files)
+        weight_map = {name: str(file.relative_to(src)) for file in files for name in checkpoint_tensor_names([file])}
         tensors = {name: t.detach().contiguous().clone() for name, t in weights.feature_maps.items()}
         save_file(tensors, str(staging / LOLCATS_WEIGHTS_FILE), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, LOLCATS_WEIGHTS_FILE))
@@ -239,10 +231,5 @@ def convert_lolcats(
                 "bias": "none",
             }
             (lora_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-        for name in _EXTRA_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, staging / name)
 
-    if not write_dir_atomically(dst, write):
-        raise FileExistsError(f"destination {str(dst)!r} was written by another process meanwhile; not overwriting it")
-    return dst
+    return write_new_dir(dst, write)
