@@ -1,8 +1,8 @@
 """`linrec bench kernels`: each decode kernel against its physical limit and its peers.
 
 Each decode kernel (gated delta rule, Mamba2 SSD, GLA with one state per head and with one state per KV
-head, Liger's window ring, the fused Liger step, the short-conv update, and the LoRA add-on of a batch
-mixing adapters) at batch 1/8/64/256 on a 1.3B-class
+head, Liger's window ring, the fused Liger step, the LoLCATs step, the short-conv update, and the LoRA add-on
+of a batch mixing adapters) at batch 1/8/64/256 on a 1.3B-class
 layer shape (KERNEL_SHAPES), timed beside its peers in one run. A decode step is memory bound: it reads and
 writes every state it advances (recurrent state, ring, conv state) and reads its inputs once, so the figure
 of merit is the achieved bandwidth (bytes moved / time) as a share of the device's measured copy bandwidth
@@ -48,6 +48,8 @@ from linrec.bench.common import DEFAULT_BATCH_SIZES, NOTE_CPU, NOTE_GPU, check_b
 #   window           Liger's 64-key ring on Llama-3.2-1B's heads
 #   liger_step       the fused Liger step (ring + GLA + mix) on Llama-3.2-1B's heads, and liger_step_d128 on
 #                    Llama-3-8B's (32/8 heads of 128), where the fused kernel's register tiles are largest
+#   lolcats_step     the LoLCATs step (ring + Hedgehog linear attention, one normaliser: kernels/lolcats) on
+#                    Llama-3-8B's heads (32/8 of 128) with the released feature maps (F = 64) and window (64)
 #   short_conv       Mamba2-1.3B's conv1d update (conv_dim 4096 + 2 * 128 = 4352 channels, kernel 4)
 #   lora             the LoRA add-on of one decode step on Llama-3.2-1B's q_proj (2048 -> 2048), rank 16, with S
 #                    adapter slots and the batch's tokens spread round-robin over them (min(batch, S) in use)
@@ -60,6 +62,7 @@ KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
         "window": {"H": 32, "Hk": 8, "D": 64, "W": 64},
         "liger_step": {"H": 32, "Hk": 8, "D": 64, "W": 64},
         "liger_step_d128": {"H": 32, "Hk": 8, "D": 128, "W": 64},
+        "lolcats_step": {"H": 32, "Hk": 8, "D": 128, "F": 64, "W": 64},
         "short_conv": {"D": 4352, "W": 4},
         "lora": {"IN": 2048, "OUT": 2048, "R": 16, "S": 16},
     },
@@ -71,6 +74,7 @@ KERNEL_SHAPES: dict[str, dict[str, dict[str, int]]] = {
         "window": {"H": 4, "Hk": 2, "D": 16, "W": 8},
         "liger_step": {"H": 4, "Hk": 2, "D": 16, "W": 8},
         "liger_step_d128": {"H": 4, "Hk": 2, "D": 32, "W": 8},
+        "lolcats_step": {"H": 4, "Hk": 2, "D": 16, "F": 8, "W": 8},
         "short_conv": {"D": 48, "W": 4},
         "lora": {"IN": 40, "OUT": 24, "R": 8, "S": 3},
     },
@@ -541,6 +545,41 @@ def _liger_step_cases(shape: dict[str, int], batch: int, device, run_triton: boo
     return KernelCases(cases, state_bytes + ring_bytes + input_bytes + output_bytes, (state, ring_k, ring_v))
 
 
+def _lolcats_step_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
+    """One LoLCATs attention step: the leaving key into the per-query-head linear state, ring write, window +
+    linear attention under one normaliser (the Triton kernel in place against the torch step's gather/scatter)."""
+    import torch
+
+    from linrec.kernels.lolcats import hedgehog_features
+    from linrec.kernels.lolcats.decode import lolcats_decode
+    from linrec.kernels.lolcats.step import lolcats_step
+
+    H, D, F = shape["H"], shape["D"], shape["F"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    # positions past the first lap: a key leaves the window at every step, so the linear state is written
+    q, k, v, ring_k, ring_v, positions, slots, ring_bytes = _ring_inputs(shape, batch, device, gen)
+    # the model's tensors: feature maps in the model dtype, phi_q and gamma in fp32
+    q_weight = (torch.randn(H, D, F, device=device, generator=gen) * D**-0.5).to(q.dtype)
+    k_weight = (torch.randn(H, D, F, device=device, generator=gen) * D**-0.5).to(q.dtype)
+    phi_q = hedgehog_features(q, q_weight, 1e-12)
+    gamma = torch.sigmoid(torch.randn(H, device=device, generator=gen))
+    # states as after a few hundred tokens: S = sum phi v, z = sum phi (each phi half sums to 1)
+    linear = torch.randn(batch + 1, H, 2 * F, D, device=device, generator=gen)
+    normalizer = torch.rand(batch + 1, H, 2 * F, device=device, generator=gen) * 256 / F
+    scale = D**-0.5
+    state_bytes = 2 * batch * H * 2 * F * (D + 1) * 4  # linear and normalizer read + written, fp32
+    input_bytes = (q.numel() + k.numel() + v.numel() + k_weight.numel()) * q.element_size()
+    input_bytes += (phi_q.numel() + gamma.numel()) * 4
+    output_bytes = q.numel() * 4
+    args = (q, phi_q, k, v, k_weight, gamma, linear, normalizer, ring_k, ring_v, slots, positions, scale, 1e-12)
+    cases = []
+    if run_triton:
+        cases.append(("linrec triton (in place)", lambda: lolcats_decode(*args)))
+    cases.append(("linrec torch (gather/scatter)", lambda: lolcats_step(*args)))
+    num_bytes = state_bytes + ring_bytes + input_bytes + output_bytes
+    return KernelCases(cases, num_bytes, (linear, normalizer, ring_k, ring_v))
+
+
 def _short_conv_cases(shape: dict[str, int], batch: int, device, run_triton: bool):
     import torch
 
@@ -617,6 +656,8 @@ def _kernel_cases(
         return _window_cases(shape, batch, device, run_triton)
     if kernel in ("liger_step", "liger_step_d128"):
         return _liger_step_cases(shape, batch, device, run_triton, run_fla)
+    if kernel == "lolcats_step":
+        return _lolcats_step_cases(shape, batch, device, run_triton)
     if kernel == "short_conv":
         return _short_conv_cases(shape, batch, device, run_triton)
     if kernel == "lora":

@@ -607,10 +607,11 @@ def _add_kernels(kinds) -> None:
         "kernels",
         help="decode kernels: time and achieved bandwidth vs measured copy bandwidth, beside their peers",
         description="Each decode kernel (gated delta rule, Mamba2 SSD, GLA with per-head and grouped states, "
-        "Liger's window ring, the fused Liger step, the short-conv update) on a 1.3B-class layer shape at each batch "
-        "size: time per step, bytes moved (states and rings read + written, inputs, outputs) and the achieved "
-        "bandwidth as a share of a large tensor copy's, beside linrec's torch path, fla-core's fused_recurrent "
-        "(CUDA) and transformers' torch step, each with the gather/scatter of states the in-place kernel avoids.",
+        "Liger's window ring, the fused Liger step, the LoLCATs step, the short-conv update) on a 1.3B-class layer "
+        "shape at each batch size: time per step, bytes moved (states and rings read + written, inputs, outputs) "
+        "and the achieved bandwidth as a share of a large tensor copy's, beside linrec's torch path, fla-core's "
+        "fused_recurrent (CUDA) and transformers' torch step, each with the gather/scatter of states the in-place "
+        "kernel avoids.",
     )
     kernels.add_argument("--size", default="1.3b", choices=SIZES, help="small: a tiny CPU smoke test")
     kernels.add_argument("--batch-sizes", dest="batch_sizes", default=None, help="comma-separated (1,8,64,256)")

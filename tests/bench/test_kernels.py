@@ -74,6 +74,13 @@ def test_bench_kernels_small_cpu_json(capsys):
         assert window == ring + inputs + batch * s["H"] * s["D"] * fp32
         (liger,) = bytes_of("liger_step", batch)
         assert liger > window + 2 * batch * s["Hk"] * s["D"] * s["D"] * fp32  # the ring and the GLA state
+        (lolcats,) = bytes_of("lolcats_step", batch)
+        s = shapes["lolcats_step"]
+        H, Hk, D, F, W = s["H"], s["Hk"], s["D"], s["F"], s["W"]
+        states = 2 * batch * H * 2 * F * (D + 1) * fp32  # linear [2F, D] + normaliser [2F] per query head
+        ring = 2 * batch * (W + 1) * Hk * D * fp32 + batch * 16
+        inputs = (batch * (H + 2 * Hk) * D + H * D * F + batch * H * 2 * F + H) * fp32  # q k v, W_k, phi_q, gamma
+        assert lolcats == states + ring + inputs + batch * H * D * fp32
         (conv,) = bytes_of("short_conv", batch)
         s = shapes["short_conv"]
         state = 2 * batch * s["D"] * (s["W"] - 1) * fp32
