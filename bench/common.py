@@ -15,26 +15,35 @@ from pathlib import Path
 from typing import Any
 
 # Bench-sized seeded random checkpoints (`--family` without `--model`): a few layers, hidden 512, GQA.
-BENCH_FAMILIES = ("liger_gla", "mamba2")
+BENCH_FAMILIES = ("liger_gla", "mamba2", "lolcats_llama")
 BENCH_FORMAT_VERSION = 1
 BENCH_SEED = 0
 BENCH_VOCAB_SIZE = 32000
+# The Llama of the liger_gla and lolcats_llama bench models (the same weights' shape: their ratios compare).
+_BENCH_LLAMA: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
 BENCH_CONFIGS: dict[str, dict[str, Any]] = {
     # Written as a plain Llama: linrec loads it with linearize="liger-gla", HF as LlamaForCausalLM.
-    "liger_gla": {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 512,
-        "intermediate_size": 1408,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
+    "liger_gla": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **_BENCH_LLAMA},
+    # That Llama with the released LoLCATs attention's window (64) and feature maps (F = 64 on 64-dim heads,
+    # as the released 8B models have on 128-dim ones), written by linrec's own class (LINREC_WRITTEN).
+    "lolcats_llama": {
+        "model_type": "lolcats_llama",
+        "architectures": ["LolcatsLlamaForCausalLM"],
+        **_BENCH_LLAMA,
+        "window_size": 64,
+        "feature_dim": 64,
     },
     "mamba2": {
         "model_type": "mamba2",
@@ -62,6 +71,16 @@ BENCH_CONFIGS: dict[str, dict[str, Any]] = {
 LINEARIZABLE = ("llama", "qwen2", "mistral")
 # Liger model_type -> the base transformer whose weights it keeps (the HF peer)
 LIGER_BASE = {"liger_gla": "llama", "liger_qwen2_gla": "qwen2", "liger_mistral_gla": "mistral"}
+# LoLCATs (models/lolcats.py): its base is config.json's lolcats_base_model_type (llama when absent); the config
+# keys it adds to the base's, and the per-layer tensors the base has no place for, are dropped for the HF peer.
+LOLCATS = "lolcats_llama"
+LOLCATS_CONFIG_KEYS = ("window_size", "feature_dim", "feature_map_eps", "lolcats_base_model_type", "lolcats_lora")
+LOLCATS_TENSORS = (".self_attn.feature_map_q.", ".self_attn.feature_map_k.", ".self_attn.window_factors")
+# Bench families transformers has no class for: linrec's own class writes them (models/demo.py), in the names
+# of their released checkpoints.
+LINREC_WRITTEN = (LOLCATS,)
+# The model_types with an HF transformers peer (hf_peer)
+HF_PEER_MODEL_TYPES = (*LINEARIZABLE, *LIGER_BASE, LOLCATS, "mamba2")
 
 
 # `linrec bench kernels` and `bench decode`: 1.3B-class shapes, or tiny ones for a CPU smoke test.
@@ -109,20 +128,25 @@ class Workload:
         return sum(self.output_lens)
 
 
-def cached_bench_model(name: str, family: str, overrides: dict[str, Any] | None = None) -> Path:
-    """The checkpoint write_bench_model(family, overrides) writes, kept as `name` under linrec's cache dir:
+def cached_bench_model(name: str, family: str, overrides: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
+    """The checkpoint write_bench_model(family, overrides, dtype) writes, kept as `name` under linrec's cache dir:
     written once, atomically (models/staging.py), and reused by every later run."""
     from linrec.envs import cache_dir
     from linrec.models.staging import cached_dir
 
     if family not in BENCH_FAMILIES:
         raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
-    return cached_dir(cache_dir() / "models" / name, lambda staging: write_bench_model(staging, family, overrides))
+    return cached_dir(
+        cache_dir() / "models" / name, lambda staging: write_bench_model(staging, family, overrides, dtype)
+    )
 
 
-def write_bench_model(dst: str | Path, family: str = "liger_gla", overrides: dict[str, Any] | None = None) -> Path:
-    """Write a seeded random transformers checkpoint (Llama for liger_gla, Mamba2 for mamba2) with the
-    byte-level tokenizer; `overrides` changes config fields (tests use it for a tiny model)."""
+def write_bench_model(
+    dst: str | Path, family: str = "liger_gla", overrides: dict[str, Any] | None = None, dtype: str = "float32"
+) -> Path:
+    """Write a seeded random checkpoint (a transformers Llama for liger_gla, Mamba2 for mamba2; linrec's own
+    class for LINREC_WRITTEN families) with the byte-level tokenizer, in `dtype` (float32 | bfloat16);
+    `overrides` changes config fields (tests use it for a tiny model)."""
     import torch
     import transformers
 
@@ -130,38 +154,87 @@ def write_bench_model(dst: str | Path, family: str = "liger_gla", overrides: dic
 
     if family not in BENCH_FAMILIES:
         raise ValueError(f"expected a bench family in {BENCH_FAMILIES}, got {family!r}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"expected dtype float32 or bfloat16, got {dtype!r}")
     fields = {**BENCH_CONFIGS[family], "vocab_size": BENCH_VOCAB_SIZE, **demo_special_token_ids()}
     fields.update(overrides or {})
+    if family in LINREC_WRITTEN:
+        from linrec.models.demo import write_seeded_model
+
+        return write_seeded_model(dst, family, fields, vocab_size=fields["vocab_size"], dtype=dtype, seed=BENCH_SEED)
     model_type = fields.pop("model_type")
     fields.pop("architectures")
     config = transformers.AutoConfig.for_model(model_type, **fields)
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(BENCH_SEED)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     dst = Path(dst)
     model.save_pretrained(dst)
     write_byte_tokenizer(dst)
     return dst
 
 
+def base_model_type(hf_config: dict[str, Any]) -> str | None:
+    """The base transformer whose weights a Liger or LoLCATs checkpoint keeps (its HF peer); None for others."""
+    model_type = hf_config.get("model_type")
+    if model_type == LOLCATS:
+        return hf_config.get("lolcats_base_model_type") or "llama"
+    return LIGER_BASE.get(model_type)
+
+
+def is_lolcats_tensor(name: str) -> bool:
+    """Whether checkpoint tensor `name` is a LoLCATs feature map or window factor (no base transformer has it)."""
+    return any(part in name for part in LOLCATS_TENSORS)
+
+
 def hf_peer(path: Path, hf_config: dict[str, Any], dtype, device):
-    """The transformers model a user would run instead: the base transformer of a Liger or linearized
-    checkpoint, or Mamba2ForCausalLM for mamba2."""
+    """The transformers model a user would run instead: the base transformer of a Liger, LoLCATs or
+    linearized checkpoint, or Mamba2ForCausalLM for mamba2.
+
+    A LoLCATs checkpoint's base is read by name with linrec's readers, without its feature maps and window
+    factors, and must fill the base model exactly; its own LoRA (lolcats_lora) is not merged: the base is the
+    original transformer, what a user runs instead of linearizing."""
     import transformers
 
     model_type = hf_config.get("model_type")
-    if model_type in LIGER_BASE:
-        fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures", "window_size")}
-        config = transformers.AutoConfig.for_model(LIGER_BASE[model_type], **fields)
+    base = base_model_type(hf_config)
+    if base is not None:
+        dropped = {"model_type", "architectures", "window_size", *LOLCATS_CONFIG_KEYS}
+        fields = {k: v for k, v in hf_config.items() if k not in dropped}
+        config = transformers.AutoConfig.for_model(base, **fields)
+        if model_type == LOLCATS:
+            return _base_from_checkpoint(path, config, dtype).to(device).eval()
     elif model_type in (*LINEARIZABLE, "mamba2"):
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     else:
         raise ValueError(
-            f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger or "
-            "mamba2 checkpoint"
+            f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger, "
+            "LoLCATs or mamba2 checkpoint"
         )
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
     return model.to(device).eval()
+
+
+def _base_from_checkpoint(path: Path, config, dtype):
+    """The transformers class of `config` holding every tensor of the checkpoint at `path` but the LoLCATs
+    ones (read with linrec's readers: any index or shard layout linrec loads). A missing or unexpected tensor
+    is an error: a peer with random weights in their place would time a different model."""
+    import transformers
+
+    from linrec.models.loader import checkpoint_files, iter_checkpoint_tensors
+
+    state = {n: t for n, t in iter_checkpoint_tensors(checkpoint_files(path)) if not is_lolcats_tensor(n)}
+    model_cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model, info = model_cls.from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, output_loading_info=True
+    )
+    missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise ValueError(
+            f"expected {model_cls.__name__} to take every base tensor of {str(path)!r}, got missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model
 
 
 def run_linrec(llm, workload: Workload) -> tuple[float, float, list[list[int]]]:

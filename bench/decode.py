@@ -1,7 +1,7 @@
 """`linrec bench decode`: end-to-end decode tokens/s of linrec's engine against the HF `generate` users run.
 
 At batch 1/8/64/256 on a 1.3B-class random model, against `generate` on the same weights: transformers'
-for Liger-GLA (the ORIGINAL Llama with its KV cache) and Mamba2; flash-linear-attention's own HF model
+for Liger-GLA and LoLCATs (the ORIGINAL Llama with its KV cache) and Mamba2; flash-linear-attention's own HF model
 classes (`fla.models` GLAForCausalLM, GatedDeltaNetForCausalLM: the full `flash-linear-attention` package,
 which fla-core alone does not ship) for GLA and Gated DeltaNet. Without fla.models those peer rows are
 None and `peer_note` says why. Decode alone is isolated by difference: a run generating 1 + n tokens minus
@@ -26,6 +26,7 @@ from linrec.bench.common import (
     BENCH_VOCAB_SIZE,
     DEFAULT_BATCH_SIZES,
     LINEARIZABLE,
+    LINREC_WRITTEN,
     NOTE_CPU,
     NOTE_GPU,
     Workload,
@@ -56,6 +57,18 @@ DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
             "num_key_value_heads": 4,
             "head_dim": 128,
         },
+        # the same Llama as LoLCATs with the released attention's window (64) and feature maps (F = 64 on
+        # 128-dim heads); peer: this Llama under HF generate
+        "lolcats_llama": {
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "window_size": 64,
+            "feature_dim": 64,
+        },
         # Mamba2-1.3B's shape
         "mamba2": {"hidden_size": 2048, "num_hidden_layers": 48, "num_heads": 64, "head_dim": 64, "state_size": 128},
         # fla's GLA-1.3B (4 heads: K=256, V=512; no short conv) and Gated DeltaNet-1.3B (6 heads: K=256, V=512)
@@ -85,6 +98,18 @@ DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": 16,
+            "vocab_size": 300,
+        },
+        # window 8: a 16-token prompt already moves keys into the linear state
+        "lolcats_llama": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "window_size": 8,
+            "feature_dim": 8,
             "vocab_size": 300,
         },
         "mamba2": {
@@ -118,7 +143,8 @@ def decode_model_path(family: str, size: str) -> Path:
         return cached_dir(
             cache_dir() / "models" / name, lambda staging: write_fla_bench_model(staging, family, overrides)
         )
-    return cached_bench_model(name, family, overrides)
+    # linrec's own writer saves in bf16, as for the fla families: a 1.3B model writes in half the time
+    return cached_bench_model(name, family, overrides, "bfloat16" if family in LINREC_WRITTEN else "float32")
 
 
 def write_fla_bench_model(dst: str | Path, family: str, overrides: dict[str, Any] | None = None) -> Path:
@@ -285,7 +311,7 @@ def run_decode(
     and prefill tokens/s of prefill_batch prompts of prefill_len tokens (default 8 x 512; small: 2 x 32).
     progress, when given, gets a line per figure as it is measured (a run cut short still shows those).
 
-    model: a Llama/Qwen2/Mistral/Liger/mamba2/gla/gated_deltanet checkpoint directory; None writes (once)
+    model: a Llama/Qwen2/Mistral/Liger/LoLCATs/mamba2/gla/gated_deltanet checkpoint directory; None writes (once)
     the random model of `family` at `size`. dtype auto is bfloat16 on CUDA and float32 on the CPU.
     """
     import random

@@ -3,9 +3,10 @@
 Both sides run in this process on the same weights and dtype, one after the other, each warmed up first.
 The workload is many prompts with prompt and output lengths drawn from a seeded RNG, greedy, EOS ignored.
 
-Peers: a Llama/Qwen2/Mistral checkpoint (linrec serves it linearized as Liger-GLA) or a Liger checkpoint
-is compared with the ORIGINAL transformer under HF generate with its KV cache, which is what a user would
-run instead of linearizing. A mamba2 checkpoint is compared with transformers' Mamba2ForCausalLM.
+Peers: a Llama/Qwen2/Mistral checkpoint (linrec serves it linearized as Liger-GLA), a Liger or a LoLCATs
+checkpoint is compared with the ORIGINAL transformer under HF generate with its KV cache, which is what a
+user would run instead of linearizing (for LoLCATs: its base Llama/Mistral weights, without the feature maps,
+window factors and LoRA). A mamba2 checkpoint is compared with transformers' Mamba2ForCausalLM.
 
 HF generate cannot stop rows of one batch at different lengths: each HF batch generates
 max_new_tokens = min_new_tokens = the longest output requested in it, and only the requested tokens count
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from linrec.bench.common import (
     BENCH_FORMAT_VERSION,
-    LIGER_BASE,
+    HF_PEER_MODEL_TYPES,
     LINEARIZABLE,
     Workload,
     cached_bench_model,
@@ -209,10 +210,10 @@ def _measure(
     path = Path(model) if model is not None else bench_model_path(family)
     hf_config = read_hf_config(path)
     model_type = hf_config.get("model_type")
-    if model_type not in (*LINEARIZABLE, *LIGER_BASE, "mamba2"):
+    if model_type not in HF_PEER_MODEL_TYPES:
         raise ValueError(
-            f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger or "
-            "mamba2 checkpoint"
+            f"no HF transformers peer for model_type {model_type!r}; expected a Llama/Qwen2/Mistral, Liger, "
+            "LoLCATs or mamba2 checkpoint"
         )
     linearize = "liger-gla" if model_type in LINEARIZABLE else None
     torch_dtype = resolve_dtype(dtype, hf_config)

@@ -56,8 +56,9 @@ def _add_throughput(kinds) -> None:
         "--model",
         default=None,
         metavar="DIR",
-        help="Llama/Qwen2/Mistral (served as Liger-GLA; peer: the original under HF generate), Liger or mamba2 "
-        "checkpoint (default: a seeded random bench model of --family, written once under the cache dir)",
+        help="Llama/Qwen2/Mistral (served as Liger-GLA; peer: the original under HF generate), Liger, LoLCATs "
+        "(peer: its base Llama/Mistral) or mamba2 checkpoint (default: a seeded random bench model of --family, "
+        "written once under the cache dir)",
     )
     throughput.add_argument("--family", default="liger_gla", choices=BENCH_FAMILIES, help="bench model without --model")
     add_config_args(
@@ -648,8 +649,8 @@ def _add_decode(kinds) -> None:
         "decode",
         help="end-to-end decode tokens/s vs HF transformers generate at batch 1, 8, 64, 256",
         description="A 1.3B-class seeded random model (no download) through linrec's engine and through HF "
-        "generate on the same weights and dtype (Liger-GLA: the original Llama with its KV cache). Decode is timed "
-        "by difference: a run of 1 + N output tokens minus a run of 1.",
+        "generate on the same weights and dtype (Liger-GLA and LoLCATs: the original Llama with its KV cache). "
+        "Decode is timed by difference: a run of 1 + N output tokens minus a run of 1.",
     )
     decode.add_argument("--model", default=None, metavar="DIR", help="a checkpoint instead of the random model")
     decode.add_argument("--family", default="liger_gla", choices=DECODE_FAMILIES, help="random model without --model")

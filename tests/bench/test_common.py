@@ -45,3 +45,35 @@ def test_cached_bench_model_refuses_unknown_families(tmp_path: Path, monkeypatch
     with pytest.raises(ValueError, match="expected a bench family"):
         cached_bench_model("bench-gla", "gla")
     assert not (tmp_path / "models" / "bench-gla").exists()
+
+
+def test_lolcats_peer_is_its_base_without_the_lolcats_tensors(tmp_path: Path):
+    """The HF peer of a lolcats_llama checkpoint: the base transformer of lolcats_base_model_type (llama when
+    absent) built from the config without the LoLCATs keys, holding the checkpoint's base tensors exactly;
+    a tensor it has no place for is an error, never a silently random peer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from linrec.bench.common import base_model_type, hf_peer, is_lolcats_tensor
+    from linrec.models.demo import write_demo_model
+    from linrec.models.loader import read_hf_config
+
+    path = write_demo_model(tmp_path / "lolcats", "lolcats_llama")
+    config = read_hf_config(path)
+    mistral = {**config, "lolcats_base_model_type": "mistral"}
+    assert base_model_type(config) == "llama" and base_model_type(mistral) == "mistral"
+    peer = hf_peer(path, config, torch.float32, torch.device("cpu"))
+    assert type(peer).__name__ == "LlamaForCausalLM" and not hasattr(peer.config, "feature_dim")
+    tensors = load_file(str(path / "model.safetensors"))
+    assert {n for n in tensors if is_lolcats_tensor(n)} == {
+        f"model.layers.{i}.self_attn.{part}"
+        for i in range(config["num_hidden_layers"])
+        for part in ("feature_map_q.mlp.layer", "feature_map_k.mlp.layer", "window_factors")
+    }
+    assert torch.equal(peer.model.layers[1].self_attn.k_proj.weight, tensors["model.layers.1.self_attn.k_proj.weight"])
+
+    assert type(hf_peer(path, mistral, torch.float32, torch.device("cpu"))).__name__ == "MistralForCausalLM"
+
+    save_file({**tensors, "model.layers.0.self_attn.extra": torch.zeros(2)}, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"take every base tensor .*unexpected \['model.layers.0.self_attn.extra'\]"):
+        hf_peer(path, config, torch.float32, torch.device("cpu"))

@@ -57,6 +57,24 @@ def test_bench_decode_reports_prefill_ratio(tmp_path, monkeypatch):
     assert result.prefill_ratio == pytest.approx(result.linrec_prefill_tokens_per_s / result.hf_prefill_tokens_per_s)
 
 
+def test_bench_decode_lolcats_small(tmp_path, monkeypatch):
+    """lolcats_llama's tiny decode model (window 8: the 16-token prompts already fill the linear state) beside
+    its base Llama under HF generate: both sides measured, prefill too."""
+    from linrec.bench.decode import decode_model_path, run_decode
+    from linrec.models.loader import read_hf_config
+
+    monkeypatch.setenv("LINREC_CACHE_DIR", str(tmp_path))
+    result = run_decode(family="lolcats_llama", size="small", device="cpu", batch_sizes=[1, 2], output_len=3, repeats=1)
+    assert result.family == "lolcats_llama" and result.hf_peer == "HF LlamaForCausalLM.generate"
+    assert result.peer_note == "" and [r.batch for r in result.rows] == [1, 2]
+    for r in result.rows:  # None only where CPU timing noise swallowed the (tiny) decode time
+        assert all(rate is None or rate > 0 for rate in (r.linrec_tokens_per_s, r.hf_tokens_per_s))
+    assert result.prefill_ratio == pytest.approx(result.linrec_prefill_tokens_per_s / result.hf_prefill_tokens_per_s)
+    config = read_hf_config(decode_model_path("lolcats_llama", "small"))  # the one just written, reused
+    assert (config["model_type"], config["window_size"], config["feature_dim"]) == ("lolcats_llama", 8, 8)
+    assert config["torch_dtype"] == "bfloat16"  # linrec's writer saves bf16, as for the fla families
+
+
 @pytest.mark.parametrize("family", ["gla", "gated_deltanet"])
 def test_fla_models_take_every_tensor_of_the_bench_checkpoint(family, tmp_path):
     """fla's own model class loads linrec's written checkpoint with no missing or unexpected tensor (the peer
@@ -74,4 +92,4 @@ def test_fla_models_take_every_tensor_of_the_bench_checkpoint(family, tmp_path):
 def test_decode_module_main_takes_every_family():
     from linrec.bench.decode import DECODE_FAMILIES
 
-    assert set(DECODE_FAMILIES) == {"liger_gla", "mamba2", "gla", "gated_deltanet"}
+    assert set(DECODE_FAMILIES) == {"liger_gla", "mamba2", "gla", "gated_deltanet", "lolcats_llama"}

@@ -1,5 +1,6 @@
 """`linrec bench throughput` on a tiny workload: result structure, useful-token accounting, the CLI, and
-token equality with transformers' Mamba2ForCausalLM (the mamba2 peer computes the same function)."""
+token equality with transformers' Mamba2ForCausalLM (the mamba2 peer computes the same function) and with
+LoLCATs' base Llama while every key is inside the window."""
 
 from __future__ import annotations
 
@@ -70,6 +71,28 @@ def test_mamba2_peer_generates_the_same_greedy_tokens(tiny_model):
     assert result.hf.name == "HF Mamba2ForCausalLM.generate"
     assert result.linrec.token_ids == result.hf.token_ids
     print("mamba2 greedy tokens equal to HF on", len(result.hf.token_ids), "requests")
+
+
+def test_lolcats_vs_its_base_llama(tiny_model):
+    """lolcats_llama (window 8: keys leave the window in every request here) beside its base Llama under HF
+    generate: both sides generate and count the same requested tokens."""
+    result = run_throughput(tiny_model("lolcats_llama"), hf_batch_size=2, warmup=False, keep_token_ids=True, **SMALL)
+    workload = make_workload(5, (3, 9), (2, 7), vocab_size=300)
+    assert result.linrec.name == "linrec lolcats_llama" and result.hf.name == "HF LlamaForCausalLM.generate"
+    for side in (result.linrec, result.hf):
+        assert [len(ids) for ids in side.token_ids] == workload.output_lens and side.seconds > 0
+    assert result.output_ratio > 0 and result.cpu_ratio > 0
+    assert "linrec lolcats_llama" in result.format()
+
+
+def test_lolcats_peer_is_the_base_on_the_same_weights(tmp_path):
+    """While no key has left its window LoLCATs' attention is the base's softmax attention: with a window longer
+    than every request, linrec's greedy tokens equal the peer's (batch 1: no padding), which shows that the
+    peer holds the checkpoint's base weights and nothing else."""
+    path = write_bench_model(tmp_path / "lolcats", "lolcats_llama", {**TINY["lolcats_llama"], "window_size": 64})
+    result = run_throughput(str(path), hf_batch_size=1, warmup=False, keep_token_ids=True, **SMALL)
+    assert result.hf.name == "HF LlamaForCausalLM.generate"
+    assert result.linrec.token_ids == result.hf.token_ids
 
 
 def test_cli_json(tiny_model, capsys):
