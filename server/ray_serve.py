@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import math
@@ -565,8 +566,12 @@ class RayEngineClient:
             raise self._engine_error(exc, target.replica_id, method) from None
 
     def _remote(self, method: str, *args: Any, stream: bool = False) -> Any:
+        """handle.method.remote(*args) as a Serve request of its own, made in an empty context. In an ingress replica
+        the context holds the HTTP request being served, and Serve would give every call made for it that request's
+        internal id, by which its router matches a chosen replica to a waiting call: the calls of one HTTP request
+        (a prompt list, n > 1) would take each other's replicas, and one of them would wait forever."""
         handle = self._stream if stream else self._handle
-        return getattr(handle, method).remote(*args)
+        return contextvars.Context().run(getattr(handle, method).remote, *args)
 
     @staticmethod
     def _engine_error(exc: BaseException, replica_id: str | None, what: str) -> BaseException:
