@@ -45,30 +45,33 @@ DECODE_FORMAT_VERSION = 1
 FLA_FAMILIES = ("gla", "gated_deltanet")
 DECODE_FAMILIES = (*BENCH_FAMILIES, *FLA_FAMILIES)
 
+# The Llama shapes that Liger-GLA and LoLCATs are built on (LoLCATs adds its window and feature dimension)
+_LLAMA_1B3: dict[str, Any] = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+}
+_LLAMA_SMALL: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 300,
+}
+
 # Model overrides of the bench configs (bench/common.py): 1.3B-class (random weights, written once) and tiny.
 DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "1.3b": {
         # ~1.2B parameters: Llama shape with GQA (served as Liger-GLA, peer: this Llama under HF generate)
-        "liger_gla": {
-            "hidden_size": 2048,
-            "intermediate_size": 5632,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "head_dim": 128,
-        },
+        "liger_gla": _LLAMA_1B3,
         # the same Llama as LoLCATs with the released attention's window (64) and feature maps (F = 64 on
         # 128-dim heads); peer: this Llama under HF generate
-        "lolcats_llama": {
-            "hidden_size": 2048,
-            "intermediate_size": 5632,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "head_dim": 128,
-            "window_size": 64,
-            "feature_dim": 64,
-        },
+        "lolcats_llama": {**_LLAMA_1B3, "window_size": 64, "feature_dim": 64},
         # Mamba2-1.3B's shape
         "mamba2": {"hidden_size": 2048, "num_hidden_layers": 48, "num_heads": 64, "head_dim": 64, "state_size": 128},
         # fla's GLA-1.3B (4 heads: K=256, V=512; no short conv) and Gated DeltaNet-1.3B (6 heads: K=256, V=512)
@@ -91,27 +94,9 @@ DECODE_MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "small": {
-        "liger_gla": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "vocab_size": 300,
-        },
+        "liger_gla": _LLAMA_SMALL,
         # window 8: a 16-token prompt already moves keys into the linear state
-        "lolcats_llama": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "window_size": 8,
-            "feature_dim": 8,
-            "vocab_size": 300,
-        },
+        "lolcats_llama": {**_LLAMA_SMALL, "window_size": 8, "feature_dim": 8},
         "mamba2": {
             "hidden_size": 64,
             "num_hidden_layers": 2,
