@@ -40,15 +40,23 @@ def lolcats_step(
     old_k = ring_k[slots, idx].float().repeat_interleave(group, dim=1)  # [B, H, D]
     old_v = ring_v[slots, idx].float().repeat_interleave(group, dim=1)
     phi_old = hedgehog_features(old_k, k_weight, eps) * leaving  # [B, H, 2F]
-    S = linear[slots] + phi_old[..., None] * old_v[:, :, None, :]  # [B, H, 2F, D]
-    z = normalizer[slots] + phi_old
-    linear[slots] = S
-    normalizer[slots] = z
+    F2 = phi_old.shape[-1]
+    pq = phi_q.float()
+    # The state is the largest thing a step moves (per query head: [H, 2F, D] fp32), so it is gathered once, read
+    # by the queries before the update (S_new . phi_q = S . phi_q + (phi_old . phi_q) old_v), updated in place on
+    # the gathered copy and written back once, instead of gather + outer product + add + scatter.
+    S = linear.index_select(0, slots)  # [B, H, 2F, D]
+    lin_num = torch.bmm(pq.reshape(B * H, 1, F2), S.view(B * H, F2, D)).view(B, H, D)
+    lin_num = lin_num + (pq * phi_old).sum(-1, keepdim=True) * old_v
+    S.view(B * H, F2, D).baddbmm_(phi_old.reshape(B * H, F2, 1), old_v.reshape(B * H, 1, D))
+    linear.index_copy_(0, slots, S)
+    z = normalizer.index_select(0, slots) + phi_old
+    normalizer.index_copy_(0, slots, z)
 
     ring_k.index_put_((slots, idx), k.to(ring_k.dtype))
     ring_v.index_put_((slots, idx), v.to(ring_v.dtype))
-    keys = ring_k[slots].float()  # [B, W, Hk, D]
-    values = ring_v[slots].float()
+    keys = ring_k.index_select(0, slots).float()  # [B, W, Hk, D]
+    values = ring_v.index_select(0, slots).float()
     held = positions[:, None] - (positions[:, None] - torch.arange(W, device=q.device)) % W  # [B, W]
     qb = q.float().reshape(B, Hk, group, D)
     scores = scale * torch.einsum("bhgd,bwhd->bhgw", qb, keys)
@@ -57,7 +65,6 @@ def lolcats_step(
     w_num = torch.einsum("bhgw,bwhd->bhgd", p, values).reshape(B, H, D)
     w_den = p.sum(-1).reshape(B, H)
     g = gamma.float()
-    pq = phi_q.float()
-    num = g[:, None] * w_num + torch.einsum("bhf,bhfd->bhd", pq, S)
+    num = g[:, None] * w_num + lin_num
     den = g * w_den + torch.einsum("bhf,bhf->bh", pq, z)
     return num / den[..., None]
