@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from linrec.engine.async_llm import AsyncLLM
 from linrec.engine.config import EngineConfig
@@ -112,7 +114,25 @@ def fresh_app(live_server: LiveServer) -> Iterator[LiveServer]:
         yield LiveServer(base_url, app, live_server.llm, None)
 
 
+def metric_samples(base_url: str, family: str) -> list:
+    """The samples of one metric family in a scrape of base_url's /metrics."""
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+
+
+def routing_decisions(base_url: str) -> dict[str, float]:
+    """A Ray ingress's routing decisions so far, by reason."""
+    samples = metric_samples(base_url, "linrec:routing_decisions")
+    return {s.labels["reason"]: s.value for s in samples if s.name.endswith("_total")}
+
+
 @pytest.fixture(scope="session")
 def tools() -> SimpleNamespace:
     """conftest helpers for test modules (importlib import mode keeps conftest off sys.path)."""
-    return SimpleNamespace(run_app=run_app, app_over=app_over, free_port=free_port)
+    return SimpleNamespace(
+        run_app=run_app,
+        app_over=app_over,
+        free_port=free_port,
+        metric_samples=metric_samples,
+        routing_decisions=routing_decisions,
+    )

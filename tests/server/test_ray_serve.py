@@ -10,11 +10,11 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from linrec.engine.config import EngineConfig
 from linrec.server.config import ServerConfig
@@ -28,21 +28,16 @@ GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": {"ign
 class RayServer:
     base_url: str
     client: object  # RayEngineClient
+    tools: SimpleNamespace  # tests/server/conftest.py's helpers
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
     def decisions(self) -> dict[str, float]:
-        return {
-            s.labels["reason"]: s.value
-            for s in _samples(self.base_url, "linrec:routing_decisions")
-            if s.name.endswith("_total")
-        }
+        return self.tools.routing_decisions(self.base_url)
 
-
-def _samples(base_url: str, family: str) -> list:
-    text = httpx.get(base_url + "/metrics", timeout=10).text
-    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+    def samples(self, family: str) -> list:
+        return self.tools.metric_samples(self.base_url, family)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def ray_server(server_model_dir: str, tools) -> Iterator[RayServer]:
         assert client.info.num_replicas == 2
         app = build_ray_app(client, ServerConfig(served_model_name=MODEL), MODEL)
         with tools.run_app(app) as base_url:
-            yield RayServer(base_url, client)
+            yield RayServer(base_url, client, tools)
     finally:
         if client is not None:
             client.shutdown()
@@ -98,7 +93,7 @@ def test_a_shared_prefix_and_a_conversation_go_to_the_replica_that_holds_them(ra
     # stats poll has seen them).
     deadline = time.monotonic() + 5
     while True:
-        hits = {s.labels["replica"]: s.value for s in _samples(ray_server.base_url, "linrec:replica_prefix_cache_hits")}
+        hits = {s.labels["replica"]: s.value for s in ray_server.samples("linrec:replica_prefix_cache_hits")}
         if max(hits.values()) >= len(system) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -124,11 +119,11 @@ def test_a_shared_prefix_and_a_conversation_go_to_the_replica_that_holds_them(ra
 
 def test_per_replica_metrics_are_scraped_at_the_ingress(ray_server: RayServer) -> None:
     time.sleep(0.6)  # a stats poll after the previous test's requests
-    slots = _samples(ray_server.base_url, "linrec:replica_state_slots_total")
+    slots = ray_server.samples("linrec:replica_state_slots_total")
     assert len({s.labels["replica"] for s in slots}) == 2 and all(s.value == ENGINE["max_num_seqs"] for s in slots)
-    (total,) = _samples(ray_server.base_url, "linrec:state_slots_total")
+    (total,) = ray_server.samples("linrec:state_slots_total")
     assert total.value == 2 * ENGINE["max_num_seqs"]  # the engine gauges are the replicas' sum
-    (alive,) = _samples(ray_server.base_url, "linrec:replicas_alive")
+    (alive,) = ray_server.samples("linrec:replicas_alive")
     assert alive.value == 2
 
 
@@ -141,15 +136,11 @@ def test_a_killed_replica_fails_its_requests_and_the_other_serves(ray_server: Ra
     )
     chunks = iter(stream)
     next(chunks)  # running now
-    running = {
-        s.labels["replica"]: s.value for s in _samples(ray_server.base_url, "linrec:replica_num_requests_running")
-    }
+    running = {s.labels["replica"]: s.value for s in ray_server.samples("linrec:replica_num_requests_running")}
     deadline = time.monotonic() + 5
     while not any(running.values()) and time.monotonic() < deadline:  # the next stats poll sees it
         time.sleep(0.2)
-        running = {
-            s.labels["replica"]: s.value for s in _samples(ray_server.base_url, "linrec:replica_num_requests_running")
-        }
+        running = {s.labels["replica"]: s.value for s in ray_server.samples("linrec:replica_num_requests_running")}
     (busy,) = [replica for replica, n in running.items() if n]
     ray.kill(ray.get_actor(ray_server.client.replica_actor_names()[busy], namespace="serve"), no_restart=True)
     started = time.monotonic()

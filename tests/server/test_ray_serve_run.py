@@ -14,21 +14,10 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "demo"
 ENGINE = {"device": "cpu", "max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 4096}
 GREEDY = {"temperature": 0, "max_output_tokens": 4, "extra_body": {"ignore_eos": True}}
-
-
-def _samples(base_url: str, family: str) -> list:
-    text = httpx.get(base_url + "/metrics", timeout=10).text
-    return [s for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
-
-
-def _decisions(base_url: str) -> dict[str, float]:
-    samples = _samples(base_url, "linrec:routing_decisions")
-    return {s.labels["reason"]: s.value for s in samples if s.name.endswith("_total")}
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +49,20 @@ def serve_run(server_model_dir: str, tools) -> Iterator[str]:
         ray.shutdown()
 
 
-def test_the_ingress_sees_both_replicas(serve_run: str) -> None:
+def test_the_ingress_sees_both_replicas(serve_run: str, tools) -> None:
     deadline = time.monotonic() + 10  # the ingress may start before the second engine: its next stats poll sees it
     while True:
-        (alive,) = _samples(serve_run, "linrec:replicas_alive")
+        (alive,) = tools.metric_samples(serve_run, "linrec:replicas_alive")
         if alive.value == 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert alive.value == 2
-    slots = _samples(serve_run, "linrec:replica_state_slots_total")
+    slots = tools.metric_samples(serve_run, "linrec:replica_state_slots_total")
     assert len({s.labels["replica"] for s in slots}) == 2
     assert httpx.get(serve_run + "/health", timeout=10).status_code == 200
 
 
-def test_a_conversation_and_a_prompt_list_answer_as_one_engine(serve_run: str, make_server) -> None:
+def test_a_conversation_and_a_prompt_list_answer_as_one_engine(serve_run: str, make_server, tools) -> None:
     """A continuation finds its state (targeted calls reach their replica; the routing counters move); an imported
     state is continued on the replica that took it; the prompts of one request (concurrent calls made while one HTTP
     request is served) each reach a replica."""
@@ -97,9 +86,9 @@ def test_a_conversation_and_a_prompt_list_answer_as_one_engine(serve_run: str, m
         return [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
 
     api = openai.OpenAI(base_url=serve_run + "/v1", api_key="unused", max_retries=0, timeout=60)
-    before = _decisions(serve_run)
+    before = tools.routing_decisions(serve_run)
     replicated = conversation(api, serve_run), prompt_list(api)
-    after = _decisions(serve_run)
+    after = tools.routing_decisions(serve_run)
     assert after["session"] == before.get("session", 0) + 2
     assert sum(after.values()) == sum(before.values()) + 3 + 4  # 3 responses, 4 prompts (n=2 is one request each)
     with make_server(max_model_len=ENGINE["max_model_len"]) as single:
